@@ -1,0 +1,1 @@
+"""Generated gRPC and protobuf modules (produced by scripts/gen_proto.py during set-up)."""

@@ -1,0 +1,447 @@
+"""The one YAML file a user writes: codecs, listeners with routes, clusters, the bridge itself.
+
+Loaded with PyYAML, checked against a JSON Schema (jsonschema) and then for cross-references;
+every error names the file, the path inside it and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from bridge.codec import DEFAULT_MAX_FRAME_SIZE
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message says where and why."""
+
+
+_DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"
+_SIZE = r"^[0-9]+ ?(B|KiB|MiB|GiB)?$"
+
+_duration = {"type": "string", "pattern": _DURATION}
+_size = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}]}
+_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
+_port = {"type": "integer", "minimum": 0, "maximum": 65535}
+_kv_list = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["key", "value"],
+        "properties": {"key": {"type": "string", "minLength": 1}, "value": {"type": "string"}},
+    },
+}
+_header_matcher = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "exact": {"type": "string"},
+        "prefix": {"type": "string"},
+        "suffix": {"type": "string"},
+        "regex": {"type": "string"},
+        "present": {"type": "boolean"},
+        "invert": {"type": "boolean"},
+    },
+    "oneOf": [
+        {"required": ["exact"]},
+        {"required": ["prefix"]},
+        {"required": ["suffix"]},
+        {"required": ["regex"]},
+        {"required": ["present"]},
+    ],
+}
+_route = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["route"],
+    "properties": {
+        "name": {"type": "string"},
+        "match": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"headers": {"type": "array", "items": _header_matcher}},
+        },
+        "route": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "cluster": _name,
+                "weighted_clusters": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "weight"],
+                        "properties": {"name": _name, "weight": {"type": "integer", "minimum": 0}},
+                    },
+                },
+            },
+            "oneOf": [{"required": ["cluster"]}, {"required": ["weighted_clusters"]}],
+        },
+        "request_mutation": _kv_list,
+        "response_mutation": _kv_list,
+    },
+}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["codecs", "listeners", "clusters"],
+    "properties": {
+        "bridge": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "listen": {"type": "string", "minLength": 1},
+                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
+                "metrics_port": _port,
+                "log_level": {"enum": ["debug", "info", "warning", "error"]},
+            },
+        },
+        "envoy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "admin_address": {"type": "string"},
+                "admin_port": _port,
+                "message_timeout": _duration,
+                "concurrency": {"type": "integer", "minimum": 1},
+            },
+        },
+        "codecs": {
+            "type": "object",
+            "minProperties": 1,
+            "propertyNames": _name,
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["ref"],
+                "properties": {"ref": {"type": "string", "minLength": 1}, "options": {"type": "object"}},
+            },
+        },
+        "listeners": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "port", "codec", "routes"],
+                "properties": {
+                    "name": _name,
+                    "address": {"type": "string"},
+                    "port": _port,
+                    "codec": _name,
+                    "routes": {"type": "array", "items": _route},
+                    "max_frame_size": _size,
+                    "request_timeout": _duration,
+                    "idle_timeout": _duration,
+                    "tunnel_setup_timeout": _duration,
+                    "tunnels_per_cluster": {"type": "integer", "minimum": 1, "maximum": 64},
+                },
+            },
+        },
+        "clusters": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "endpoints"],
+                "properties": {
+                    "name": _name,
+                    "connect_timeout": _duration,
+                    "lb_policy": {"enum": ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]},
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["address", "port"],
+                            "properties": {"address": {"type": "string"}, "port": _port},
+                        },
+                    },
+                    "circuit_breakers": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "max_connections": {"type": "integer", "minimum": 1},
+                            "max_pending_requests": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                    "health_check": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "interval": _duration,
+                            "timeout": _duration,
+                            "unhealthy_threshold": {"type": "integer", "minimum": 1},
+                            "healthy_threshold": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def parse_duration(text: str) -> float:
+    """'250ms' / '5s' / '2m' / '1h' -> seconds."""
+    m = re.fullmatch(_DURATION, text)
+    if not m:
+        raise ValueError(f"not a duration: {text!r}")
+    unit = m.group(2)
+    number = float(text[: -len(unit)])
+    return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+
+
+def parse_size(value: int | str) -> int:
+    """4194304 / '4MiB' / '512 KiB' -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"([0-9]+) ?(B|KiB|MiB|GiB)?", value)
+    if not m:
+        raise ValueError(f"not a size: {value!r}")
+    return int(m.group(1)) * {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    kind: str  # exact | prefix | suffix | regex | present
+    value: str | bool
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class WeightedCluster:
+    name: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    name: str
+    headers: tuple[HeaderMatch, ...]
+    clusters: tuple[WeightedCluster, ...]  # one entry with weight 1 for a plain `cluster`
+    request_mutation: dict[str, str]
+    response_mutation: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    address: str
+    port: int
+    codec: str
+    routes: tuple[RouteConfig, ...]
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    request_timeout: float = 30.0
+    idle_timeout: float = 3600.0
+    tunnel_setup_timeout: float = 10.0
+    tunnels_per_cluster: int = 1
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    interval: float = 5.0
+    timeout: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    connect_timeout: float = 1.0
+    lb_policy: str = "ROUND_ROBIN"
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    name: str
+    ref: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    codecs: dict[str, CodecConfig]
+    listeners: tuple[ListenerConfig, ...]
+    clusters: dict[str, ClusterConfig]
+    bridge_listen: str = "unix:/tmp/metabridge.sock"
+    workers: int = 1
+    metrics_port: int | None = None
+    log_level: str = "info"
+    envoy_admin_address: str = "127.0.0.1"
+    envoy_admin_port: int = 9901
+    message_timeout: float = 5.0
+    envoy_concurrency: int = 1
+    base_dir: Path = Path(".")
+
+    def listener(self, name: str) -> ListenerConfig:
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise KeyError(name)
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".") or "(top level)"
+
+
+def _mutation(items: list[dict[str, str]] | None) -> dict[str, str]:
+    return {item["key"]: item["value"] for item in items or ()}
+
+
+def _route(raw: dict[str, Any], index: int) -> RouteConfig:
+    matchers = []
+    for header in (raw.get("match") or {}).get("headers", ()):
+        kind = next(k for k in ("exact", "prefix", "suffix", "regex", "present") if k in header)
+        matchers.append(HeaderMatch(header["name"], kind, header[kind], bool(header.get("invert", False))))
+    action = raw["route"]
+    if "cluster" in action:
+        clusters = (WeightedCluster(action["cluster"], 1),)
+    else:
+        clusters = tuple(WeightedCluster(w["name"], w["weight"]) for w in action["weighted_clusters"])
+    return RouteConfig(
+        name=raw.get("name") or f"route{index}",
+        headers=tuple(matchers),
+        clusters=clusters,
+        request_mutation=_mutation(raw.get("request_mutation")),
+        response_mutation=_mutation(raw.get("response_mutation")),
+    )
+
+
+def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Config:
+    """Validate a loaded YAML document and build the Config; ConfigError names what is wrong."""
+    validator = jsonschema.Draft202012Validator(SCHEMA)
+    errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"{source}: {_path(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+
+    problems: list[str] = []
+    codecs = {
+        name: CodecConfig(name, entry["ref"], dict(entry.get("options") or {}))
+        for name, entry in raw["codecs"].items()
+    }
+    clusters: dict[str, ClusterConfig] = {}
+    for i, c in enumerate(raw["clusters"]):
+        if c["name"] in clusters:
+            problems.append(f"clusters[{i}].name: duplicate cluster name {c['name']!r}")
+        breakers = c.get("circuit_breakers") or {}
+        hc = c.get("health_check")
+        clusters[c["name"]] = ClusterConfig(
+            name=c["name"],
+            endpoints=tuple(Endpoint(e["address"], e["port"]) for e in c["endpoints"]),
+            connect_timeout=parse_duration(c.get("connect_timeout", "1s")),
+            lb_policy=c.get("lb_policy", "ROUND_ROBIN"),
+            max_connections=breakers.get("max_connections"),
+            max_pending_requests=breakers.get("max_pending_requests"),
+            health_check=None
+            if hc is None
+            else HealthCheck(
+                interval=parse_duration(hc.get("interval", "5s")),
+                timeout=parse_duration(hc.get("timeout", "1s")),
+                unhealthy_threshold=hc.get("unhealthy_threshold", 2),
+                healthy_threshold=hc.get("healthy_threshold", 1),
+            ),
+        )
+
+    listeners = []
+    names: set[str] = set()
+    ports: set[tuple[str, int]] = set()
+    for i, entry in enumerate(raw["listeners"]):
+        where = f"listeners[{i}]"
+        if entry["name"] in names:
+            problems.append(f"{where}.name: duplicate listener name {entry['name']!r}")
+        names.add(entry["name"])
+        address = entry.get("address", "127.0.0.1")
+        if entry["port"] and (address, entry["port"]) in ports:
+            problems.append(f"{where}.port: {address}:{entry['port']} is used by another listener")
+        ports.add((address, entry["port"]))
+        if entry["codec"] not in codecs:
+            problems.append(f"{where}.codec: unknown codec {entry['codec']!r}; define it under 'codecs' (known: {', '.join(sorted(codecs))})")
+        routes = []
+        for j, raw_route in enumerate(entry["routes"]):
+            for k, header in enumerate((raw_route.get("match") or {}).get("headers", ())):
+                if "regex" in header:
+                    try:
+                        re.compile(header["regex"])
+                    except re.error as exc:
+                        problems.append(f"{where}.routes[{j}].match.headers[{k}].regex: invalid regular expression: {exc}")
+            route = _route(raw_route, j)
+            if len(route.clusters) > 1 and sum(w.weight for w in route.clusters) == 0:
+                problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
+            routes.append(route)
+        listeners.append(
+            ListenerConfig(
+                name=entry["name"],
+                address=address,
+                port=entry["port"],
+                codec=entry["codec"],
+                routes=tuple(routes),
+                max_frame_size=parse_size(entry.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE)),
+                request_timeout=parse_duration(entry.get("request_timeout", "30s")),
+                idle_timeout=parse_duration(entry.get("idle_timeout", "1h")),
+                tunnel_setup_timeout=parse_duration(entry.get("tunnel_setup_timeout", "10s")),
+                tunnels_per_cluster=entry.get("tunnels_per_cluster", 1),
+            )
+        )
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
+
+    bridge = raw.get("bridge") or {}
+    envoy = raw.get("envoy") or {}
+    return Config(
+        source=source,
+        codecs=codecs,
+        listeners=tuple(listeners),
+        clusters=clusters,
+        bridge_listen=bridge.get("listen", "unix:/tmp/metabridge.sock"),
+        workers=bridge.get("workers", 1),
+        metrics_port=bridge.get("metrics_port"),
+        log_level=bridge.get("log_level", "info"),
+        envoy_admin_address=envoy.get("admin_address", "127.0.0.1"),
+        envoy_admin_port=envoy.get("admin_port", 9901),
+        message_timeout=parse_duration(envoy.get("message_timeout", "5s")),
+        envoy_concurrency=envoy.get("concurrency", 1),
+        base_dir=base_dir,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse(raw, str(path), path.parent)

@@ -1,0 +1,112 @@
+"""Codec registry: turns a config's codec references into checked codec classes.
+
+A reference is one of:
+  path/to/file.py:Class   a single-file codec (relative paths: to the config file's folder)
+  path/to/dir:Class       a codec package (a folder with __init__.py; relative imports work)
+  package.module:Class    an importable module
+  name                    an entry point in the ``metabridge.codecs`` group of an installed package
+
+Files and folders are imported under a private module name (``_metabridge_codec_<stem>``), never
+as ``codecs``, which is a standard-library module.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from bridge.codec import REQUIRED_METHODS, Codec
+
+ENTRY_POINT_GROUP = "metabridge.codecs"
+
+
+class CodecLoadError(Exception):
+    """A codec reference that cannot be turned into a usable codec class."""
+
+
+def _import_path(path: Path, ref: str):
+    module_name = f"_metabridge_codec_{path.stem.replace('-', '_')}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    if path.is_dir():
+        init = path / "__init__.py"
+        if not init.is_file():
+            raise CodecLoadError(f"{ref!r}: folder {path} has no __init__.py")
+        spec = importlib.util.spec_from_file_location(module_name, init, submodule_search_locations=[str(path)])
+    elif path.is_file():
+        spec = importlib.util.spec_from_file_location(module_name, path)
+    else:
+        raise CodecLoadError(f"{ref!r}: no such file or folder: {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[module_name]
+        raise CodecLoadError(f"{ref!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _from_entry_point(name: str):
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name == name:
+            try:
+                return entry.load()
+            except Exception as exc:
+                raise CodecLoadError(f"entry point {name!r} ({entry.value}) failed to load: {type(exc).__name__}: {exc}") from exc
+    raise CodecLoadError(f"{name!r}: no installed package offers a codec of that name in the {ENTRY_POINT_GROUP!r} entry-point group; use 'file.py:Class' or 'package.module:Class'")
+
+
+def load_codec_class(ref: str, base_dir: Path | str = ".") -> type[Codec]:
+    """Resolve ``ref`` and check that the result honours the codec contract."""
+    if ":" not in ref:
+        cls = _from_entry_point(ref)
+    else:
+        target, _, attr = ref.rpartition(":")
+        if not attr:
+            raise CodecLoadError(f"{ref!r}: missing class name after ':'")
+        looks_like_path = "/" in target or target.endswith(".py") or target.startswith(".")
+        if looks_like_path:
+            path = Path(target)
+            if not path.is_absolute():
+                path = Path(base_dir) / path
+            module = _import_path(path.resolve(), ref)
+        else:
+            try:
+                module = importlib.import_module(target)
+            except Exception as exc:
+                raise CodecLoadError(f"{ref!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}") from exc
+        try:
+            cls = getattr(module, attr)
+        except AttributeError:
+            raise CodecLoadError(f"{ref!r}: {target} has no attribute {attr!r}") from None
+    check_codec_class(cls, ref)
+    return cls
+
+
+def check_codec_class(cls: object, ref: str) -> None:
+    if not inspect.isclass(cls):
+        raise CodecLoadError(f"{ref!r}: expected a class, got {type(cls).__name__}")
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise CodecLoadError(f"{ref!r}: {cls.__name__} does not implement the codec contract: missing {', '.join(missing)}")
+    not_implemented = [m for m in ("decode", "encode", "on_error") if getattr(cls, m) is getattr(Codec, m)]
+    if not_implemented:
+        raise CodecLoadError(f"{ref!r}: {cls.__name__} does not override {', '.join(not_implemented)}")
+    if not isinstance(getattr(cls, "has_request_id", None), bool):
+        raise CodecLoadError(f"{ref!r}: {cls.__name__}.has_request_id must be True or False")
+
+
+def load_codecs(config) -> dict[str, type[Codec]]:
+    """Load every codec a config names; errors name the config entry."""
+    loaded = {}
+    for name, entry in config.codecs.items():
+        try:
+            loaded[name] = load_codec_class(entry.ref, config.base_dir)
+        except CodecLoadError as exc:
+            raise CodecLoadError(f"{config.source}: codecs.{name}.ref: {exc}") from exc
+    return loaded
