@@ -1,0 +1,1 @@
+"""Example peers for the protocols metabridge ships codecs for."""

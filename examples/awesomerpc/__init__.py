@@ -1,0 +1,1 @@
+"""awesomerpc example peers: ``server`` (a backend) and ``client`` (an asyncio client library)."""
