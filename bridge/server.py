@@ -1,0 +1,133 @@
+"""The bridge's gRPC service: Envoy's network ext_proc ``Process`` stream, one Session each.
+
+Envoy names the listener a stream belongs to in the gRPC initial metadata
+(LISTENER_METADATA_KEY, set by the rendered bootstrap), which selects the codec and routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from bridge._proto import network_ext_proc_pb2_grpc
+from bridge.codec import Codec
+from bridge.config import Config, ListenerConfig
+from bridge.logs import event
+from bridge.registry import load_codecs
+from bridge.router import Router
+from bridge.session import Session
+from bridge.stats import ListenerStats
+
+log = logging.getLogger("metabridge.server")
+
+LISTENER_METADATA_KEY = "x-metabridge-listener"
+SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
+_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+@dataclass
+class ListenerRuntime:
+    """What every session of one listener shares."""
+
+    config: ListenerConfig
+    codec_cls: type[Codec]
+    codec_options: dict
+    router: Router
+    stats: ListenerStats = field(default_factory=ListenerStats)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def new_codec(self) -> Codec:
+        return self.codec_cls(max_frame_size=self.config.max_frame_size, options=self.codec_options)
+
+
+def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
+    codecs = load_codecs(config)
+    runtimes = {}
+    for listener in config.listeners:
+        runtime = ListenerRuntime(
+            config=listener,
+            codec_cls=codecs[listener.codec],
+            codec_options=config.codecs[listener.codec].options,
+            router=Router(listener.routes),
+        )
+        runtime.new_codec()  # a codec that cannot even be constructed fails here, at start-up
+        runtimes[listener.name] = runtime
+    return runtimes
+
+
+class Processor(network_ext_proc_pb2_grpc.NetworkExternalProcessorServicer):
+    def __init__(self, runtimes: dict[str, ListenerRuntime]) -> None:
+        self.runtimes = runtimes
+        self._streams = 0
+
+    async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        listener_name = dict(context.invocation_metadata()).get(LISTENER_METADATA_KEY)
+        runtime = self.runtimes.get(listener_name)
+        if runtime is None:
+            event(log, logging.ERROR, "unknown_listener", listener=listener_name, known=sorted(self.runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"metabridge has no listener {listener_name!r}")
+            return
+        self._streams += 1
+        lock = asyncio.Lock()
+        tasks: set[asyncio.Task] = set()
+
+        async def write(messages) -> None:
+            async with lock:  # one writer at a time; timers write between Envoy's messages
+                for message in messages:
+                    await context.write(message)
+
+        def emit(messages) -> None:
+            if messages:
+                task = asyncio.ensure_future(write(messages))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        session = Session(runtime, emit, connection=f"{os.getpid()}-{self._streams}")
+        try:
+            async for request in request_iterator:
+                if request.HasField("read_data"):
+                    data = request.read_data
+                    await write(session.on_read(data.data, data.end_of_stream))
+                if request.HasField("write_data"):
+                    data = request.write_data
+                    await write(session.on_write(data.data, data.end_of_stream))
+        except asyncio.CancelledError:
+            pass  # Envoy closed the stream (the downstream connection is gone)
+        finally:
+            session.close()
+            for task in tasks:
+                task.cancel()
+
+
+async def serve(config: Config, address: str, runtimes: dict[str, ListenerRuntime] | None = None) -> grpc.aio.Server:
+    """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
+    runtimes = runtimes if runtimes is not None else build_runtimes(config)
+    server = grpc.aio.server(options=_GRPC_OPTIONS)
+    network_ext_proc_pb2_grpc.add_NetworkExternalProcessorServicer_to_server(Processor(runtimes), server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if address.startswith("unix:"):
+        path = address[len("unix:"):]
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket from a previous run
+    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if asyncio.iscoroutine(result):
+            await result
+    event(log, logging.INFO, "bridge_listening", address=address, listeners=sorted(runtimes))
+    return server

@@ -1,0 +1,402 @@
+"""One downstream connection: decode requests, route them into tunnels, match responses back.
+
+The session is sans-IO toward gRPC: ``on_read``/``on_write`` take what Envoy sent and return
+the ProcessingResponse messages to send back; work that starts on a timer (timeouts) hands its
+messages to the ``emit`` callback. Each Envoy message gets one answer in its own direction
+(which also stops Envoy's message_timeout); HTTP/2 bytes for HCM travel as read_data and bytes
+for the client as write_data, in the same batch when both exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from bridge._proto.network_ext_proc_pb2 import Data, ProcessingResponse
+from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType
+from bridge.logs import event
+from bridge.router import Route
+from bridge.upstream import (
+    ConnectionLost,
+    Tunnel,
+    TunnelClosed,
+    TunnelData,
+    TunnelFailed,
+    TunnelOpened,
+    TunnelState,
+    Upstream,
+)
+
+log = logging.getLogger("metabridge.session")
+
+_CLOSE = ProcessingResponse(connection_status=ProcessingResponse.CLOSE)
+_EMPTY = b""
+
+# Envoy response flags on a failed CONNECT -> the error the client gets.
+_FLAG_ERRORS = {
+    "NC": (ErrorType.CLUSTER_NOT_FOUND, "cluster {cluster!r} not found"),
+    "UH": (ErrorType.NO_HEALTHY_UPSTREAM, "no healthy upstream in cluster {cluster!r}"),
+    "UO": (ErrorType.OVER_LIMIT, "cluster {cluster!r} is over its circuit-breaker limits"),
+    "UF": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed"),
+    "URX": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed"),
+    "UT": (ErrorType.TIMEOUT, "connecting to cluster {cluster!r} timed out"),
+}
+
+
+class Pending:
+    """A two-way request waiting for its response."""
+
+    __slots__ = ("metadata", "route", "link", "timer", "started", "done")
+
+    def __init__(self, metadata: Metadata, route: Route, link: _Link) -> None:
+        self.metadata = metadata
+        self.route = route
+        self.link = link
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = time.monotonic()
+        self.done = False
+
+
+class _Link:
+    """The session's side of one tunnel: the response decoder and the requests waiting on it."""
+
+    __slots__ = ("tunnel", "codec", "buffer", "by_id", "in_order", "setup_timer")
+
+    def __init__(self, tunnel: Tunnel, codec) -> None:
+        self.tunnel = tunnel
+        self.codec = codec
+        self.buffer = bytearray()
+        self.by_id: dict[int, Pending] = {}
+        # Protocols without request ids: responses come back in request order. A request that
+        # timed out stays here (done=True) so its late response is recognised and dropped.
+        self.in_order: deque[Pending] = deque()
+        self.setup_timer: asyncio.TimerHandle | None = None
+
+    def pending(self) -> list[Pending]:
+        return [p for p in self.by_id.values()] + [p for p in self.in_order if not p.done]
+
+
+class Session:
+    def __init__(self, listener, emit: Callable[[list[ProcessingResponse]], None], connection: str = "") -> None:
+        self.listener = listener  # bridge.server.ListenerRuntime
+        self.stats = listener.stats
+        self.connection = connection
+        self._emit = emit
+        self._loop = asyncio.get_running_loop()
+        self._codec = listener.new_codec()
+        self._by_id = listener.codec_cls.has_request_id
+        self._max_frame = listener.config.max_frame_size
+        self._request_timeout = listener.config.request_timeout
+        self._inbuf = bytearray()
+        self._upstream = Upstream()
+        self._tunnels: dict[str, list[Tunnel]] = {}
+        self._next_tunnel: dict[str, int] = {}
+        self._to_client: list[bytes] = []
+        self._active = 0  # two-way requests waiting for a response
+        self._half_closed = False  # the client sent FIN
+        self._finished = False  # we ended (or are ending) the connection
+        self._close = False
+        self._last_activity = self._loop.time()
+        self._idle_timer = self._loop.call_later(listener.config.idle_timeout, self._check_idle)
+        self.stats.downstream_cx_total += 1
+        self.stats.downstream_cx_active += 1
+
+    # ---- Envoy -> bridge ------------------------------------------------------------------
+
+    def on_read(self, data: bytes, end_of_stream: bool) -> list[ProcessingResponse]:
+        """Client bytes: decode every whole frame, route and forward; hold a partial frame."""
+        self._last_activity = self._loop.time()
+        if self._finished:
+            return [ProcessingResponse(read_data=Data())]
+        if data:
+            inbuf = self._inbuf
+            inbuf += data
+            codec = self._codec
+            try:
+                while inbuf:
+                    metadata = Metadata()
+                    if codec.decode(inbuf, metadata) is DecodeStatus.WAIT_FOR_DATA:
+                        if len(inbuf) > self._max_frame:
+                            raise FrameTooLarge(f"partial frame of {len(inbuf)} bytes exceeds max_frame_size {self._max_frame}")
+                        break
+                    self.stats.request_decoding_success += 1
+                    self._on_request(metadata)
+            except CodecError as exc:
+                return self._bad_request(exc)
+        if end_of_stream:
+            self._half_closed = True
+            self._finish_if_drained()
+        return self._collect(answer_read=True)
+
+    def on_write(self, data: bytes, end_of_stream: bool) -> list[ProcessingResponse]:
+        """HCM's HTTP/2 bytes: tunnel events -> responses for the client."""
+        self._last_activity = self._loop.time()
+        if data and not self._finished:
+            for ev in self._upstream.receive(data):
+                if isinstance(ev, TunnelData):
+                    self._on_tunnel_data(ev.tunnel.owner, ev.data)
+                elif isinstance(ev, TunnelOpened):
+                    self._on_tunnel_opened(ev.tunnel)
+                elif isinstance(ev, TunnelFailed):
+                    self._on_tunnel_failed(ev.tunnel, ev.status, ev.flags)
+                elif isinstance(ev, TunnelClosed):
+                    self._drop_tunnel(ev.tunnel, ErrorType.UNSPECIFIED, f"{ev.reason} (cluster {ev.tunnel.cluster!r}, host {ev.tunnel.upstream_host or 'unknown'})")
+                elif isinstance(ev, ConnectionLost):
+                    self._on_connection_lost(ev.reason)
+        if end_of_stream and not self._finished:
+            # HCM ended the downstream connection; let the client see the close.
+            self._finished = True
+            out = self._collect(answer_write=False)
+            out.append(ProcessingResponse(write_data=Data(end_of_stream=True)))
+            return out
+        return self._collect(answer_write=True)
+
+    def close(self) -> None:
+        """The gRPC stream ended (the downstream connection is gone): free everything."""
+        self._idle_timer.cancel()
+        for tunnels in self._tunnels.values():
+            for tunnel in tunnels:
+                link = tunnel.owner
+                if link.setup_timer:
+                    link.setup_timer.cancel()
+                for p in link.pending():
+                    self._settle(p)
+        self._tunnels.clear()
+        self.stats.downstream_cx_active -= 1
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    def _on_request(self, metadata: Metadata) -> None:
+        stats = self.stats
+        stats.request += 1
+        kind = metadata.message_type
+        if kind is MessageType.HEARTBEAT:
+            stats.request_heartbeat += 1
+            self._to_client.append(self._codec.heartbeat_reply(metadata))
+            return
+        if kind in (MessageType.RESPONSE, MessageType.ERROR):
+            event(log, logging.WARNING, "client_sent_response_dropped", listener=self.listener.name, operation=metadata.operation_name)
+            return
+        route = self.listener.router.match(metadata.headers)
+        if route is None:
+            self._local_reply(metadata, ErrorType.ROUTE_NOT_FOUND, f"no route matches {metadata.operation_name or dict(metadata.headers)}")
+            return
+        if self._upstream.lost:
+            self._local_reply(metadata, ErrorType.UNSPECIFIED, "the connection to Envoy's upstream side is gone")
+            return
+        tunnel = self._tunnel_for(route.pick_cluster())
+        frame = self._codec.encode(metadata, route.request_mutation) if route.request_mutation else metadata.frame
+        if kind is MessageType.ONEWAY:
+            stats.request_oneway += 1
+        else:
+            stats.request_twoway += 1
+            link = tunnel.owner
+            pending = Pending(metadata, route, link)
+            if self._by_id:
+                if metadata.request_id in link.by_id:
+                    self._local_reply(metadata, ErrorType.UNSPECIFIED, f"request id {metadata.request_id} is already in flight on this connection")
+                    return
+                link.by_id[metadata.request_id] = pending
+            else:
+                link.in_order.append(pending)
+            pending.timer = self._loop.call_later(self._request_timeout, self._on_request_timeout, pending)
+            self._active += 1
+            stats.request_active += 1
+        self._upstream.send(tunnel, frame)
+
+    def _tunnel_for(self, cluster: str) -> Tunnel:
+        """Round-robin over up to tunnels_per_cluster tunnels, opened on first use."""
+        tunnels = self._tunnels.setdefault(cluster, [])
+        limit = self.listener.config.tunnels_per_cluster
+        if len(tunnels) < limit:
+            return self._open_tunnel(cluster, tunnels)
+        i = self._next_tunnel.get(cluster, 0) % len(tunnels)
+        self._next_tunnel[cluster] = i + 1
+        return tunnels[i]
+
+    def _open_tunnel(self, cluster: str, tunnels: list[Tunnel]) -> Tunnel:
+        tunnel = self._upstream.open_tunnel(cluster)
+        link = _Link(tunnel, self.listener.new_codec())
+        tunnel.owner = link
+        # A tunnel queued behind a circuit breaker gets no signal from Envoy: time it ourselves.
+        link.setup_timer = self._loop.call_later(self.listener.config.tunnel_setup_timeout, self._on_setup_timeout, tunnel)
+        tunnels.append(tunnel)
+        self.stats.tunnel_opened += 1
+        return tunnel
+
+    def _bad_request(self, exc: CodecError) -> list[ProcessingResponse]:
+        """A request that cannot be decoded: close this connection (others are unaffected)."""
+        self.stats.request_decoding_error += 1
+        self.stats.downstream_cx_closed_bad_request += 1
+        event(log, logging.WARNING, "bad_request_closing_connection", listener=self.listener.name, connection=self.connection, error=str(exc))
+        self._finished = True
+        out = self._collect(answer_read=True)
+        out.append(_CLOSE)  # on its own: CLOSE in a message with bytes loses the bytes
+        return out
+
+    # ---- responses --------------------------------------------------------------------------
+
+    def _on_tunnel_opened(self, tunnel: Tunnel) -> None:
+        link = tunnel.owner
+        if link.setup_timer:
+            link.setup_timer.cancel()
+            link.setup_timer = None
+
+    def _on_tunnel_data(self, link: _Link, data: bytes) -> None:
+        buffer = link.buffer
+        buffer += data
+        codec = link.codec
+        stats = self.stats
+        while buffer:
+            metadata = Metadata()
+            try:
+                if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
+                    if len(buffer) <= self._max_frame:
+                        return
+                    raise FrameTooLarge(f"partial response of {len(buffer)} bytes exceeds max_frame_size {self._max_frame}")
+            except CodecError as exc:
+                # The byte stream can no longer be framed: every request on it gets BAD_RESPONSE.
+                stats.response_decoding_error += 1
+                self._drop_tunnel(link.tunnel, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}", reset=True)
+                return
+            if metadata.message_type is MessageType.HEARTBEAT:
+                continue  # upstream heartbeats are never forwarded
+            pending = self._match(link, metadata)
+            if pending is None:
+                stats.response_unmatched += 1
+                continue
+            stats.response += 1
+            if metadata.message_type is MessageType.ERROR or metadata.response_status.value == "error":
+                stats.response_error += 1
+            else:
+                stats.response_success += 1
+            mutation = pending.route.response_mutation
+            self._to_client.append(codec.encode(metadata, mutation) if mutation else metadata.frame)
+
+    def _match(self, link: _Link, metadata: Metadata) -> Pending | None:
+        if self._by_id:
+            pending = link.by_id.pop(metadata.request_id, None)
+            if pending is None:
+                return None
+        else:
+            while link.in_order:
+                pending = link.in_order.popleft()
+                if not pending.done:
+                    break
+                return None  # the late response of a request that already timed out
+            else:
+                return None
+        self._settle(pending)
+        return pending
+
+    def _settle(self, pending: Pending) -> None:
+        """Mark a request answered (by its response or a local reply)."""
+        pending.done = True
+        if pending.timer:
+            pending.timer.cancel()
+        self._active -= 1
+        self.stats.request_active -= 1
+        if self._half_closed:
+            self._finish_if_drained()
+
+    # ---- failures ---------------------------------------------------------------------------
+
+    def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str) -> None:
+        stat = "local_response_" + kind.value
+        setattr(self.stats, stat, getattr(self.stats, stat) + 1)
+        event(log, logging.INFO, "local_reply", listener=self.listener.name, connection=self.connection, error=kind.value, message=message, request_id=metadata.request_id, operation=metadata.operation_name)
+        self._to_client.append(self._codec.on_error(metadata, Error(kind, message)))
+
+    def _fail(self, pending: Pending, kind: ErrorType, message: str) -> None:
+        if pending.done:
+            return
+        self._settle(pending)
+        self._local_reply(pending.metadata, kind, message)
+
+    def _on_request_timeout(self, pending: Pending) -> None:
+        link = pending.link
+        if self._by_id:
+            link.by_id.pop(pending.metadata.request_id, None)
+        self._fail(pending, ErrorType.TIMEOUT, f"no response within {self._request_timeout:g}s from cluster {link.tunnel.cluster!r}")
+        self._emit(self._collect())
+
+    def _on_setup_timeout(self, tunnel: Tunnel) -> None:
+        if tunnel.state is not TunnelState.OPENING:
+            return
+        self.stats.tunnel_failed += 1
+        self._drop_tunnel(tunnel, ErrorType.TIMEOUT, f"no upstream connection to cluster {tunnel.cluster!r} within {self.listener.config.tunnel_setup_timeout:g}s", reset=True)
+        self._emit(self._collect())
+
+    def _on_tunnel_failed(self, tunnel: Tunnel, status: int, flags: str) -> None:
+        self.stats.tunnel_failed += 1
+        kind, template = _FLAG_ERRORS.get(flags, (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}"))
+        message = template.format(cluster=tunnel.cluster)
+        if status:
+            message += f" (Envoy answered {status}{', ' + flags if flags else ''})"
+        self._drop_tunnel(tunnel, kind, message)
+
+    def _drop_tunnel(self, tunnel: Tunnel, kind: ErrorType, message: str, reset: bool = False) -> None:
+        """Forget a tunnel; every request still waiting on it gets exactly one error reply."""
+        self._upstream.close_tunnel(tunnel, reset=reset)
+        tunnels = self._tunnels.get(tunnel.cluster)
+        if tunnels and tunnel in tunnels:
+            tunnels.remove(tunnel)
+        link = tunnel.owner
+        if link.setup_timer:
+            link.setup_timer.cancel()
+            link.setup_timer = None
+        waiting = link.pending()
+        link.by_id.clear()
+        link.in_order.clear()
+        if waiting:
+            event(log, logging.WARNING, "tunnel_lost", listener=self.listener.name, connection=self.connection, cluster=tunnel.cluster, upstream=tunnel.upstream_host, pending=len(waiting), reason=message)
+        for pending in waiting:
+            self._fail(pending, kind, message)
+
+    def _on_connection_lost(self, reason: str) -> None:
+        event(log, logging.ERROR, "upstream_http2_lost", listener=self.listener.name, connection=self.connection, reason=reason)
+        for tunnels in list(self._tunnels.values()):
+            for tunnel in list(tunnels):
+                self._drop_tunnel(tunnel, ErrorType.UNSPECIFIED, reason)
+        # No new tunnel can be opened on this connection: end it once the replies are out.
+        self._finished = True
+        self._close = True
+
+    def _check_idle(self) -> None:
+        idle_for = self._loop.time() - self._last_activity
+        timeout = self.listener.config.idle_timeout
+        if idle_for < timeout:
+            self._idle_timer = self._loop.call_later(timeout - idle_for, self._check_idle)
+            return
+        self.stats.idle_timeout += 1
+        event(log, logging.INFO, "idle_timeout", listener=self.listener.name, connection=self.connection, idle_seconds=round(idle_for, 3))
+        self._finished = True
+        self._close = True
+        self._emit(self._collect())
+
+    def _finish_if_drained(self) -> None:
+        """After the client's FIN, end the connection once every request has its reply."""
+        if self._active == 0 and not self._finished:
+            self._finished = True
+            self._close = True
+
+    # ---- bridge -> Envoy --------------------------------------------------------------------
+
+    def _collect(self, answer_read: bool = False, answer_write: bool = False) -> list[ProcessingResponse]:
+        out = []
+        to_hcm = self._upstream.output()
+        if to_hcm or answer_read:
+            out.append(ProcessingResponse(read_data=Data(data=to_hcm)))
+        if self._to_client:
+            to_client = self._to_client[0] if len(self._to_client) == 1 else _EMPTY.join(self._to_client)
+            self._to_client.clear()
+            out.append(ProcessingResponse(write_data=Data(data=to_client)))
+        elif answer_write:
+            out.append(ProcessingResponse(write_data=Data()))
+        if self._close:
+            self._close = False
+            out.append(_CLOSE)
+        return out

@@ -1,0 +1,138 @@
+"""Real processes for integration tests: backends, the bridge and Envoy on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from bridge import envoy_config
+from bridge.config import load
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode} while starting")
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready within {timeout}s (last error: {last})")
+
+
+def port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+class Stack:
+    """One test's Envoy + bridge + backends. ``config`` is the metabridge config as a dict."""
+
+    def __init__(self, tmp: Path, config: dict, backends: dict[str, int] | None = None) -> None:
+        self.tmp = tmp
+        self.config = config
+        self.backends = backends or {}  # name -> port of example awesomerpc servers to run
+        self.admin_port = free_port()
+        self.bridge_address = f"unix:{tmp}/bridge.sock"
+        config.setdefault("bridge", {})["listen"] = self.bridge_address
+        config.setdefault("envoy", {}).update(admin_port=self.admin_port)
+        self.config_path = tmp / "metabridge.yaml"
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        log_path = self.tmp / f"{name}.log"
+        self.logs[name] = log_path
+        proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def start_backend(self, name: str, port: int) -> None:
+        proc = self._spawn(f"backend-{name}", [sys.executable, "-m", "examples.awesomerpc.server", "--host", "127.0.0.1", "--port", str(port), "--name", name])
+        wait_until(lambda: port_open(port), 10, f"backend {name}", proc)
+
+    def start_bridge(self) -> None:
+        proc = self._spawn("bridge", [sys.executable, "-m", "bridge.cli", "--log-level", "debug", "run", "-c", str(self.config_path)])
+        sock = Path(self.bridge_address[len("unix:"):])
+        wait_until(lambda: sock.exists() and subprocess.run([sys.executable, "-m", "bridge.cli", "health", "--address", self.bridge_address], capture_output=True).returncode == 0, 15, "bridge", proc)
+
+    def start_envoy(self) -> None:
+        bootstrap = self.tmp / "bootstrap.yaml"
+        bootstrap.write_text(envoy_config.render_yaml(load(self.config_path)))
+        proc = self._spawn("envoy", [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"])
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 20, "envoy", proc)
+        for listener in self.config["listeners"]:
+            wait_until(lambda: port_open(listener["port"]), 10, f"envoy listener {listener['name']}", proc)
+
+    def start(self) -> Stack:
+        for name, port in self.backends.items():
+            self.start_backend(name, port)
+        self.start_bridge()
+        self.start_envoy()
+        return self
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_process(name)
+
+    def envoy_stat(self, name: str) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{name}$", timeout=2) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+        raise KeyError(name)
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+
+def awesomerpc_config(listen_port: int, clusters: dict[str, int], routes: list[dict], **listener_options) -> dict:
+    """A config with one awesomerpc listener; clusters map name -> backend port."""
+    return {
+        "codecs": {"awesomerpc": {"ref": str(REPO / "codecs" / "awesomerpc.py") + ":AwesomeRpcCodec"}},
+        "listeners": [
+            {"name": "awesomerpc", "address": "127.0.0.1", "port": listen_port, "codec": "awesomerpc", "routes": routes, **listener_options}
+        ],
+        "clusters": [
+            {"name": name, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": port}]}
+            for name, port in clusters.items()
+        ],
+    }
