@@ -104,7 +104,12 @@ async def serve(host: str, port: int, name: str) -> asyncio.Server:
     """Start a backend called ``name`` on host:port (0 = any free port) and return its server."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _Connection(name, reader, writer).run()
+        try:
+            await _Connection(name, reader, writer).run()
+        except asyncio.CancelledError:
+            # Shutdown cancels open connections; run() has already closed the socket. Ending
+            # normally keeps the stream machinery from logging the cancellation as an error.
+            pass
 
     return await asyncio.start_server(on_connection, host, port)
 
