@@ -157,6 +157,7 @@ class Session:
     def close(self) -> None:
         """The gRPC stream ended (the downstream connection is gone): free everything."""
         self._idle_timer.cancel()
+        event(log, logging.DEBUG, "session_closed", listener=self.listener.name, connection=self.connection, requests_in_flight=self._active, tunnels=sum(len(t) for t in self._tunnels.values()))
         for tunnels in self._tunnels.values():
             for tunnel in tunnels:
                 link = tunnel.owner
