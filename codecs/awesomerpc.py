@@ -70,9 +70,6 @@ class AwesomeRpcCodec(Codec):
     name = "awesomerpc"
     has_request_id = True
 
-    HEADER = HEADER
-    encode_frame = staticmethod(encode_frame)
-
     def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
         if len(buffer) < HEADER_SIZE:
             return DecodeStatus.WAIT_FOR_DATA
@@ -108,7 +105,8 @@ class AwesomeRpcCodec(Codec):
         return bytes(frame)
 
     def on_error(self, metadata: Metadata, error: Error) -> bytes:
-        # The reply has no body: awesomerpc has no error-message field, the rsp_code says it all.
+        # No body: awesomerpc has no error-message field, the rsp_code says it all. The cmd comes
+        # from decode's properties (cmd 0 if the metadata was never decoded by this codec).
         rsp_code = ERROR_CODES.get(error.type, ERROR_CODES[ErrorType.UNSPECIFIED])
         return encode_frame(_flow(metadata), metadata.properties.get("cmd", HEARTBEAT_CMD), rsp_code=rsp_code)
 
