@@ -57,9 +57,10 @@ BRIDGE_CLUSTER = "metabridge_bridge"
 # without it gets a random host, which is also what those policies do without a hash).
 HASH_KEY_HEADER = "x-metabridge-hash-key"
 
-# HTTP/2 flow-control windows on the bridge's gRPC connections and on the listeners' tunnels.
-# The spec default (64 KiB) would make both sides wait for WINDOW_UPDATEs on every large frame;
-# these also bound what Envoy buffers per stream before it pushes back.
+# HTTP/2 flow-control windows on the bridge's gRPC connections and on the listeners' tunnels,
+# set explicitly so they never depend on a release's defaults (1.40: 16 MiB / 24 MiB). The stream
+# window fits the largest frames without a wait for WINDOW_UPDATE and bounds what Envoy buffers
+# per stream; the connection window is shared by the many gRPC streams on one bridge connection.
 H2_STREAM_WINDOW = 16 * 1024 * 1024
 H2_CONNECTION_WINDOW = 256 * 1024 * 1024
 # HTTP/2's maximum: each bridge gRPC stream is one downstream connection and each tunnel one
@@ -72,7 +73,7 @@ BRIDGE_CIRCUIT_BREAKER_LIMIT = 1_000_000
 # this means it is down, and the client connection should fail fast rather than hang.
 BRIDGE_CONNECT_TIMEOUT = timedelta(seconds=1)
 
-_HCM_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ZERO = timedelta(0)  # 0s disables an Envoy timeout
 
 
@@ -179,7 +180,7 @@ def _bridge_cluster(addresses: list[str]) -> cluster_v3.Cluster:
             connect_timeout=BRIDGE_CONNECT_TIMEOUT,
             lb_policy=cluster_v3.ClusterLbPolicy.ROUND_ROBIN,  # spread streams over the workers
             load_assignment=_load_assignment(BRIDGE_CLUSTER, targets),
-            typed_extension_protocol_options={_HCM_PROTOCOL_OPTIONS: AnyProto.pack(protocol_options)},
+            typed_extension_protocol_options={_UPSTREAM_HTTP_OPTIONS: AnyProto.pack(protocol_options)},
             circuit_breakers=cluster_v3.CircuitBreakers(
                 thresholds=[
                     cluster_v3.CircuitBreakersThresholds(
