@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -98,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(config, args)
     except (ConfigError, CodecLoadError) as exc:
+        print(f"metabridge: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from bridge.envoy_config import EnvoyConfigError
+
+        if not isinstance(exc, EnvoyConfigError):
+            raise
         print(f"metabridge: {exc}", file=sys.stderr)
         return 2
     return 1

@@ -44,18 +44,14 @@ with warnings.catch_warnings():
 
 from bridge.config import ClusterConfig, Config, ListenerConfig
 
-# Names shared with the bridge: the request header on each CONNECT that names the target cluster,
-# the response headers that say which endpoint a tunnel reached and Envoy's response flags (why a
-# 503 happened: NC, UF, UO, UH ...), the gRPC initial-metadata key naming the listener a stream
-# belongs to, and the cluster of bridge workers.
-CLUSTER_HEADER = "x-metabridge-cluster"
-UPSTREAM_HOST_HEADER = "x-metabridge-upstream-host"
-RESPONSE_FLAGS_HEADER = "x-metabridge-response-flags"
-LISTENER_METADATA_KEY = "x-metabridge-listener"
-BRIDGE_CLUSTER = "metabridge_bridge"
-# Optional CONNECT header: its value is the hash key for RING_HASH / MAGLEV clusters (a tunnel
-# without it gets a random host, which is also what those policies do without a hash).
-HASH_KEY_HEADER = "x-metabridge-hash-key"
+from bridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
+    BRIDGE_CLUSTER,
+    CLUSTER_HEADER,
+    HASH_KEY_HEADER,
+    LISTENER_METADATA_KEY,
+    RESPONSE_FLAGS_HEADER,
+    UPSTREAM_HOST_HEADER,
+)
 
 # HTTP/2 flow-control windows on the bridge's gRPC connections and on the listeners' tunnels,
 # set explicitly so they never depend on a release's defaults (1.40: 16 MiB / 24 MiB). The stream

@@ -22,10 +22,10 @@ from bridge.registry import load_codecs
 from bridge.router import Router
 from bridge.session import Session
 from bridge.stats import ListenerStats
+from bridge.wire import LISTENER_METADATA_KEY
 
 log = logging.getLogger("metabridge.server")
 
-LISTENER_METADATA_KEY = "x-metabridge-listener"
 SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
 _GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -27,9 +27,11 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 
-CLUSTER_HEADER = b"x-metabridge-cluster"
-UPSTREAM_HOST_HEADER = b"x-metabridge-upstream-host"
-RESPONSE_FLAGS_HEADER = b"x-metabridge-response-flags"
+from bridge import wire
+
+CLUSTER_HEADER = wire.CLUSTER_HEADER.encode()
+UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER.encode()
+RESPONSE_FLAGS_HEADER = wire.RESPONSE_FLAGS_HEADER.encode()
 
 # Large windows so flow control never throttles a tunnel in normal operation and WINDOW_UPDATEs
 # (each an extra ext_proc message) are rare.

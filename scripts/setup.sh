@@ -5,15 +5,28 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "setup: metabridge needs Python >= 3.10 as \$PYTHON or python3" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.requirements.sha
 want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "setup: installing pinned dependencies into .venv"
+  log=.venv/setup.log
+  if ! {
+    .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip &&
+    .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt &&
+    .venv/bin/python -m pip install --disable-pip-version-check --no-deps --no-build-isolation -e .
+  } >"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup: installing dependencies failed (full log: $log)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 .venv/bin/python scripts/gen_proto.py
