@@ -1,0 +1,268 @@
+"""ThriftCodec: Apache Thrift messages (binary or compact protocol, framed or unframed transport).
+
+Framing: with the framed transport a message is a 4-byte big-endian length and that many bytes;
+with the unframed ("buffered") transport nothing marks a message's end, so the codec walks the
+whole message (every field, nested structs and containers included) to find it. See
+docs/codecs/thrift.md for options, detection, metadata and the error-reply table.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from bridge.codec import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Codec,
+    CodecError,
+    DecodeStatus,
+    Error,
+    ErrorType,
+    Metadata,
+    MessageType,
+    ResponseStatus,
+)
+
+from .reader import BinaryReader, CompactReader, MessageHeader, NeedMoreData, Reader
+from .wire import (
+    BINARY_FIRST_BYTE,
+    CALL,
+    COMPACT_PROTOCOL_ID,
+    EXCEPTION,
+    FRAME_HEADER_SIZE,
+    MESSAGE_TYPE_NAMES,
+    MULTIPLEX_SEPARATOR,
+    ONEWAY,
+    REPLY,
+    ApplicationExceptionType,
+)
+from .writer import APPLICATION_EXCEPTION_WRITERS, frame
+
+TRANSPORTS = ("auto", "framed", "buffered")
+PROTOCOLS = ("auto", "binary", "compact")
+OPTION_CHOICES = {"transport": TRANSPORTS, "protocol": PROTOCOLS}
+
+# Used by on_error when the request's metadata does not say (it always does when this codec
+# decoded it): the Apache Thrift defaults.
+FALLBACK_PROTOCOL = "binary"
+FALLBACK_TRANSPORT = "buffered"
+
+ERROR_CODES: Mapping[ErrorType, int] = MappingProxyType(
+    {
+        ErrorType.ROUTE_NOT_FOUND: ApplicationExceptionType.UNKNOWN_METHOD,  # no route serves this method
+        ErrorType.CLUSTER_NOT_FOUND: ApplicationExceptionType.INTERNAL_ERROR,
+        ErrorType.NO_HEALTHY_UPSTREAM: ApplicationExceptionType.INTERNAL_ERROR,
+        ErrorType.BAD_RESPONSE: ApplicationExceptionType.PROTOCOL_ERROR,  # the server answered bytes that are not Thrift
+        ErrorType.OVER_LIMIT: ApplicationExceptionType.INTERNAL_ERROR,
+        ErrorType.TIMEOUT: ApplicationExceptionType.INTERNAL_ERROR,
+        ErrorType.UNSPECIFIED: ApplicationExceptionType.INTERNAL_ERROR,
+    }
+)
+"""The TApplicationException type code of the reply ``on_error`` builds for each error type."""
+
+_MESSAGE_TYPES = {CALL: MessageType.REQUEST, ONEWAY: MessageType.ONEWAY, REPLY: MessageType.RESPONSE, EXCEPTION: MessageType.ERROR}
+_FRAME_LENGTH = struct.Struct(">i")
+_PENDING_PREFIX = 16  # bytes remembered to recognise the same partial message on the next call
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    header: MessageHeader
+    header_end: int  # buffer offset where the message's struct starts
+    end: int  # buffer offset just past the message
+    first_field_id: int | None  # of the struct (REPLY: 0 = success, other = declared exception)
+    exception: tuple[str | None, int | None] | None  # (message, type) of a TApplicationException
+
+
+def _choice(options: Mapping[str, Any], key: str) -> str:
+    choices = OPTION_CHOICES[key]
+    value = options.get(key, "auto")
+    if value not in choices:
+        raise ValueError(f"thrift codec option {key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _as_i32(value: int) -> int:
+    return (value + 0x80000000) % (1 << 32) - 0x80000000
+
+
+class ThriftCodec(Codec):
+    """Thrift binary/compact over framed/unframed transport; see the module docstring.
+
+    ``transport`` and ``protocol`` hold the configured choice, or ``"auto"`` until the first
+    bytes of the connection reveal it; once known they stay fixed for this instance.
+    """
+
+    name = "thrift"
+    # Real clients (thriftpy2 among them) send seqid 0 on every call and servers answer in
+    # order on a connection, so responses are matched in order, not by seqid.
+    has_request_id = False
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(max_frame_size=max_frame_size, options=options)
+        unknown = sorted(set(self.options) - set(OPTION_CHOICES))
+        if unknown:
+            raise ValueError(f"thrift codec: unknown option(s) {', '.join(unknown)}; known options: {', '.join(OPTION_CHOICES)}")
+        self.transport = _choice(self.options, "transport")
+        self.protocol = _choice(self.options, "protocol")
+        # The old non-strict binary encoding has no magic bytes to detect, so it is accepted only
+        # when the protocol is configured explicitly.
+        self._allow_non_strict = self.protocol == "binary"
+        # Unframed transport: (first bytes, buffer length needed) of a partial message, so that
+        # a large message arriving in pieces is not re-walked on every piece.
+        self._pending: tuple[bytes, int] | None = None
+
+    # -- decode ------------------------------------------------------------------------------
+    def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
+        if not buffer:
+            return DecodeStatus.WAIT_FOR_DATA
+        if self.transport == "auto" and not self._detect_transport(buffer):
+            return DecodeStatus.WAIT_FOR_DATA
+        if self.transport == "framed":
+            parsed = self._parse_framed(buffer)
+        else:
+            parsed = self._parse_unframed(buffer)
+        if parsed is None:
+            return DecodeStatus.WAIT_FOR_DATA
+        self._fill(metadata, buffer, parsed)
+        return DecodeStatus.DONE
+
+    def _detect_transport(self, buffer: bytearray) -> bool:
+        """Settle ``transport`` from the first bytes; False: need more bytes to tell."""
+        if buffer[0] in (BINARY_FIRST_BYTE, COMPACT_PROTOCOL_ID):
+            self.transport = "buffered"
+        elif len(buffer) <= FRAME_HEADER_SIZE:
+            return False
+        elif buffer[FRAME_HEADER_SIZE] in (BINARY_FIRST_BYTE, COMPACT_PROTOCOL_ID):
+            self.transport = "framed"
+        else:
+            raise CodecError(
+                f"cannot detect the Thrift transport: the stream starts with {bytes(buffer[:FRAME_HEADER_SIZE + 1]).hex(' ')}, "
+                "which is neither a strict binary (80 01) nor a compact (82) message, bare or after a 4-byte frame length; "
+                "for the old non-strict binary encoding set the codec options protocol: binary and transport: framed or buffered"
+            )
+        return True
+
+    def _detect_protocol(self, first: int) -> None:
+        """Settle ``protocol`` from the first byte of a message."""
+        if first == BINARY_FIRST_BYTE:
+            self.protocol = "binary"
+        elif first == COMPACT_PROTOCOL_ID:
+            self.protocol = "compact"
+        else:
+            raise CodecError(
+                f"cannot detect the Thrift protocol: a {self.transport} message starts with byte 0x{first:02x}, "
+                "expected 0x80 (strict binary) or 0x82 (compact); for the old non-strict binary encoding set protocol: binary"
+            )
+
+    def _reader(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> Reader:
+        if self.protocol == "binary":
+            return BinaryReader(buffer, start, end, complete=complete, allow_non_strict=self._allow_non_strict)
+        return CompactReader(buffer, start, end, complete=complete)
+
+    def _parse(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> _Parsed:
+        if self.protocol == "auto":
+            self._detect_protocol(buffer[start])
+        reader = self._reader(buffer, start, end, complete=complete)
+        header = reader.message_begin()
+        header_end = reader.pos
+        first_field_id = exception = None
+        if header.message_type == EXCEPTION:
+            exception = reader.read_application_exception()
+        else:
+            first_field_id = reader.skip_struct()
+        return _Parsed(header, header_end, reader.pos, first_field_id, exception)
+
+    def _parse_framed(self, buffer: bytearray) -> _Parsed | None:
+        if len(buffer) < FRAME_HEADER_SIZE:
+            return None
+        length = _FRAME_LENGTH.unpack_from(buffer)[0]
+        if length <= 0:
+            raise CodecError(
+                f"Thrift frame length {length} is not positive; if the peer does not use the framed transport, "
+                "set the codec option transport: buffered (or auto)"
+            )
+        total = FRAME_HEADER_SIZE + length
+        self.check_frame_size(total)  # before buffering a body we would refuse anyway
+        if len(buffer) < total:
+            return None
+        parsed = self._parse(buffer, FRAME_HEADER_SIZE, total, complete=True)
+        if parsed.end != total:
+            raise CodecError(f"Thrift frame of {length} bytes holds a {parsed.end - FRAME_HEADER_SIZE}-byte message and {total - parsed.end} trailing byte(s)")
+        return parsed
+
+    def _parse_unframed(self, buffer: bytearray) -> _Parsed | None:
+        pending = self._pending
+        if pending is not None and len(buffer) < pending[1] and buffer.startswith(pending[0]):
+            return None  # still short of what the partial message needs: do not walk it again
+        # Walk at most max_frame_size bytes: a message needing more is refused, not waited for.
+        end = min(len(buffer), self.max_frame_size)
+        try:
+            parsed = self._parse(buffer, 0, end, complete=False)
+        except NeedMoreData as more:
+            self.check_frame_size(more.needed)
+            self._pending = (bytes(buffer[:_PENDING_PREFIX]), more.needed)
+            return None
+        self._pending = None
+        return parsed
+
+    def _fill(self, metadata: Metadata, buffer: bytearray, parsed: _Parsed) -> None:
+        header = parsed.header
+        service, separator, method = header.name.partition(MULTIPLEX_SEPARATOR)
+        if not separator:
+            service, method = "", header.name
+        status = ResponseStatus.OK
+        properties = metadata.properties
+        if header.message_type == EXCEPTION:
+            status = ResponseStatus.ERROR
+            properties["exception_message"], properties["exception_type"] = parsed.exception
+        elif header.message_type == REPLY and parsed.first_field_id not in (None, 0):
+            status = ResponseStatus.ERROR  # field 0 is the result; any other is a declared exception
+            properties["exception_field_id"] = parsed.first_field_id
+
+        metadata.message_type = _MESSAGE_TYPES[header.message_type]
+        metadata.request_id = header.seqid
+        metadata.response_status = status
+        metadata.operation_name = header.name
+        metadata.header_size = parsed.header_end
+        metadata.body_size = parsed.end - parsed.header_end
+        metadata.frame = bytes(buffer[: parsed.end])
+        del buffer[: parsed.end]
+        metadata.headers["method"] = method
+        if separator:
+            metadata.headers["service"] = service
+        properties["protocol"] = self.protocol
+        properties["transport"] = self.transport
+        properties["strict"] = header.strict
+        properties["name"] = header.name
+        properties["method"] = method
+        properties["seqid"] = header.seqid
+        properties["message_type"] = MESSAGE_TYPE_NAMES[header.message_type]
+
+    # -- encode / replies --------------------------------------------------------------------
+    def encode(self, metadata: Metadata, mutation: Mapping[str, str]) -> bytes:
+        # Binary and compact messages have no header slot (only THeader has one), so a mutation
+        # cannot be carried: the frame goes on unchanged.
+        return metadata.frame
+
+    def on_error(self, metadata: Metadata, error: Error) -> bytes:
+        """An EXCEPTION message carrying a TApplicationException, in the request's protocol and
+        transport, with its seqid and method name (without the multiplexing service prefix, as a
+        multiplexed server answers). A oneway request gets nothing: its client reads no reply."""
+        if metadata.message_type is MessageType.ONEWAY:
+            return b""
+        properties = metadata.properties
+        protocol = properties.get("protocol") or (self.protocol if self.protocol != "auto" else FALLBACK_PROTOCOL)
+        transport = properties.get("transport") or (self.transport if self.transport != "auto" else FALLBACK_TRANSPORT)
+        method = properties.get("method") or metadata.headers.get("method") or metadata.operation_name
+        seqid = properties.get("seqid", metadata.request_id or 0)
+        code = ERROR_CODES.get(error.type, ApplicationExceptionType.INTERNAL_ERROR)
+        text = f"{error.type.name}: {error.message}" if error.message else error.type.name
+        message = APPLICATION_EXCEPTION_WRITERS[protocol](method, _as_i32(seqid), code, text)
+        return frame(message) if transport == "framed" else message
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes:
+        raise NotImplementedError("Thrift has no heartbeat message: ThriftCodec never decodes a HEARTBEAT, so there is nothing to answer")

@@ -1,0 +1,407 @@
+"""Bounds-checked readers for Thrift's binary and compact protocols.
+
+A reader walks a message in place (no copy of the buffer) from ``pos`` up to ``end``. It decodes
+the message header, the few values the codec looks at, and otherwise *skips* values: every type,
+nested structs and containers included, so it finds where a message ends without a schema.
+
+Running out of bytes raises ``NeedMoreData`` with the buffer length that may complete the value
+(a lower bound), or a CodecError when the bytes are known to be complete (a framed message that
+overruns its frame). Anything that can never be valid Thrift raises CodecError; Python's own
+IndexError/struct.error never escape.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from bridge.codec import CodecError
+
+from .wire import (
+    BINARY_VERSION_1,
+    BINARY_VERSION_MASK,
+    COMPACT_PROTOCOL_ID,
+    COMPACT_TYPE_SHIFT,
+    COMPACT_VERSION,
+    COMPACT_VERSION_MASK,
+    MAX_NESTING_DEPTH,
+    MESSAGE_TYPE_NAMES,
+    BinaryType,
+    CompactType,
+)
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_MAX_LENGTH = 0x7FFFFFFF  # lengths and sizes are i32 on the wire
+
+
+class NeedMoreData(Exception):
+    """The message continues past the available bytes; ``needed`` is a buffer length (absolute
+    index) that the message needs at least."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+class MessageHeader:
+    __slots__ = ("name", "message_type", "seqid", "strict")
+
+    def __init__(self, name: str, message_type: int, seqid: int, strict: bool) -> None:
+        self.name = name
+        self.message_type = message_type
+        self.seqid = seqid
+        self.strict = strict
+
+
+class Reader:
+    """What both protocols share: bounds checks, struct skipping, TApplicationException fields."""
+
+    protocol = ""
+    STRING_TYPE = -1  # the protocol's type id of a string field
+    I32_TYPE = -1
+
+    __slots__ = ("data", "pos", "end", "complete")
+
+    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = end
+        # True when data[pos:end] is the whole message (framed transport): running short is then
+        # an error, not a reason to wait.
+        self.complete = complete
+
+    # -- protocol specific -------------------------------------------------------------------
+    def message_begin(self) -> MessageHeader:
+        raise NotImplementedError
+
+    def field_header(self, last_field_id: int) -> tuple[int, int]:
+        """(type, field id) of the next field, or (STOP, 0) at the end of a struct."""
+        raise NotImplementedError
+
+    def skip_value(self, value_type: int, depth: int) -> None:
+        raise NotImplementedError
+
+    def read_string(self) -> bytes:
+        raise NotImplementedError
+
+    def read_i32(self) -> int:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    def _short(self, needed: int) -> None:
+        if self.complete:
+            raise CodecError(f"Thrift {self.protocol} message runs {needed - self.end} byte(s) past the end of its frame")
+        raise NeedMoreData(needed)
+
+    def _advance(self, count: int) -> int:
+        """Step over ``count`` bytes; returns where they start."""
+        start = self.pos
+        stop = start + count
+        if stop > self.end:
+            self._short(stop)
+        self.pos = stop
+        return start
+
+    def _require(self, count: int) -> None:
+        """Fail fast when fewer than ``count`` bytes remain (before looping over a huge count)."""
+        if self.pos + count > self.end:
+            self._short(self.pos + count)
+
+    def u8(self) -> int:
+        pos = self.pos
+        if pos >= self.end:
+            self._short(pos + 1)
+        self.pos = pos + 1
+        return self.data[pos]
+
+    def _name(self, length: int) -> str:
+        start = self._advance(length)
+        try:
+            return bytes(self.data[start : start + length]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CodecError(f"Thrift {self.protocol} message name is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+    def _check_message_type(self, message_type: int) -> None:
+        if message_type not in MESSAGE_TYPE_NAMES:
+            raise CodecError(f"unknown Thrift message type {message_type} (expected 1 call, 2 reply, 3 exception or 4 oneway)")
+
+    @staticmethod
+    def _check_depth(depth: int) -> None:
+        if depth > MAX_NESTING_DEPTH:
+            raise CodecError(f"Thrift value nested deeper than {MAX_NESTING_DEPTH} levels")
+
+    def skip_struct(self, depth: int = 1) -> int | None:
+        """Skip a whole struct; returns the id of its first field (None when it has none)."""
+        self._check_depth(depth)
+        first = None
+        last = 0
+        while True:
+            field_type, field_id = self.field_header(last)
+            if field_type == 0:  # STOP in both protocols
+                return first
+            if first is None:
+                first = field_id
+            last = field_id
+            self.skip_value(field_type, depth)
+
+    def read_application_exception(self) -> tuple[str | None, int | None]:
+        """(message, type) of a TApplicationException struct; other fields are skipped."""
+        message = code = None
+        last = 0
+        while True:
+            field_type, field_id = self.field_header(last)
+            if field_type == 0:
+                return message, code
+            last = field_id
+            if field_id == 1 and field_type == self.STRING_TYPE:
+                message = self.read_string().decode("utf-8", errors="replace")
+            elif field_id == 2 and field_type == self.I32_TYPE:
+                code = self.read_i32()
+            else:
+                self.skip_value(field_type, 1)
+
+
+# Bytes a value of each fixed-width binary type occupies.
+_BINARY_FIXED = {
+    BinaryType.BOOL: 1,
+    BinaryType.BYTE: 1,
+    BinaryType.DOUBLE: 8,
+    BinaryType.I16: 2,
+    BinaryType.I32: 4,
+    BinaryType.I64: 8,
+    BinaryType.UUID: 16,
+}
+_BINARY_TYPES = frozenset(_BINARY_FIXED) | {BinaryType.STRING, BinaryType.STRUCT, BinaryType.MAP, BinaryType.SET, BinaryType.LIST}
+
+
+class BinaryReader(Reader):
+    """TBinaryProtocol: big-endian fixed-width integers, i32-length strings and containers."""
+
+    protocol = "binary"
+    STRING_TYPE = BinaryType.STRING
+    I32_TYPE = BinaryType.I32
+
+    __slots__ = ("allow_non_strict",)
+
+    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool, allow_non_strict: bool = False) -> None:
+        super().__init__(data, pos, end, complete=complete)
+        self.allow_non_strict = allow_non_strict
+
+    def i32(self) -> int:
+        return _I32.unpack_from(self.data, self._advance(4))[0]
+
+    def _length(self, what: str) -> int:
+        length = self.i32()
+        if length < 0:
+            raise CodecError(f"Thrift binary {what} has a negative length ({length})")
+        return length
+
+    def message_begin(self) -> MessageHeader:
+        first = self.i32()
+        if first < 0:
+            # Strict: 0x8001 0x00 <type>, then the name and the seqid.
+            if first & BINARY_VERSION_MASK != BINARY_VERSION_1:
+                raise CodecError(f"bad Thrift binary protocol version 0x{first & 0xFFFFFFFF:08x} (expected 0x8001000<type>)")
+            message_type = first & 0xFF
+            self._check_message_type(message_type)
+            name = self._name(self._length("message name"))
+            strict = True
+        else:
+            # Old non-strict encoding: the name's length, the name, a type byte, the seqid.
+            if not self.allow_non_strict:
+                raise CodecError(
+                    "Thrift binary message without a version header (the old non-strict encoding, or not Thrift at all); "
+                    "set the codec option protocol: binary to accept non-strict messages"
+                )
+            name = self._name(first)
+            message_type = self.u8()
+            self._check_message_type(message_type)
+            strict = False
+        return MessageHeader(name, message_type, self.i32(), strict)
+
+    def field_header(self, last_field_id: int) -> tuple[int, int]:
+        field_type = self.u8()
+        if field_type == BinaryType.STOP:
+            return 0, 0
+        return field_type, _I16.unpack_from(self.data, self._advance(2))[0]
+
+    def skip_value(self, value_type: int, depth: int) -> None:
+        size = _BINARY_FIXED.get(value_type)
+        if size is not None:
+            self._advance(size)
+        elif value_type == BinaryType.STRING:
+            self._advance(self._length("string"))
+        elif value_type == BinaryType.STRUCT:
+            self.skip_struct(depth + 1)
+        elif value_type in (BinaryType.LIST, BinaryType.SET):
+            element_type = self.u8()
+            self._skip_elements(self._length("list/set"), (element_type,), depth + 1)
+        elif value_type == BinaryType.MAP:
+            key_type = self.u8()
+            value_type_ = self.u8()
+            self._skip_elements(self._length("map"), (key_type, value_type_), depth + 1)
+        else:
+            raise CodecError(f"unknown Thrift binary type id {value_type}")
+
+    def _skip_elements(self, count: int, types: tuple[int, ...], depth: int) -> None:
+        if count == 0:
+            return  # empty containers may carry any element type; nothing to read
+        self._check_depth(depth)
+        sizes = []
+        for element_type in types:
+            if element_type not in _BINARY_TYPES:
+                raise CodecError(f"unknown Thrift binary type id {element_type} in a container")
+            sizes.append(_BINARY_FIXED.get(element_type))
+        if None not in sizes:
+            self._advance(count * sum(sizes))
+            return
+        self._require(count * len(types))  # every value takes at least one byte
+        for _ in range(count):
+            for element_type in types:
+                self.skip_value(element_type, depth)
+
+    def read_string(self) -> bytes:
+        length = self._length("string")
+        start = self._advance(length)
+        return bytes(self.data[start : start + length])
+
+    def read_i32(self) -> int:
+        return self.i32()
+
+
+# Compact: bytes a fixed-width value occupies as a struct field (booleans live in the field
+# header) and as a container element (booleans are one byte there).
+_COMPACT_FIELD_FIXED = {
+    CompactType.BOOLEAN_TRUE: 0,
+    CompactType.BOOLEAN_FALSE: 0,
+    CompactType.BYTE: 1,
+    CompactType.DOUBLE: 8,
+    CompactType.UUID: 16,
+}
+_COMPACT_ELEMENT_FIXED = {**_COMPACT_FIELD_FIXED, CompactType.BOOLEAN_TRUE: 1, CompactType.BOOLEAN_FALSE: 1}
+# Varint-encoded integers and the most bytes each may take (i16 is read as a varint32).
+_COMPACT_VARINT = {CompactType.I16: 5, CompactType.I32: 5, CompactType.I64: 10}
+_COMPACT_TYPES = frozenset(range(CompactType.BOOLEAN_TRUE, CompactType.UUID + 1))
+
+
+def _zigzag(value: int) -> int:
+    return (value >> 1) ^ -(value & 1)
+
+
+class CompactReader(Reader):
+    """TCompactProtocol: zigzag varints, field-id deltas, booleans folded into field headers."""
+
+    protocol = "compact"
+    STRING_TYPE = CompactType.BINARY
+    I32_TYPE = CompactType.I32
+
+    __slots__ = ()
+
+    def varint(self, max_bytes: int) -> int:
+        data, pos, end = self.data, self.pos, self.end
+        result = shift = 0
+        for _ in range(max_bytes):
+            if pos >= end:
+                self._short(pos + 1)
+            byte = data[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                self.pos = pos
+                return result
+            shift += 7
+        raise CodecError(f"Thrift compact varint longer than {max_bytes} bytes")
+
+    def _length(self, what: str) -> int:
+        length = self.varint(5)
+        if length > _MAX_LENGTH:
+            raise CodecError(f"Thrift compact {what} length {length} does not fit an i32 (negative on the wire)")
+        return length
+
+    def message_begin(self) -> MessageHeader:
+        protocol_id = self.u8()
+        if protocol_id != COMPACT_PROTOCOL_ID:
+            raise CodecError(f"bad Thrift compact protocol id 0x{protocol_id:02x} (expected 0x82)")
+        version_and_type = self.u8()
+        version = version_and_type & COMPACT_VERSION_MASK
+        if version != COMPACT_VERSION:
+            raise CodecError(f"unsupported Thrift compact protocol version {version} (expected {COMPACT_VERSION})")
+        message_type = version_and_type >> COMPACT_TYPE_SHIFT
+        self._check_message_type(message_type)
+        seqid = self.varint(5) & 0xFFFFFFFF  # an i32 sent as an unsigned varint, not zigzag
+        if seqid > 0x7FFFFFFF:
+            seqid -= 1 << 32
+        name = self._name(self._length("message name"))
+        return MessageHeader(name, message_type, seqid, True)
+
+    def field_header(self, last_field_id: int) -> tuple[int, int]:
+        byte = self.u8()
+        field_type = byte & 0x0F
+        if field_type == CompactType.STOP:
+            return 0, 0
+        delta = byte >> 4
+        if delta:
+            return field_type, last_field_id + delta
+        field_id = _zigzag(self.varint(5))
+        if not -0x8000 <= field_id <= 0x7FFF:
+            raise CodecError(f"Thrift compact field id {field_id} does not fit an i16")
+        return field_type, field_id
+
+    def skip_value(self, value_type: int, depth: int) -> None:
+        size = _COMPACT_FIELD_FIXED.get(value_type)
+        if size is not None:
+            self._advance(size)
+            return
+        max_bytes = _COMPACT_VARINT.get(value_type)
+        if max_bytes is not None:
+            self.varint(max_bytes)
+        elif value_type == CompactType.BINARY:
+            self._advance(self._length("string"))
+        elif value_type == CompactType.STRUCT:
+            self.skip_struct(depth + 1)
+        elif value_type in (CompactType.LIST, CompactType.SET):
+            size_and_type = self.u8()
+            count = size_and_type >> 4
+            if count == 15:  # 15 or more elements: the count follows as a varint
+                count = self._length("list/set")
+            self._skip_elements(count, (size_and_type & 0x0F,), depth + 1)
+        elif value_type == CompactType.MAP:
+            count = self._length("map")
+            if count:  # an empty map has no key/value type byte
+                key_and_value = self.u8()
+                self._skip_elements(count, (key_and_value >> 4, key_and_value & 0x0F), depth + 1)
+        else:
+            raise CodecError(f"unknown Thrift compact type id {value_type}")
+
+    def _skip_elements(self, count: int, types: tuple[int, ...], depth: int) -> None:
+        if count == 0:
+            return
+        self._check_depth(depth)
+        for element_type in types:
+            if element_type not in _COMPACT_TYPES:
+                raise CodecError(f"unknown Thrift compact type id {element_type} in a container")
+        sizes = [_COMPACT_ELEMENT_FIXED.get(t) for t in types]
+        if None not in sizes:
+            self._advance(count * sum(sizes))
+            return
+        self._require(count * len(types))  # every element takes at least one byte
+        for _ in range(count):
+            for element_type, size in zip(types, sizes):
+                if size is None:
+                    self.skip_value(element_type, depth)
+                else:
+                    self._advance(size)
+
+    def read_string(self) -> bytes:
+        length = self._length("string")
+        start = self._advance(length)
+        return bytes(self.data[start : start + length])
+
+    def read_i32(self) -> int:
+        value = _zigzag(self.varint(5))
+        if not -0x80000000 <= value <= 0x7FFFFFFF:
+            raise CodecError(f"Thrift compact i32 value {value} out of range")
+        return value
+
+
+READERS: dict[str, type[Reader]] = {"binary": BinaryReader, "compact": CompactReader}

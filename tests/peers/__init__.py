@@ -1,0 +1,1 @@
+"""Real protocol peers (servers and clients) that tests run against."""
