@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -88,16 +89,15 @@ class Router:
         self._index: dict[str, dict[str, list[int]]] = {}
         self._unindexed: list[int] = []
         for i, rc in enumerate(routes):
-            weighted = [w for w in rc.clusters if w.weight > 0] or list(rc.clusters)
-            cumulative, total = [], 0
-            for w in weighted:
-                total += max(w.weight, 0) if len(weighted) > 1 else 1
-                cumulative.append(total)
+            # Zero-weight clusters take no traffic; a route with nothing left could never pick.
+            weighted = [w for w in rc.clusters if w.weight > 0]
+            if not weighted:
+                raise ValueError(f"route {rc.name!r}: weighted cluster weights add up to 0; give at least one cluster a positive weight")
             self._routes.append(
                 Route(
                     name=rc.name,
                     clusters=tuple(w.name for w in weighted),
-                    cumulative_weights=tuple(cumulative),
+                    cumulative_weights=tuple(itertools.accumulate(w.weight for w in weighted)),
                     request_mutation=dict(rc.request_mutation),
                     response_mutation=dict(rc.response_mutation),
                 )
