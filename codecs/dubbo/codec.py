@@ -1,0 +1,294 @@
+"""The Dubbo2 (Hessian2) codec: frames, routing metadata, attachment mutation, local replies.
+
+One class decodes both directions: requests (and heartbeats) from consumers, responses (and
+heartbeats or read-only events) from providers. Only what routing needs is parsed: the header,
+the request's service/method/version strings, and its attachments map; argument values are
+stepped over without being built, and response values are not touched unless a response
+mutation needs the attachments behind them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from bridge.codec import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Codec,
+    CodecError,
+    DecodeStatus,
+    Error,
+    ErrorType,
+    FrameTooLarge,
+    MessageType,
+    Metadata,
+    ResponseStatus,
+)
+from bridge.config import parse_size
+
+from .frames import build_error_response, build_heartbeat
+from .hessian2 import HessianError, Reader, encode_string, encode_string_map
+from .protocol import (
+    EXCEPTION_RESULTS,
+    FLAG_EVENT,
+    FLAG_REQUEST,
+    FLAG_TWOWAY,
+    HEADER,
+    HEADER_SIZE,
+    HESSIAN2,
+    MAGIC,
+    RESULTS_WITH_ATTACHMENTS,
+    RESULTS_WITH_VALUE,
+    SERIALIZATION_MASK,
+    SERIALIZATION_NAMES,
+    ResultType,
+    Status,
+    count_parameters,
+)
+
+DEFAULT_MAX_BODY_SIZE = 8 * 1024 * 1024
+
+# How each local-reply reason reaches a Dubbo consumer (see docs/codecs/dubbo.md).
+ERROR_STATUS: dict[ErrorType, Status] = {
+    ErrorType.ROUTE_NOT_FOUND: Status.SERVICE_NOT_FOUND,
+    ErrorType.CLUSTER_NOT_FOUND: Status.SERVICE_NOT_FOUND,
+    ErrorType.NO_HEALTHY_UPSTREAM: Status.SERVER_ERROR,
+    ErrorType.BAD_RESPONSE: Status.BAD_RESPONSE,
+    ErrorType.OVER_LIMIT: Status.SERVER_THREADPOOL_EXHAUSTED,
+    ErrorType.TIMEOUT: Status.SERVER_TIMEOUT,
+    ErrorType.UNSPECIFIED: Status.SERVER_ERROR,
+}
+
+_VALID_RESULT_TYPES = frozenset(int(t) for t in ResultType)
+
+
+class DubboBodyError(CodecError):
+    """A frame with a valid header but a malformed body.
+
+    The frame has been consumed from the buffer (the stream stays in step), and ``request_id``
+    says which call it belonged to, so a bad response can be answered with BAD_RESPONSE.
+    """
+
+    def __init__(self, message: str, request_id: int, is_request: bool) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.is_request = is_request
+
+
+class DubboCodec(Codec):
+    """Dubbo2 protocol with Hessian2 serialization.
+
+    Options: ``max_body_size`` (bytes or a size such as "8MiB"; default 8 MiB), checked against
+    each frame's header together with the listener's ``max_frame_size``.
+    """
+
+    name = "dubbo"
+    has_request_id = True
+
+    def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(max_frame_size=max_frame_size, options=options)
+        raw = self.options.get("max_body_size", DEFAULT_MAX_BODY_SIZE)
+        try:
+            self.max_body_size = parse_size(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"dubbo codec option max_body_size: {raw!r} is not a size (use bytes or e.g. '8MiB')") from None
+        if isinstance(raw, bool) or self.max_body_size < 1:
+            raise ValueError(f"dubbo codec option max_body_size: {raw!r} must be a positive size")
+
+    # -- decode --------------------------------------------------------------------------------
+
+    def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
+        available = len(buffer)
+        if available < HEADER_SIZE:
+            if (available >= 1 and buffer[0] != MAGIC >> 8) or (available >= 2 and buffer[1] != MAGIC & 0xFF):
+                self._bad_magic(buffer)
+            return DecodeStatus.WAIT_FOR_DATA
+        magic, flag, status, request_id, body_size = HEADER.unpack_from(buffer)
+        if magic != MAGIC:
+            self._bad_magic(buffer)
+        serialization = flag & SERIALIZATION_MASK
+        if serialization != HESSIAN2:
+            kind = "request" if flag & FLAG_REQUEST else "response"
+            name = SERIALIZATION_NAMES.get(serialization, "unknown")
+            raise CodecError(
+                f"dubbo: {kind} {request_id} uses serialization id {serialization} ({name}); only hessian2 (id 2) "
+                "is supported: set serialization=hessian2 on the consumer and provider"
+            )
+        if body_size < 0:
+            raise CodecError(f"dubbo: frame {request_id} announces a negative body length {body_size}")
+        if body_size > self.max_body_size:
+            raise FrameTooLarge(
+                f"dubbo: frame {request_id} has a {body_size}-byte body, over max_body_size {self.max_body_size} "
+                "(raise the codec option max_body_size if such bodies are expected)"
+            )
+        frame_size = HEADER_SIZE + body_size
+        self.check_frame_size(frame_size)
+        if available < frame_size:
+            return DecodeStatus.WAIT_FOR_DATA
+
+        frame = bytes(buffer[:frame_size])
+        del buffer[:frame_size]
+        metadata.frame = frame
+        metadata.request_id = request_id
+        metadata.header_size = HEADER_SIZE
+        metadata.body_size = body_size
+        props = metadata.properties
+        props["flag"] = flag
+        props["serialization"] = serialization
+        props["status"] = status
+        is_request = bool(flag & FLAG_REQUEST)
+        try:
+            if flag & FLAG_EVENT:
+                # Heartbeats (null body) and read-only events ("R"): answered or dropped locally.
+                metadata.message_type = MessageType.HEARTBEAT
+                props["twoway"] = bool(flag & FLAG_TWOWAY)
+            elif is_request:
+                self._decode_request(frame, flag, metadata)
+            else:
+                self._decode_response(frame, status, metadata)
+        except (HessianError, ValueError) as exc:
+            kind = "request" if is_request else "response"
+            raise DubboBodyError(f"dubbo: malformed {kind} body in frame {request_id}: {exc}", request_id, is_request) from None
+        return DecodeStatus.DONE
+
+    @staticmethod
+    def _bad_magic(buffer: bytearray) -> None:
+        start = bytes(buffer[:2]).hex()
+        raise CodecError(
+            f"dubbo: frame starts with 0x{start} instead of magic 0xdabb; the peer is not speaking Dubbo2 "
+            "(telnet/qos commands and Triple are not supported on a dubbo listener)"
+        )
+
+    @staticmethod
+    def _decode_request(frame: bytes, flag: int, metadata: Metadata) -> None:
+        metadata.message_type = MessageType.REQUEST if flag & FLAG_TWOWAY else MessageType.ONEWAY
+        reader = Reader(frame, HEADER_SIZE)
+        dubbo_version = reader.read_string_or_null()
+        path = reader.read_string()
+        service_version = reader.read_string_or_null()
+        method = reader.read_string()
+        parameter_types = reader.read_string_or_null() or ""
+        for _ in range(count_parameters(parameter_types)):
+            reader.skip()
+        attachments_start = reader.pos
+        entries = [] if reader.at_end() else reader.read_map_entries()
+
+        # What the provider sees: body fields first, attachments override them (Dubbo's
+        # DecodeableRpcInvocation does putAll), except the method, which only the body names.
+        headers = metadata.headers
+        headers["interface"] = path
+        headers["path"] = path
+        if service_version:
+            headers["version"] = service_version
+        for key, value, *_ in entries:
+            if key is not None and value is not None:
+                headers[key] = value
+        headers["method"] = method
+        metadata.operation_name = f"{headers['interface']}/{method}"
+
+        props = metadata.properties
+        props["dubbo_version"] = dubbo_version
+        props["path"] = path
+        props["service_version"] = service_version
+        props["parameter_types"] = parameter_types
+        props["attachments_span"] = (attachments_start, reader.pos)
+
+    @staticmethod
+    def _decode_response(frame: bytes, status: int, metadata: Metadata) -> None:
+        props = metadata.properties
+        if status != Status.OK:
+            metadata.message_type = MessageType.ERROR
+            metadata.response_status = ResponseStatus.ERROR
+            reader = Reader(frame, HEADER_SIZE)
+            props["error_message"] = None if reader.at_end() else reader.read_string_or_null()
+            return
+        reader = Reader(frame, HEADER_SIZE)
+        result_type = reader.read_int()
+        if result_type not in _VALID_RESULT_TYPES:
+            raise ValueError(f"unknown result type {result_type} (expected 0-5)")
+        props["result_type"] = result_type
+        props["value_offset"] = reader.pos
+        if result_type in EXCEPTION_RESULTS:
+            metadata.message_type = MessageType.ERROR
+            metadata.response_status = ResponseStatus.ERROR
+        else:
+            metadata.message_type = MessageType.RESPONSE
+            metadata.response_status = ResponseStatus.OK
+
+    # -- encode --------------------------------------------------------------------------------
+
+    def encode(self, metadata: Metadata, mutation: Mapping[str, str]) -> bytes:
+        if not mutation:
+            return metadata.frame
+        span = self._attachments_span(metadata)
+        if span is None:
+            return metadata.frame
+        return _rewrite_attachments(metadata.frame, span, mutation)
+
+    @staticmethod
+    def _attachments_span(metadata: Metadata) -> tuple[int, int] | None:
+        """Where the attachments map is, or None when the message has none to rewrite."""
+        props = metadata.properties
+        span = props.get("attachments_span")
+        if span is not None or metadata.message_type not in (MessageType.RESPONSE, MessageType.ERROR):
+            return span
+        result_type = props.get("result_type")
+        if result_type not in RESULTS_WITH_ATTACHMENTS:
+            return None  # no attachments slot: adding one would change the result type
+        reader = Reader(metadata.frame, props["value_offset"])
+        try:
+            if result_type in RESULTS_WITH_VALUE:
+                reader.skip()
+            start = reader.pos
+            reader.read_map_entries()
+        except HessianError:
+            return None  # a response we cannot walk is forwarded as it came
+        span = props["attachments_span"] = (start, reader.pos)
+        return span
+
+    # -- local replies -------------------------------------------------------------------------
+
+    def on_error(self, metadata: Metadata, error: Error) -> bytes:
+        status = ERROR_STATUS.get(error.type, Status.SERVER_ERROR)
+        serialization = metadata.properties.get("serialization", HESSIAN2)
+        return build_error_response(metadata.request_id or 0, status, error.message, serialization)
+
+    def heartbeat_reply(self, metadata: Metadata) -> bytes:
+        serialization = metadata.properties.get("serialization", HESSIAN2)
+        return build_heartbeat(metadata.request_id or 0, response=True, serialization=serialization)
+
+
+def _rewrite_attachments(frame: bytes, span: tuple[int, int], mutation: Mapping[str, str]) -> bytes:
+    """The frame with ``mutation`` applied to its attachments map and the body length patched.
+
+    Existing entries keep their bytes and order; a key the mutation names (matched without
+    regard to case, like headers) gets the new value in place; other keys are appended.
+    """
+    start, end = span
+    wanted = {key.lower(): (key, value) for key, value in mutation.items()}
+    if start == end or frame[start] == 0x4E:  # no map, or a null one: write a fresh map
+        new_map = encode_string_map((key, str(value)) for key, value in wanted.values())
+    else:
+        reader = Reader(frame, start)
+        entries = reader.read_map_entries()
+        pieces = []
+        cursor = start
+        replaced = set()
+        for key, _value, _key_start, value_start, value_end in entries:
+            lowered = key.lower() if key is not None else None
+            if lowered in wanted:
+                pieces.append(frame[cursor:value_start])
+                pieces.append(encode_string(str(wanted[lowered][1])))
+                cursor = value_end
+                replaced.add(lowered)
+        pieces.append(frame[cursor : end - 1])  # up to the map's closing 'Z'
+        for lowered, (key, value) in wanted.items():
+            if lowered not in replaced:
+                pieces.append(encode_string(key) + encode_string(str(value)))
+        pieces.append(b"Z")
+        new_map = b"".join(pieces)
+    body = frame[HEADER_SIZE:start] + new_map + frame[end:]
+    return frame[:12] + len(body).to_bytes(4, "big", signed=True) + body
+
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "ERROR_STATUS", "DubboBodyError", "DubboCodec"]
