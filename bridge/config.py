@@ -21,8 +21,10 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message says where and why."""
 
 
-_DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)$"
-_SIZE = r"^[0-9]+ ?(B|KiB|MiB|GiB)?$"
+# \Z, not $: the schema checks patterns with re.search, where $ also matches before a final
+# newline, so "5s\n" would pass the schema and then fail to parse. The size must not be 0.
+_DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)\Z"
+_SIZE = r"^0*[1-9][0-9]* ?(B|KiB|MiB|GiB)?\Z"
 
 _duration = {"type": "string", "pattern": _DURATION}
 _size = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}]}
