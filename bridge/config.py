@@ -406,7 +406,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
                     except re.error as exc:
                         problems.append(f"{where}.routes[{j}].match.headers[{k}].regex: invalid regular expression: {exc}")
             route = _route(raw_route, j)
-            if len(route.clusters) > 1 and sum(w.weight for w in route.clusters) == 0:
+            if sum(w.weight for w in route.clusters) == 0:
                 problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
             routes.append(route)
         listeners.append(
