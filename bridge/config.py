@@ -26,6 +26,8 @@ class ConfigError(Exception):
 _DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)\Z"
 _SIZE = r"^0*[1-9][0-9]* ?(B|KiB|MiB|GiB)?\Z"
 
+_DEFAULT_LISTEN = "unix:/tmp/metabridge.sock"
+
 _duration = {"type": "string", "pattern": _DURATION}
 _size = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}]}
 _name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
@@ -290,7 +292,7 @@ class Config:
     codecs: dict[str, CodecConfig]
     listeners: tuple[ListenerConfig, ...]
     clusters: dict[str, ClusterConfig]
-    bridge_listen: str = "unix:/tmp/metabridge.sock"
+    bridge_listen: str = _DEFAULT_LISTEN
     workers: int = 1
     metrics_port: int | None = None
     log_level: str = "info"
@@ -322,6 +324,19 @@ def _path(parts: Any) -> str:
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out.lstrip(".") or "(top level)"
+
+
+def _listen_problem(listen: str, workers: int) -> str | None:
+    """Why ``workers`` bridge processes cannot listen at ``listen`` (see worker_addresses), or None."""
+    if listen.startswith("unix:"):
+        return None if listen[len("unix:"):] else f"{listen!r}: 'unix:' needs a socket path"
+    host, _, port = listen.rpartition(":")
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        return f"{listen!r}: expected unix:PATH or HOST:PORT with a port in 1..65535"
+    last = int(port) + workers - 1
+    if last > 65535:
+        return f"{listen!r}: {workers} workers listen on ports {port}..{last}, past 65535; choose a lower port"
+    return None
 
 
 def _mutation(items: list[dict[str, str]] | None) -> dict[str, str]:
@@ -423,17 +438,20 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
                 tunnels_per_cluster=entry.get("tunnels_per_cluster", 1),
             )
         )
+    bridge = raw.get("bridge") or {}
+    listen_problem = _listen_problem(bridge.get("listen", _DEFAULT_LISTEN), bridge.get("workers", 1))
+    if listen_problem:
+        problems.append(f"bridge.listen: {listen_problem}")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
 
-    bridge = raw.get("bridge") or {}
     envoy = raw.get("envoy") or {}
     return Config(
         source=source,
         codecs=codecs,
         listeners=tuple(listeners),
         clusters=clusters,
-        bridge_listen=bridge.get("listen", "unix:/tmp/metabridge.sock"),
+        bridge_listen=bridge.get("listen", _DEFAULT_LISTEN),
         workers=bridge.get("workers", 1),
         metrics_port=bridge.get("metrics_port"),
         log_level=bridge.get("log_level", "info"),
