@@ -6,16 +6,18 @@ A reference is one of:
   package.module:Class    an importable module
   name                    an entry point in the ``metabridge.codecs`` group of an installed package
 
-Files and folders are imported under a private module name (``_metabridge_codec_<stem>``), never
-as ``codecs``, which is a standard-library module.
+Files and folders are imported under a private module name (``_metabridge_codec_<stem>_<hash of the
+path>``), never as ``codecs``, which is a standard-library module.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -28,8 +30,16 @@ class CodecLoadError(Exception):
     """A codec reference that cannot be turned into a usable codec class."""
 
 
+def _module_name(path: Path) -> str:
+    """A private module name unique to this file or folder: two codecs both called codec.py must
+    not share (and so silently replace) one module."""
+    stem = re.sub(r"\W", "_", path.stem)
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return f"_metabridge_codec_{stem}_{digest}"
+
+
 def _import_path(path: Path, ref: str):
-    module_name = f"_metabridge_codec_{path.stem.replace('-', '_')}"
+    module_name = _module_name(path)
     if module_name in sys.modules:
         return sys.modules[module_name]
     if path.is_dir():
