@@ -1,0 +1,293 @@
+"""Independent Dubbo2/Hessian2 peers for tests: a consumer and a provider nobody here wrote.
+
+- Consumer: ``dubbo-ssl-python`` (``dubbo_ssl``), a maintained Python client for Java Dubbo 2.x
+  services derived from Apache's dubbo-python2. ``call()`` uses it with a direct address.
+- Provider: ``dubbo-py`` (``dubbo``). Its ready-made ``DubboService`` binds 0.0.0.0, looks up a
+  public address on start and hides attachments from handlers, so ``DubboProvider`` serves with
+  dubbo-py's own codec pieces (``Decoder``, ``DubboResponse``, ``DubboHeartBeatResponse``) on a
+  loopback socket instead. ``call_raw()`` is dubbo-py's consumer side (``DubboRequest`` +
+  ``Decoder``), a second consumer to cross-check replies with.
+
+Everything binds and targets 127.0.0.1. The provider answers, for its interface and version:
+  whoami()              -> its name (which instance answered)
+  echo(String s)        -> s
+  attachments()         -> the attachments map it received
+  fail(String message)  -> a SERVICE_ERROR (70) response carrying ``message``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dubbo.codec.hessian2 import Decoder, DubboHeartBeatRequest, DubboHeartBeatResponse, DubboRequest, DubboResponse
+from dubbo.errors import DubboError
+from dubbo_ssl.client import DubboClient
+from dubbo_ssl.codec.decoder import Response as SslResponseBody
+from dubbo_ssl.codec.decoder import parse_response_head
+from dubbo_ssl.common.exceptions import DubboException, DubboRequestTimeoutException
+
+LOOPBACK = "127.0.0.1"
+DUBBO_VERSION = "2.0.2"
+
+# The consumer library's errors, re-exported so tests need not know where they live.
+ConsumerError = DubboException
+ConsumerTimeout = DubboRequestTimeoutException
+
+logger = logging.getLogger(__name__)
+
+
+# -- consumer ----------------------------------------------------------------------------------
+
+
+def call(
+    host: str,
+    port: int,
+    interface: str,
+    method: str,
+    args: Sequence[Any] = (),
+    attachments: Mapping[str, Any] | None = None,
+    *,
+    version: str = "1.0.0",
+    group: str | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    """Invoke ``interface.method(*args)`` on host:port with dubbo-ssl-python's consumer.
+
+    Returns the result, or raises the library's error: ``ConsumerError`` (a
+    ``DubboResponseException`` for error statuses and exceptions) or ``ConsumerTimeout``.
+    The library keeps one pooled connection per host:port for the whole process.
+    """
+    client = DubboClient(interface, group, version=version, dubbo_version=DUBBO_VERSION, host=f"{host}:{port}")
+    return client.call(method, list(args), context=dict(attachments) if attachments else None, timeout=timeout)
+
+
+def call_raw(
+    host: str,
+    port: int,
+    interface: str,
+    method: str,
+    args: Sequence[Any] = (),
+    attachments: Mapping[str, Any] | None = None,
+    *,
+    version: str = "1.0.0",
+    request_id: int = 1,
+    timeout: float = 5.0,
+) -> DubboResponse:
+    """One call with dubbo-py's consumer codec on a fresh connection; returns its DubboResponse
+    (``status``, ``data``, ``error``), whatever the status."""
+    frame = DubboRequest(
+        id=request_id,
+        twoway=True,
+        dubbo_version=DUBBO_VERSION,
+        service_name=interface,
+        method_name=method,
+        args=list(args),
+        service_version=version,
+        attachment=dict(attachments or {}),
+    ).encode()
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(frame)
+        while True:
+            message = Decoder(sock).decode()
+            if isinstance(message, DubboResponse):
+                return message
+
+
+def decode_with_dubbo_py(frame: bytes) -> Any:
+    """dubbo-py's reading of one frame: DubboRequest, DubboResponse or a heartbeat object."""
+    return Decoder(io.BytesIO(frame)).decode()
+
+
+def decode_with_dubbo_ssl(frame: bytes) -> tuple[int, Any]:
+    """dubbo-ssl-python's reading of one response frame: ``(heartbeat_kind, first body value)``,
+    heartbeat_kind being 0 (not a heartbeat), 1 (heartbeat response) or 2 (heartbeat request).
+    Raises the library's error for a non-OK status, as its consumer does."""
+    heartbeat, body_length = parse_response_head(bytearray(frame[:16]))
+    body = bytearray(frame[16 : 16 + body_length])
+    return heartbeat, SslResponseBody(body).read_next() if body else None
+
+
+# -- provider ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedCall:
+    request_id: int
+    interface: str
+    version: str | None
+    method: str
+    args: tuple[Any, ...]
+    attachments: dict[str, Any]
+    twoway: bool
+
+
+class DubboProvider:
+    """A provider of one interface/version on 127.0.0.1, serving from threads."""
+
+    def __init__(self, interface: str, *, version: str = "1.0.0", name: str = "provider", host: str = LOOPBACK, port: int = 0) -> None:
+        self.interface = interface
+        self.version = version
+        self.name = name
+        self.received: list[ReceivedCall] = []
+        self.heartbeats = 0
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._server = _Server((host, port), _handler_for(self))
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"dubbo-provider-{name}", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> DubboProvider:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=5.0)
+
+    def invoke(self, request: DubboRequest) -> DubboResponse:
+        interface = request.service_name.decode()
+        version = request.service_version.decode() if request.service_version is not None else None
+        method = request.method_name.decode()
+        attachments = dict(request.attachment or {})
+        with self._lock:
+            self.received.append(ReceivedCall(request.id, interface, version, method, tuple(request.args), attachments, request.twoway))
+        if interface != self.interface or version != self.version:
+            return DubboResponse(request.id, 60, None, f"{self.name}: no service {interface}:{version} (serving {self.interface}:{self.version})")
+        if method == "whoami":
+            return DubboResponse(request.id, DubboResponse.OK, self.name, None)
+        if method == "echo" and len(request.args) == 1:
+            return DubboResponse(request.id, DubboResponse.OK, request.args[0], None)
+        if method == "attachments":
+            return DubboResponse(request.id, DubboResponse.OK, attachments, None)
+        if method == "fail" and len(request.args) == 1:
+            error = DubboError(70, f"{self.name}: {request.args[0]}")
+            return DubboResponse(request.id, error.status, None, error.message)
+        return DubboResponse(request.id, 70, None, f"{self.name}: no method {method} with {len(request.args)} argument(s)")
+
+    def _serve(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(sock)
+        try:
+            while True:
+                message = Decoder(sock).decode()
+                if isinstance(message, DubboHeartBeatRequest):
+                    with self._lock:
+                        self.heartbeats += 1
+                    if message.is_twoway():
+                        sock.sendall(DubboHeartBeatResponse(message.id).encode())
+                    continue
+                if not isinstance(message, DubboRequest):
+                    continue  # heartbeat responses, telnet text
+                reply = self.invoke(message)
+                if message.twoway:
+                    sock.sendall(reply.encode())
+        except (EOFError, OSError):
+            pass
+        except Exception:  # the library could not read what it was sent: drop the connection
+            logger.exception("dubbo provider %s: cannot decode a message; closing the connection", self.name)
+        finally:
+            with self._lock:
+                self._connections.discard(sock)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+    block_on_close = False
+
+
+def _handler_for(provider: DubboProvider) -> type[socketserver.BaseRequestHandler]:
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            provider._serve(self.request)
+
+    return Handler
+
+
+def start_provider(interface: str, *, version: str = "1.0.0", name: str = "provider", host: str = LOOPBACK, port: int = 0) -> DubboProvider:
+    """A running provider; use as a context manager or call ``stop()``."""
+    return DubboProvider(interface, version=version, name=name, host=host, port=port)
+
+
+# -- scripted provider (for replies no real provider would send) --------------------------------
+
+
+class ScriptedProvider:
+    """Reads whole Dubbo frames on 127.0.0.1 and answers each with ``respond(frame)`` (bytes to
+    send, possibly several frames, or None for no answer). Records the frames it received."""
+
+    def __init__(self, respond: Callable[[bytes], bytes | None], *, host: str = LOOPBACK) -> None:
+        self.respond = respond
+        self.received: list[bytes] = []
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(0.1)
+        self.host, self.port = host, self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._connections: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> ScriptedProvider:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for sock in list(self._connections):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._thread.join(timeout=2.0)
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue  # look at _closed again: close() cannot wake a blocked accept()
+            except OSError:
+                return
+            sock.settimeout(None)
+            self._connections.append(sock)
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        buffer = bytearray()
+        try:
+            while True:
+                while len(buffer) >= 16 and len(buffer) >= 16 + struct.unpack_from(">i", buffer, 12)[0]:
+                    size = 16 + struct.unpack_from(">i", buffer, 12)[0]
+                    frame = bytes(buffer[:size])
+                    del buffer[:size]
+                    self.received.append(frame)
+                    answer = self.respond(frame)
+                    if answer:
+                        sock.sendall(answer)
+                data = sock.recv(65536)
+                if not data:
+                    return
+                buffer += data
+        except OSError:
+            return
