@@ -26,7 +26,7 @@ from bridge.codec import (
     ResponseStatus,
 )
 
-from .reader import BinaryReader, CompactReader, MessageHeader, NeedMoreData, Reader
+from .reader import BinaryReader, CompactReader, MessageHeader, NeedMoreData, Reader, Walk
 from .wire import (
     BINARY_FIRST_BYTE,
     CALL,
@@ -68,13 +68,22 @@ _FRAME_LENGTH = struct.Struct(">i")
 _PENDING_PREFIX = 16  # bytes remembered to recognise the same partial message on the next call
 
 
-@dataclass(frozen=True, slots=True)
-class _Parsed:
+@dataclass(slots=True)
+class _Message:
+    """A message being decoded: its header and the (resumable) walk of its struct."""
+
     header: MessageHeader
     header_end: int  # buffer offset where the message's struct starts
-    end: int  # buffer offset just past the message
-    first_field_id: int | None  # of the struct (REPLY: 0 = success, other = declared exception)
-    exception: tuple[str | None, int | None] | None  # (message, type) of a TApplicationException
+    walk: Walk  # walk.pos is the message's end once the walk is done
+
+
+@dataclass(slots=True)
+class _Partial:
+    """An unframed message not yet complete: resumed, not restarted, when more bytes arrive."""
+
+    prefix: bytes  # the buffer's first bytes, to recognise the same message
+    needed: int  # the buffer length it needs at least
+    message: _Message | None  # None while even its header is incomplete
 
 
 def _choice(options: Mapping[str, Any], key: str) -> str:
@@ -111,9 +120,7 @@ class ThriftCodec(Codec):
         # The old non-strict binary encoding has no magic bytes to detect, so it is accepted only
         # when the protocol is configured explicitly.
         self._allow_non_strict = self.protocol == "binary"
-        # Unframed transport: (first bytes, buffer length needed) of a partial message, so that
-        # a large message arriving in pieces is not re-walked on every piece.
-        self._pending: tuple[bytes, int] | None = None
+        self._partial: _Partial | None = None
 
     # -- decode ------------------------------------------------------------------------------
     def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
@@ -122,12 +129,12 @@ class ThriftCodec(Codec):
         if self.transport == "auto" and not self._detect_transport(buffer):
             return DecodeStatus.WAIT_FOR_DATA
         if self.transport == "framed":
-            parsed = self._parse_framed(buffer)
+            message = self._parse_framed(buffer)
         else:
-            parsed = self._parse_unframed(buffer)
-        if parsed is None:
+            message = self._parse_unframed(buffer)
+        if message is None:
             return DecodeStatus.WAIT_FOR_DATA
-        self._fill(metadata, buffer, parsed)
+        self._fill(metadata, buffer, message)
         return DecodeStatus.DONE
 
     def _detect_transport(self, buffer: bytearray) -> bool:
@@ -163,20 +170,15 @@ class ThriftCodec(Codec):
             return BinaryReader(buffer, start, end, complete=complete, allow_non_strict=self._allow_non_strict)
         return CompactReader(buffer, start, end, complete=complete)
 
-    def _parse(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> _Parsed:
+    def _start(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> tuple[Reader, _Message]:
+        """A reader positioned after the header of the message at ``start``, and the message."""
         if self.protocol == "auto":
             self._detect_protocol(buffer[start])
         reader = self._reader(buffer, start, end, complete=complete)
         header = reader.message_begin()
-        header_end = reader.pos
-        first_field_id = exception = None
-        if header.message_type == EXCEPTION:
-            exception = reader.read_application_exception()
-        else:
-            first_field_id = reader.skip_struct()
-        return _Parsed(header, header_end, reader.pos, first_field_id, exception)
+        return reader, _Message(header, reader.pos, Walk(reader.pos, capture=header.message_type == EXCEPTION))
 
-    def _parse_framed(self, buffer: bytearray) -> _Parsed | None:
+    def _parse_framed(self, buffer: bytearray) -> _Message | None:
         if len(buffer) < FRAME_HEADER_SIZE:
             return None
         length = _FRAME_LENGTH.unpack_from(buffer)[0]
@@ -189,28 +191,36 @@ class ThriftCodec(Codec):
         self.check_frame_size(total)  # before buffering a body we would refuse anyway
         if len(buffer) < total:
             return None
-        parsed = self._parse(buffer, FRAME_HEADER_SIZE, total, complete=True)
-        if parsed.end != total:
-            raise CodecError(f"Thrift frame of {length} bytes holds a {parsed.end - FRAME_HEADER_SIZE}-byte message and {total - parsed.end} trailing byte(s)")
-        return parsed
+        reader, message = self._start(buffer, FRAME_HEADER_SIZE, total, complete=True)
+        reader.walk(message.walk)
+        if message.walk.pos != total:
+            raise CodecError(f"Thrift frame of {length} bytes holds a {message.walk.pos - FRAME_HEADER_SIZE}-byte message and {total - message.walk.pos} trailing byte(s)")
+        return message
 
-    def _parse_unframed(self, buffer: bytearray) -> _Parsed | None:
-        pending = self._pending
-        if pending is not None and len(buffer) < pending[1] and buffer.startswith(pending[0]):
-            return None  # still short of what the partial message needs: do not walk it again
+    def _parse_unframed(self, buffer: bytearray) -> _Message | None:
+        partial = self._partial
+        if partial is not None and not buffer.startswith(partial.prefix):
+            partial = None  # not the buffer the partial message was seen in
+        if partial is not None and len(buffer) < partial.needed:
+            return None
         # Walk at most max_frame_size bytes: a message needing more is refused, not waited for.
         end = min(len(buffer), self.max_frame_size)
+        message = partial.message if partial is not None else None
         try:
-            parsed = self._parse(buffer, 0, end, complete=False)
+            if message is None:
+                reader, message = self._start(buffer, 0, end, complete=False)
+            else:
+                reader = self._reader(buffer, 0, end, complete=False)
+            reader.walk(message.walk)
         except NeedMoreData as more:
             self.check_frame_size(more.needed)
-            self._pending = (bytes(buffer[:_PENDING_PREFIX]), more.needed)
+            self._partial = _Partial(bytes(buffer[:_PENDING_PREFIX]), more.needed, message)
             return None
-        self._pending = None
-        return parsed
+        self._partial = None
+        return message
 
-    def _fill(self, metadata: Metadata, buffer: bytearray, parsed: _Parsed) -> None:
-        header = parsed.header
+    def _fill(self, metadata: Metadata, buffer: bytearray, message: _Message) -> None:
+        header, walk = message.header, message.walk
         service, separator, method = header.name.partition(MULTIPLEX_SEPARATOR)
         if not separator:
             service, method = "", header.name
@@ -218,19 +228,21 @@ class ThriftCodec(Codec):
         properties = metadata.properties
         if header.message_type == EXCEPTION:
             status = ResponseStatus.ERROR
-            properties["exception_message"], properties["exception_type"] = parsed.exception
-        elif header.message_type == REPLY and parsed.first_field_id not in (None, 0):
+            properties["exception_message"] = walk.exception_message
+            properties["exception_type"] = walk.exception_type
+        elif header.message_type == REPLY and walk.first_field_id not in (None, 0):
             status = ResponseStatus.ERROR  # field 0 is the result; any other is a declared exception
-            properties["exception_field_id"] = parsed.first_field_id
+            properties["exception_field_id"] = walk.first_field_id
 
         metadata.message_type = _MESSAGE_TYPES[header.message_type]
         metadata.request_id = header.seqid
         metadata.response_status = status
         metadata.operation_name = header.name
-        metadata.header_size = parsed.header_end
-        metadata.body_size = parsed.end - parsed.header_end
-        metadata.frame = bytes(buffer[: parsed.end])
-        del buffer[: parsed.end]
+        end = walk.pos
+        metadata.header_size = message.header_end
+        metadata.body_size = end - message.header_end
+        metadata.frame = bytes(buffer[:end])
+        del buffer[:end]
         metadata.headers["method"] = method
         if separator:
             metadata.headers["service"] = service

@@ -1,22 +1,30 @@
 """Bounds-checked readers for Thrift's binary and compact protocols.
 
-A reader walks a message in place (no copy of the buffer) from ``pos`` up to ``end``. It decodes
-the message header, the few values the codec looks at, and otherwise *skips* values: every type,
-nested structs and containers included, so it finds where a message ends without a schema.
+A reader works in place on the caller's buffer from ``pos`` up to ``end``. It decodes the message
+header and *walks* the message's struct without a schema: every type, nested structs and
+containers included, so it finds where an unframed message ends.
 
-Running out of bytes raises ``NeedMoreData`` with the buffer length that may complete the value
-(a lower bound), or a CodecError when the bytes are known to be complete (a framed message that
-overruns its frame). Anything that can never be valid Thrift raises CodecError; Python's own
-IndexError/struct.error never escape.
+The walk is resumable. Its state (``Walk``: a position and an explicit stack of open structs and
+containers) only ever advances by whole steps (a field header with its value, or one container
+element), so when the bytes run out mid-step the state still describes the last step boundary and
+walking resumes from there once more bytes have arrived. A large message arriving in many pieces
+is therefore walked once, not once per piece.
+
+Running out of bytes raises ``NeedMoreData`` carrying a buffer length the message needs at least,
+or a CodecError when the bytes are known to be complete (a framed message overrunning its frame).
+Anything that can never be valid Thrift raises CodecError; IndexError/struct.error never escape.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 from bridge.codec import CodecError
 
 from .wire import (
+    APPLICATION_EXCEPTION_MESSAGE_FIELD,
+    APPLICATION_EXCEPTION_TYPE_FIELD,
     BINARY_VERSION_1,
     BINARY_VERSION_MASK,
     COMPACT_PROTOCOL_ID,
@@ -32,6 +40,7 @@ from .wire import (
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _MAX_LENGTH = 0x7FFFFFFF  # lengths and sizes are i32 on the wire
+_STOP = 0  # the STOP field type, in both protocols
 
 
 class NeedMoreData(Exception):
@@ -53,8 +62,42 @@ class MessageHeader:
         self.strict = strict
 
 
+class _StructFrame:
+    __slots__ = ("last_field_id",)
+
+    def __init__(self) -> None:
+        self.last_field_id = 0  # compact field ids are deltas from the previous one
+
+
+class _ContainerFrame:
+    __slots__ = ("remaining", "types", "index")
+
+    def __init__(self, count: int, types: tuple[int, ...]) -> None:
+        self.remaining = count  # elements (map: key/value pairs) still to walk
+        self.types = types  # (element,) or (key, value)
+        self.index = 0  # which of ``types`` comes next
+
+
+class Walk:
+    """The resumable state of walking one message struct.
+
+    With ``capture`` (EXCEPTION messages) the TApplicationException's message and type fields are
+    read on the way.
+    """
+
+    __slots__ = ("pos", "stack", "first_field_id", "capture", "exception_message", "exception_type")
+
+    def __init__(self, pos: int, *, capture: bool = False) -> None:
+        self.pos = pos  # the last step boundary
+        self.stack: list[_StructFrame | _ContainerFrame] = [_StructFrame()]
+        self.first_field_id: int | None = None  # of the message struct (REPLY: 0 = success)
+        self.capture = capture
+        self.exception_message: str | None = None
+        self.exception_type: int | None = None
+
+
 class Reader:
-    """What both protocols share: bounds checks, struct skipping, TApplicationException fields."""
+    """What both protocols share: bounds checks and the walk."""
 
     protocol = ""
     STRING_TYPE = -1  # the protocol's type id of a string field
@@ -78,7 +121,10 @@ class Reader:
         """(type, field id) of the next field, or (STOP, 0) at the end of a struct."""
         raise NotImplementedError
 
-    def skip_value(self, value_type: int, depth: int) -> None:
+    def value_step(self, value_type: int, in_container: bool) -> _StructFrame | _ContainerFrame | None:
+        """Step over a value whose bytes are all its own (numbers, strings, containers of
+        fixed-size or varint elements), or read the header of a struct or container whose
+        contents must be walked and return the frame to push."""
         raise NotImplementedError
 
     def read_string(self) -> bytes:
@@ -103,7 +149,7 @@ class Reader:
         return start
 
     def _require(self, count: int) -> None:
-        """Fail fast when fewer than ``count`` bytes remain (before looping over a huge count)."""
+        """Fail fast when fewer than ``count`` bytes remain (before walking a huge count)."""
         if self.pos + count > self.end:
             self._short(self.pos + count)
 
@@ -125,40 +171,50 @@ class Reader:
         if message_type not in MESSAGE_TYPE_NAMES:
             raise CodecError(f"unknown Thrift message type {message_type} (expected 1 call, 2 reply, 3 exception or 4 oneway)")
 
-    @staticmethod
-    def _check_depth(depth: int) -> None:
-        if depth > MAX_NESTING_DEPTH:
-            raise CodecError(f"Thrift value nested deeper than {MAX_NESTING_DEPTH} levels")
-
-    def skip_struct(self, depth: int = 1) -> int | None:
-        """Skip a whole struct; returns the id of its first field (None when it has none)."""
-        self._check_depth(depth)
-        first = None
-        last = 0
-        while True:
-            field_type, field_id = self.field_header(last)
-            if field_type == 0:  # STOP in both protocols
-                return first
-            if first is None:
-                first = field_id
-            last = field_id
-            self.skip_value(field_type, depth)
-
-    def read_application_exception(self) -> tuple[str | None, int | None]:
-        """(message, type) of a TApplicationException struct; other fields are skipped."""
-        message = code = None
-        last = 0
-        while True:
-            field_type, field_id = self.field_header(last)
-            if field_type == 0:
-                return message, code
-            last = field_id
-            if field_id == 1 and field_type == self.STRING_TYPE:
-                message = self.read_string().decode("utf-8", errors="replace")
-            elif field_id == 2 and field_type == self.I32_TYPE:
-                code = self.read_i32()
+    def walk(self, walk: Walk) -> None:
+        """Advance ``walk`` to the end of the message struct (``walk.pos`` is then its end)."""
+        stack = walk.stack
+        self.pos = walk.pos
+        while stack:
+            frame = stack[-1]
+            if frame.__class__ is _StructFrame:
+                field_type, field_id = self.field_header(frame.last_field_id)
+                if field_type == _STOP:
+                    stack.pop()
+                    walk.pos = self.pos
+                    continue
+                if len(stack) == 1 and walk.capture and self._capture(walk, field_type, field_id):
+                    child = None
+                else:
+                    child = self.value_step(field_type, False)
+                # The step is complete: commit it.
+                frame.last_field_id = field_id
+                if len(stack) == 1 and walk.first_field_id is None:
+                    walk.first_field_id = field_id
             else:
-                self.skip_value(field_type, 1)
+                if frame.remaining == 0:
+                    stack.pop()
+                    continue
+                child = self.value_step(frame.types[frame.index], True)
+                frame.index += 1
+                if frame.index == len(frame.types):
+                    frame.index = 0
+                    frame.remaining -= 1
+            if child is not None:
+                if len(stack) >= MAX_NESTING_DEPTH:
+                    raise CodecError(f"Thrift value nested deeper than {MAX_NESTING_DEPTH} levels")
+                stack.append(child)
+            walk.pos = self.pos
+
+    def _capture(self, walk: Walk, field_type: int, field_id: int) -> bool:
+        """Read a TApplicationException field of interest; False for any other field."""
+        if field_id == APPLICATION_EXCEPTION_MESSAGE_FIELD and field_type == self.STRING_TYPE:
+            walk.exception_message = self.read_string().decode("utf-8", errors="replace")
+            return True
+        if field_id == APPLICATION_EXCEPTION_TYPE_FIELD and field_type == self.I32_TYPE:
+            walk.exception_type = self.read_i32()
+            return True
+        return False
 
 
 # Bytes a value of each fixed-width binary type occupies.
@@ -221,32 +277,32 @@ class BinaryReader(Reader):
 
     def field_header(self, last_field_id: int) -> tuple[int, int]:
         field_type = self.u8()
-        if field_type == BinaryType.STOP:
-            return 0, 0
+        if field_type == _STOP:
+            return _STOP, 0
         return field_type, _I16.unpack_from(self.data, self._advance(2))[0]
 
-    def skip_value(self, value_type: int, depth: int) -> None:
+    def value_step(self, value_type: int, in_container: bool) -> _StructFrame | _ContainerFrame | None:
         size = _BINARY_FIXED.get(value_type)
         if size is not None:
             self._advance(size)
         elif value_type == BinaryType.STRING:
             self._advance(self._length("string"))
         elif value_type == BinaryType.STRUCT:
-            self.skip_struct(depth + 1)
+            return _StructFrame()
         elif value_type in (BinaryType.LIST, BinaryType.SET):
             element_type = self.u8()
-            self._skip_elements(self._length("list/set"), (element_type,), depth + 1)
+            return self._container(self._length("list/set"), (element_type,))
         elif value_type == BinaryType.MAP:
             key_type = self.u8()
-            value_type_ = self.u8()
-            self._skip_elements(self._length("map"), (key_type, value_type_), depth + 1)
+            item_type = self.u8()
+            return self._container(self._length("map"), (key_type, item_type))
         else:
             raise CodecError(f"unknown Thrift binary type id {value_type}")
+        return None
 
-    def _skip_elements(self, count: int, types: tuple[int, ...], depth: int) -> None:
+    def _container(self, count: int, types: tuple[int, ...]) -> _ContainerFrame | None:
         if count == 0:
-            return  # empty containers may carry any element type; nothing to read
-        self._check_depth(depth)
+            return None  # empty containers may carry any element type; nothing to read
         sizes = []
         for element_type in types:
             if element_type not in _BINARY_TYPES:
@@ -254,11 +310,9 @@ class BinaryReader(Reader):
             sizes.append(_BINARY_FIXED.get(element_type))
         if None not in sizes:
             self._advance(count * sum(sizes))
-            return
+            return None
         self._require(count * len(types))  # every value takes at least one byte
-        for _ in range(count):
-            for element_type in types:
-                self.skip_value(element_type, depth)
+        return _ContainerFrame(count, types)
 
     def read_string(self) -> bytes:
         length = self._length("string")
@@ -282,6 +336,8 @@ _COMPACT_ELEMENT_FIXED = {**_COMPACT_FIELD_FIXED, CompactType.BOOLEAN_TRUE: 1, C
 # Varint-encoded integers and the most bytes each may take (i16 is read as a varint32).
 _COMPACT_VARINT = {CompactType.I16: 5, CompactType.I32: 5, CompactType.I64: 10}
 _COMPACT_TYPES = frozenset(range(CompactType.BOOLEAN_TRUE, CompactType.UUID + 1))
+_CONTINUATION_BYTES = bytes(range(0x80, 0x100))  # a varint byte with more to follow
+_OVERLONG_VARINT = {size: re.compile(b"[\\x80-\\xff]{%d}" % size) for size in set(_COMPACT_VARINT.values())}
 
 
 def _zigzag(value: int) -> int:
@@ -312,6 +368,27 @@ class CompactReader(Reader):
             shift += 7
         raise CodecError(f"Thrift compact varint longer than {max_bytes} bytes")
 
+    def _skip_varints(self, count: int, max_bytes: int) -> None:
+        """Step over ``count`` varints at C speed: each ends at a byte below 0x80, so count those
+        in windows as long as the number of varints still to find."""
+        data, start, end = self.data, self.pos, self.end
+        pos, remaining = start, count
+        while remaining:
+            stop = pos + remaining
+            if stop > end:
+                found = len(data[pos:end].translate(None, _CONTINUATION_BYTES))
+                self._check_varint_lengths(start, end, max_bytes)
+                self._short(end + remaining - found)
+            remaining -= len(data[pos:stop].translate(None, _CONTINUATION_BYTES))
+            pos = stop
+        # remaining reached 0 in a window made only of final bytes: pos is just past the last.
+        self._check_varint_lengths(start, pos, max_bytes)
+        self.pos = pos
+
+    def _check_varint_lengths(self, start: int, stop: int, max_bytes: int) -> None:
+        if _OVERLONG_VARINT[max_bytes].search(self.data, start, stop):
+            raise CodecError(f"Thrift compact varint longer than {max_bytes} bytes")
+
     def _length(self, what: str) -> int:
         length = self.varint(5)
         if length > _MAX_LENGTH:
@@ -337,8 +414,8 @@ class CompactReader(Reader):
     def field_header(self, last_field_id: int) -> tuple[int, int]:
         byte = self.u8()
         field_type = byte & 0x0F
-        if field_type == CompactType.STOP:
-            return 0, 0
+        if field_type == _STOP:
+            return _STOP, 0
         delta = byte >> 4
         if delta:
             return field_type, last_field_id + delta
@@ -347,50 +424,48 @@ class CompactReader(Reader):
             raise CodecError(f"Thrift compact field id {field_id} does not fit an i16")
         return field_type, field_id
 
-    def skip_value(self, value_type: int, depth: int) -> None:
-        size = _COMPACT_FIELD_FIXED.get(value_type)
+    def value_step(self, value_type: int, in_container: bool) -> _StructFrame | _ContainerFrame | None:
+        size = (_COMPACT_ELEMENT_FIXED if in_container else _COMPACT_FIELD_FIXED).get(value_type)
         if size is not None:
             self._advance(size)
-            return
+            return None
         max_bytes = _COMPACT_VARINT.get(value_type)
         if max_bytes is not None:
             self.varint(max_bytes)
         elif value_type == CompactType.BINARY:
             self._advance(self._length("string"))
         elif value_type == CompactType.STRUCT:
-            self.skip_struct(depth + 1)
+            return _StructFrame()
         elif value_type in (CompactType.LIST, CompactType.SET):
             size_and_type = self.u8()
             count = size_and_type >> 4
             if count == 15:  # 15 or more elements: the count follows as a varint
                 count = self._length("list/set")
-            self._skip_elements(count, (size_and_type & 0x0F,), depth + 1)
+            return self._container(count, (size_and_type & 0x0F,))
         elif value_type == CompactType.MAP:
             count = self._length("map")
             if count:  # an empty map has no key/value type byte
                 key_and_value = self.u8()
-                self._skip_elements(count, (key_and_value >> 4, key_and_value & 0x0F), depth + 1)
+                return self._container(count, (key_and_value >> 4, key_and_value & 0x0F))
         else:
             raise CodecError(f"unknown Thrift compact type id {value_type}")
+        return None
 
-    def _skip_elements(self, count: int, types: tuple[int, ...], depth: int) -> None:
+    def _container(self, count: int, types: tuple[int, ...]) -> _ContainerFrame | None:
         if count == 0:
-            return
-        self._check_depth(depth)
+            return None
         for element_type in types:
             if element_type not in _COMPACT_TYPES:
                 raise CodecError(f"unknown Thrift compact type id {element_type} in a container")
         sizes = [_COMPACT_ELEMENT_FIXED.get(t) for t in types]
         if None not in sizes:
             self._advance(count * sum(sizes))
-            return
+            return None
+        if all(t in _COMPACT_VARINT for t in types):
+            self._skip_varints(count * len(types), max(_COMPACT_VARINT[t] for t in types))
+            return None
         self._require(count * len(types))  # every element takes at least one byte
-        for _ in range(count):
-            for element_type, size in zip(types, sizes):
-                if size is None:
-                    self.skip_value(element_type, depth)
-                else:
-                    self._advance(size)
+        return _ContainerFrame(count, types)
 
     def read_string(self) -> bytes:
         length = self._length("string")
@@ -402,6 +477,3 @@ class CompactReader(Reader):
         if not -0x80000000 <= value <= 0x7FFFFFFF:
             raise CodecError(f"Thrift compact i32 value {value} out of range")
         return value
-
-
-READERS: dict[str, type[Reader]] = {"binary": BinaryReader, "compact": CompactReader}

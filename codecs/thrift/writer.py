@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 
 from .wire import (
+    APPLICATION_EXCEPTION_MESSAGE_FIELD,
+    APPLICATION_EXCEPTION_TYPE_FIELD,
     BINARY_VERSION_1,
     COMPACT_PROTOCOL_ID,
     COMPACT_TYPE_SHIFT,
@@ -43,10 +45,10 @@ def binary_application_exception(name: str, seqid: int, code: int, message: str)
     return b"".join(
         (
             _U32.pack(BINARY_VERSION_1 | EXCEPTION),
-            _binary_string(name.encode("utf-8")),
+            _binary_string(name.encode("utf-8", errors="replace")),
             _I32.pack(seqid),
-            bytes((BinaryType.STRING,)) + _I16.pack(1) + _binary_string(text),
-            bytes((BinaryType.I32,)) + _I16.pack(2) + _I32.pack(code),
+            bytes((BinaryType.STRING,)) + _I16.pack(APPLICATION_EXCEPTION_MESSAGE_FIELD) + _binary_string(text),
+            bytes((BinaryType.I32,)) + _I16.pack(APPLICATION_EXCEPTION_TYPE_FIELD) + _I32.pack(code),
             b"\x00",  # STOP
         )
     )
@@ -59,9 +61,11 @@ def compact_application_exception(name: str, seqid: int, code: int, message: str
         (
             bytes((COMPACT_PROTOCOL_ID, (EXCEPTION << COMPACT_TYPE_SHIFT) | COMPACT_VERSION)),
             _varint(seqid & 0xFFFFFFFF),
-            _compact_string(name.encode("utf-8")),
-            bytes(((1 << 4) | CompactType.BINARY,)) + _compact_string(text),  # field 1, delta 1
-            bytes(((1 << 4) | CompactType.I32,)) + _varint(((code << 1) ^ (code >> 31)) & 0xFFFFFFFF),  # field 2, zigzag
+            _compact_string(name.encode("utf-8", errors="replace")),
+            # Field headers: the id delta (1, then 1 again) in the high nibble, the type in the low one.
+            bytes(((APPLICATION_EXCEPTION_MESSAGE_FIELD << 4) | CompactType.BINARY,)) + _compact_string(text),
+            bytes((((APPLICATION_EXCEPTION_TYPE_FIELD - APPLICATION_EXCEPTION_MESSAGE_FIELD) << 4) | CompactType.I32,))
+            + _varint(((code << 1) ^ (code >> 31)) & 0xFFFFFFFF),  # zigzag i32
             b"\x00",  # STOP
         )
     )

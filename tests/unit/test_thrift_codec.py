@@ -353,6 +353,7 @@ GARBAGE = {
     "compact long varint": (bytes.fromhex("8221") + b"\xff" * 6, "varint longer than 5 bytes"),
     "compact negative string": (compact_struct_message(bytes.fromhex("18" "ffffffff0f")), "does not fit an i32"),
     "compact field id out of range": (compact_struct_message(bytes.fromhex("08" "feff07") + b"\x00"), "does not fit an i16"),
+    "compact overlong varint in a list": (compact_struct_message(bytes.fromhex("19" "35") + b"\xff" * 6 + b"\x01" * 3), "varint longer than 5 bytes"),
     "compact too deep": (compact_struct_message(bytes.fromhex("19") + b"\x19" * 70 + b"\x00" * 10), "nested deeper than 64"),
     "compact unknown element type": (compact_struct_message(bytes.fromhex("19" "2e")), "type id 14 in a container"),
     "neither protocol": (b"GET / HTTP/1.1\r\n\r\n", "cannot detect the Thrift transport"),
@@ -380,6 +381,25 @@ def test_framed_message_shorter_or_longer_than_its_frame():
         decode_all(framed(BINARY_CALL[:-1]))
     with pytest.raises(CodecError, match="frame length 0 is not positive"):
         decode_all(b"\x00\x00\x00\x00\x80", transport="framed")
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_large_containers_resume_where_they_stopped(protocol):
+    # Varint lists (compact), lists of structs and maps of strings, cut at every 97th byte.
+    payload = echo_thrift.Payload(
+        numbers=[(-1) ** i * 7**i % (2**31) for i in range(300)],
+        inners=[echo_thrift.Inner(id=i, label="l" * (i % 5)) for i in range(200)],
+        counters={f"k{i}": -(2**40) * i for i in range(100)},
+    )
+    data = encode_message(Variant("buffered", protocol), "mirror", TMessageType.CALL, 1, Echo.mirror_args(payload=payload))
+    codec, buffer = ThriftCodec(), bytearray()
+    for start in range(0, len(data), 97):
+        buffer += data[start : start + 97]
+        metadata = Metadata()
+        status = codec.decode(buffer, metadata)
+    assert status is DecodeStatus.DONE and metadata.frame == data and buffer == b""
+    # The next message on the same codec starts from scratch.
+    assert decode_one(BINARY_CALL if protocol == "binary" else COMPACT_CALL, codec).request_id == 1
 
 
 def test_empty_containers_may_carry_any_element_type():
