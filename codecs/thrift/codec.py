@@ -65,7 +65,7 @@ ERROR_CODES: Mapping[ErrorType, int] = MappingProxyType(
 
 _MESSAGE_TYPES = {CALL: MessageType.REQUEST, ONEWAY: MessageType.ONEWAY, REPLY: MessageType.RESPONSE, EXCEPTION: MessageType.ERROR}
 _FRAME_LENGTH = struct.Struct(">i")
-_PENDING_PREFIX = 16  # bytes remembered to recognise the same partial message on the next call
+_PARTIAL_PREFIX = 16  # bytes remembered to recognise the same partial message on the next call
 
 
 @dataclass(slots=True)
@@ -214,7 +214,7 @@ class ThriftCodec(Codec):
             reader.walk(message.walk)
         except NeedMoreData as more:
             self.check_frame_size(more.needed)
-            self._partial = _Partial(bytes(buffer[:_PENDING_PREFIX]), more.needed, message)
+            self._partial = _Partial(bytes(buffer[:_PARTIAL_PREFIX]), more.needed, message)
             return None
         self._partial = None
         return message
