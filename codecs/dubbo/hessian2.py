@@ -273,28 +273,39 @@ class Reader:
 
     def _skip(self) -> None:
         fixed = _FIXED_SIZE
-        data = self.data
+        data, end = self.data, self.end
+        pos = self.pos
         stack = [1]
-        while stack:
-            left = stack[-1]
-            if left == _UNTIL_END:
-                if data[self.pos] == _TAG_LIST_END:
-                    self.pos += 1
+        try:
+            while stack:
+                left = stack[-1]
+                if left == _UNTIL_END:
+                    if data[pos] == _TAG_LIST_END:
+                        pos += 1
+                        stack.pop()
+                        continue
+                elif left == 0:
                     stack.pop()
                     continue
-            elif left == 0:
-                stack.pop()
-                continue
-            else:
-                stack[-1] = left - 1
-            tag = data[self.pos]
-            size = fixed[tag]
-            if size is not None:
-                self.pos += 1 + size
-                continue
-            children = self._skip_compound(tag)
-            if children:
-                stack.append(children)
+                else:
+                    stack[-1] = left - 1
+                tag = data[pos]
+                size = fixed[tag]
+                if size is not None:
+                    pos += 1 + size
+                    continue
+                if tag < 0x20:  # short string, the most common value: stepped over inline
+                    stop = pos + 1 + tag
+                    if stop <= end and data[pos + 1 : stop].isascii():
+                        pos = stop
+                        continue
+                self.pos = pos
+                children = self._skip_compound(tag)
+                pos = self.pos
+                if children:
+                    stack.append(children)
+        finally:
+            self.pos = max(pos, self.pos)
 
     def _skip_compound(self, tag: int) -> int:
         """Skip a value whose size depends on its content. Returns how many child values follow
