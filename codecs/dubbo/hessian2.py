@@ -236,7 +236,10 @@ class Reader:
             self.pos += 1
         elif tag == 0x4D:
             self.pos += 1
-            self._skip_type()
+            try:
+                self._skip_type()
+            except (IndexError, struct.error):
+                raise HessianError(f"Hessian2 map type truncated at offset {self.pos}") from None
         else:
             raise HessianError(f"expected a Hessian2 map at offset {self.pos}, found tag 0x{tag:02x}")
         entries = []
