@@ -1,0 +1,158 @@
+"""The `metabridge` command, run as `python -m bridge.cli` in a subprocess as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = "examples/awesomerpc.yaml"
+
+
+def metabridge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("metabridge: "), result.stderr
+    for word in words:
+        assert word in result.stderr, f"{word!r} not in {result.stderr!r}"
+
+
+@pytest.mark.parametrize(
+    ("args", "mentions"),
+    [
+        ((), ["run", "render", "validate", "health", "--log-level", "metabridge validate -c examples/awesomerpc.yaml"]),
+        (("run",), ["--config", "--listen", "--with-envoy", "--envoy-bin", "--envoy-log-level"]),
+        (("render",), ["--config", "--output", "--check", "--bridge-address", "--listener-address", "--admin-address", "--endpoint"]),
+        (("validate",), ["--config", "--no-envoy"]),
+        (("health",), ["--address", "--timeout"]),
+    ],
+    ids=["metabridge", "run", "render", "validate", "health"],
+)
+def test_help(args, mentions):
+    result = metabridge(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: metabridge")
+    for option in mentions:
+        assert option in result.stdout, f"{option!r} missing from {' '.join(args) or 'top-level'} --help"
+
+
+def test_no_command_is_a_usage_error():
+    result = metabridge()
+    assert result.returncode == 2 and "usage: metabridge" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_validate_the_example_with_envoy():
+    result = metabridge("validate", "-c", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{EXAMPLE}: OK (1 listener(s), 2 cluster(s))"
+
+
+def test_validate_warns_about_routes_to_undefined_clusters(tmp_path):
+    config = yaml.safe_load((ROOT / EXAMPLE).read_text())
+    config["codecs"]["awesomerpc"]["ref"] = str(ROOT / "codecs" / "awesomerpc.py") + ":AwesomeRpcCodec"
+    config["listeners"][0]["routes"][0]["route"] = {"cluster": "ghost"}
+    path = tmp_path / "ghost.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = metabridge("validate", "--no-envoy", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "warning" in result.stderr and "'ghost'" in result.stderr and "CLUSTER_NOT_FOUND" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("codecs: [\n", ["not valid YAML"]),
+        (
+            "codecs: {c: {ref: c.py:C}}\nlisteners: [{name: l, port: 15000, codec: nope, routes: []}]\nclusters: []\n",
+            ["listeners[0].codec", "unknown codec 'nope'"],
+        ),
+        (
+            "codecs: {c: {ref: missing.py:C}}\nlisteners: [{name: l, port: 15000, codec: c, routes: []}]\nclusters: []\n",
+            ["codecs.c.ref", "no such file or folder"],
+        ),
+    ],
+    ids=["yaml-syntax", "unknown-codec", "missing-codec-file"],
+)
+def test_validate_a_bad_config_exits_2_with_the_message(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert_clean_failure(metabridge("validate", "--no-envoy", "-c", str(path)), 2, str(path), *words)
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    path = tmp_path / "absent.yaml"
+    assert_clean_failure(metabridge("render", "-c", str(path)), 2, str(path), "cannot read config file")
+
+
+def test_render_prints_yaml_with_the_listener():
+    result = metabridge("render", "-c", EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    bootstrap = yaml.safe_load(result.stdout)
+    listeners = {listener["name"]: listener for listener in bootstrap["static_resources"]["listeners"]}
+    assert listeners["awesomerpc"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 10000}
+    clusters = {cluster["name"] for cluster in bootstrap["static_resources"]["clusters"]}
+    assert {"awesomerpc-v1", "awesomerpc-v2"} <= clusters
+
+
+def test_render_to_a_file_with_overrides(tmp_path):
+    out = tmp_path / "bootstrap.yaml"
+    result = metabridge("render", "-c", EXAMPLE, "-o", str(out), "--listener-address", "0.0.0.0", "--endpoint", "127.0.0.1:10001=127.0.0.1:20001")
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    text = out.read_text()
+    listener = yaml.safe_load(text)["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
+    assert "20001" in text and "10001" not in text
+
+
+def test_render_with_a_bad_bridge_address_exits_2():
+    assert_clean_failure(metabridge("render", "-c", EXAMPLE, "--bridge-address", "nohost"), 2, "'nohost'", "host:port")
+
+
+def test_health_of_a_bridge_that_is_not_there():
+    result = metabridge("health", "--address", "unix:/nonexistent", "--timeout", "1")
+    assert_clean_failure(result, 1, "unix:/nonexistent", "not answering", "UNAVAILABLE")
+    assert result.stdout == ""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server.py build_runtimes: a codec whose constructor rejects its options (e.g. the thrift codec "
+    "with an unknown option) raises straight out of `validate`/`run` as a traceback (exit 1) instead of a "
+    "CodecLoadError naming codecs.<name>.options (exit 2)",
+)
+def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
+    (tmp_path / "picky.py").write_text(
+        textwrap.dedent(
+            """\
+            from bridge.codec import Codec
+
+
+            class Picky(Codec):
+                def __init__(self, **kwargs):
+                    super().__init__(**kwargs)
+                    if self.options.get("mode") not in ("a", "b"):
+                        raise ValueError(f"picky codec option mode: {self.options.get('mode')!r} is not one of a, b")
+
+                def decode(self, buffer, metadata):
+                    return None
+
+                def encode(self, metadata, mutation):
+                    return metadata.frame
+
+                def on_error(self, metadata, error):
+                    return b""
+            """
+        )
+    )
+    path = tmp_path / "picky.yaml"
+    path.write_text("codecs: {picky: {ref: picky.py:Picky, options: {mode: c}}}\nlisteners: [{name: l, port: 15000, codec: picky, routes: []}]\nclusters: []\n")
+    assert_clean_failure(metabridge("validate", "--no-envoy", "-c", str(path)), 2, "codecs.picky", "mode")
