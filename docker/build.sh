@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Builds the metabridge container image without any container registry or package index inside
+# the build:
+#   1. base image ($BASE_IMAGE): a Debian bookworm root filesystem made with mmdebstrap and
+#      imported with `docker import`; built only when missing (or when its recipe changed);
+#   2. wheelhouse (docker/.cache/wheels): the pinned requirements downloaded on this machine for
+#      the base image's Python and platform; refreshed only when requirements.txt changes;
+#   3. the image ($IMAGE) from docker/Dockerfile, with the classic builder (BuildKit would try to
+#      resolve the local base image in a registry).
+# Idempotent: a second run reuses everything that did not change. Prints the image sizes at the end.
+#
+#   docker/build.sh [--rebuild-base]
+#
+# Environment: METABRIDGE_IMAGE (default metabridge:latest), METABRIDGE_BASE_IMAGE (default
+# metabridge-base:bookworm), METABRIDGE_DEBIAN_MIRROR (a Debian mirror URL for mmdebstrap; its
+# default when unset), PYTHON (the Python whose pip downloads the wheels; default: the project's
+# .venv, else python3).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+IMAGE=${METABRIDGE_IMAGE:-metabridge:latest}
+BASE_IMAGE=${METABRIDGE_BASE_IMAGE:-metabridge-base:bookworm}
+CACHE=docker/.cache
+SUITE=bookworm
+BASE_PACKAGES=python3,python3-venv,ca-certificates
+# Documentation, manuals and translations are dead weight in a container.
+BASE_DPKG_OPTS=(
+  --dpkgopt='path-exclude=/usr/share/doc/*'
+  --dpkgopt='path-include=/usr/share/doc/*/copyright'
+  --dpkgopt='path-exclude=/usr/share/man/*'
+  --dpkgopt='path-exclude=/usr/share/locale/*'
+)
+# The project files the image needs (the source tree minus tests, docs and local state).
+SOURCES=(bridge codecs examples proto scripts pyproject.toml README.md LICENSE)
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'docker/build.sh: %s\n' "$*" >&2; exit 1; }
+
+rebuild_base=0
+for arg in "$@"; do
+  case "$arg" in
+    --rebuild-base) rebuild_base=1 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option '$arg' (try --help)" ;;
+  esac
+done
+
+command -v docker >/dev/null || die "the docker command is not installed; install Docker Engine first"
+docker info >/dev/null 2>&1 || die "cannot reach the Docker engine (is dockerd running, and may $(id -un) use it?)"
+export DOCKER_BUILDKIT=0
+
+ensure_mmdebstrap() {
+  command -v mmdebstrap >/dev/null && return
+  [ "$(id -u)" = 0 ] || die "mmdebstrap is needed to build $BASE_IMAGE: run 'apt-get install mmdebstrap' as root, or run this script as root"
+  log "installing mmdebstrap"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap debian-archive-keyring >/dev/null
+}
+
+build_base() {
+  # The label records the recipe, so changing the package list or options rebuilds the base.
+  local recipe current tmp
+  recipe=$(printf '%s\n' "$SUITE" "$BASE_PACKAGES" "${BASE_DPKG_OPTS[@]}" | sha256sum | cut -c1-16)
+  current=$(docker image inspect --format '{{ index .Config.Labels "org.metabridge.base-recipe" }}' "$BASE_IMAGE" 2>/dev/null || true)
+  if [ "$rebuild_base" = 0 ] && [ "$current" = "$recipe" ]; then
+    log "base image $BASE_IMAGE is up to date; reusing it"
+    return
+  fi
+  ensure_mmdebstrap
+  [ "$(id -u)" = 0 ] || die "building $BASE_IMAGE with mmdebstrap needs root"
+  log "building base image $BASE_IMAGE ($SUITE with $BASE_PACKAGES)"
+  mkdir -p "$CACHE"
+  tmp=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  # A file, not a pipe: a failed mmdebstrap must never be imported as a truncated base image.
+  mmdebstrap --quiet --variant=apt --include="$BASE_PACKAGES" "${BASE_DPKG_OPTS[@]}" \
+    "$SUITE" "$tmp/rootfs.tar" ${METABRIDGE_DEBIAN_MIRROR:+"$METABRIDGE_DEBIAN_MIRROR"} \
+    || die "mmdebstrap could not build the $SUITE root filesystem (network? set METABRIDGE_DEBIAN_MIRROR to a reachable Debian mirror)"
+  docker import \
+    --change 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change "LABEL org.metabridge.base-recipe=$recipe" \
+    --change 'CMD ["/bin/bash"]' \
+    "$tmp/rootfs.tar" "$BASE_IMAGE" >/dev/null
+  rm -rf "$tmp"
+  trap - EXIT
+}
+
+host_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"
+  elif [ -x .venv/bin/python ]; then echo .venv/bin/python
+  else echo python3
+  fi
+}
+
+build_wheelhouse() {
+  # Wheels for the base image's interpreter and glibc, whatever this machine runs. Two passes:
+  # `pip wheel` resolves the whole pinned closure here (turning sdist-only packages into wheels);
+  # the pure-Python wheels are kept, and every platform-specific one is downloaded again, by
+  # exact version, for the image's CPython and manylinux level.
+  local target py abi arch glibc tags=() stamp want m wheel name dist version rest pins=()
+  target=$(docker run --rm "$BASE_IMAGE" python3 -c \
+    'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), platform.libc_ver()[1])')
+  read -r py arch glibc <<<"$target"
+  abi="cp${py/./}"
+
+  stamp="$CACHE/wheels/.stamp"
+  want=$(cat requirements.txt docker/build-requirements.txt | sha256sum | cut -c1-16)-$abi-$arch-$glibc
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    log "wheelhouse $CACHE/wheels is up to date; reusing it"
+    return
+  fi
+  log "preparing wheels for CPython $py on glibc $glibc $arch in $CACHE/wheels"
+  rm -rf "$CACHE/wheels.new" "$CACHE/wheels.host"
+  mkdir -p "$CACHE/wheels.new"
+  "$(host_python)" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$CACHE/wheels.host" \
+    -r requirements.txt -r docker/build-requirements.txt \
+    || die "pip could not resolve or build the requirements (see above)"
+  for wheel in "$CACHE/wheels.host"/*.whl; do
+    name=${wheel##*/}
+    case "$name" in
+      *-none-any.whl) mv "$wheel" "$CACHE/wheels.new/" ;;
+      *) IFS=- read -r dist version rest <<<"$name"; pins+=("$dist==$version") ;;
+    esac
+  done
+  for m in $(seq "${glibc#2.}" -1 17); do tags+=(--platform "manylinux_2_${m}_${arch}"); done
+  tags+=(--platform "manylinux2014_${arch}" --python-version "$py" --implementation cp --abi "$abi")
+  if [ ${#pins[@]} -gt 0 ]; then
+    "$(host_python)" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+      "${tags[@]}" --dest "$CACHE/wheels.new" "${pins[@]}" \
+      || die "no wheel for CPython $py on glibc $glibc $arch for one of: ${pins[*]} (above: which); the image installs wheels only"
+  fi
+  rm -rf "$CACHE/wheels.host"
+  cat requirements.txt docker/build-requirements.txt >"$CACHE/wheels.new/requirements.txt"
+  echo "$want" >"$CACHE/wheels.new/.stamp"
+  rm -rf "$CACHE/wheels"
+  mv "$CACHE/wheels.new" "$CACHE/wheels"
+}
+
+stage_context() {
+  # A small build context: sending the repository root would upload .venv and caches.
+  local context=$CACHE/context item present=()
+  rm -rf "$context"
+  mkdir -p "$context/src"
+  cp -l -r "$CACHE/wheels" "$context/wheels" 2>/dev/null || cp -r "$CACHE/wheels" "$context/wheels"
+  rm -f "$context/wheels/.stamp"
+  cp -r docker/bin "$context/bin"
+  cp docker/Dockerfile "$context/Dockerfile"
+  for item in "${SOURCES[@]}"; do [ -e "$item" ] && present+=("$item"); done
+  tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='bridge/_proto/*_pb2*.py' "${present[@]}" \
+    | tar -x -C "$context/src"
+}
+
+started=$(date +%s)
+build_base
+build_wheelhouse
+stage_context
+log "building image $IMAGE"
+previous=$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --tag "$IMAGE" "$CACHE/context" \
+  || die "docker build of $IMAGE failed at the step shown above"
+rm -rf "$CACHE/context"
+# The replaced image is only wasted disk now (kept if a container still uses it).
+if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
+
+log "done in $(($(date +%s) - started)) s"
+docker image ls --format 'table {{.Repository}}:{{.Tag}}\t{{.Size}}' "${IMAGE%%:*}"
+docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' "${BASE_IMAGE%%:*}"
