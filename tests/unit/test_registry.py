@@ -49,13 +49,19 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
+# Prefixes of the modules these tests create: the registry's private names and unique() names.
+TEST_MODULE_PREFIXES = ("_metabridge_codec_", "mb_test_pkg_", "mb_plugin_")
+
+
 @pytest.fixture
 def forget_modules():
-    """Drops modules the test imported from sys.modules again, so tests do not leak into each other."""
+    """Drops the codec modules a test imported, so tests do not leak into each other (only ours:
+    dropping a standard-library module imported on the way would split it in two)."""
     before = set(sys.modules)
     yield
     for name in set(sys.modules) - before:
-        del sys.modules[name]
+        if name.startswith(TEST_MODULE_PREFIXES):
+            del sys.modules[name]
 
 
 def load_error(ref: str, base_dir: Path | str = ".") -> str:
