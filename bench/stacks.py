@@ -1,0 +1,204 @@
+"""The paths under test, each a stack of processes started before its points and stopped after.
+
+- ``direct``: the client talks to the echo backend itself (the load generator's ceiling).
+- ``tcp_proxy``: Envoy forwarding TCP (bench.native).
+- ``generic_proxy``: Envoy's native generic_proxy with its Dubbo codec (bench.native).
+- ``metabridge``: Envoy + the bridge (``python -m bridge.cli run``), per-request routing with
+  the awesomerpc or Dubbo codec, the bootstrap rendered by bridge.envoy_config.
+
+Every Envoy runs with ``--concurrency 1``.
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import native, wire
+from bench.processes import REPO, Child, StartError, free_port, port_open
+
+DIRECT = "direct"
+TCP_PROXY = "tcp_proxy"
+GENERIC_PROXY = "generic_proxy"
+METABRIDGE = "metabridge"
+PATHS = (DIRECT, TCP_PROXY, GENERIC_PROXY, METABRIDGE)
+
+BRIDGE_MAX_FRAME_SIZE = "4MiB"  # the size points go up to 1 MiB
+_CODEC_REFS = {
+    wire.AWESOMERPC: REPO / "codecs" / "awesomerpc.py",
+    wire.DUBBO: REPO / "codecs" / "dubbo",
+}
+_CODEC_CLASSES = {wire.AWESOMERPC: "AwesomeRpcCodec", wire.DUBBO: "DubboCodec"}
+
+
+def codec_available(protocol: str) -> bool:
+    """Whether metabridge has a codec for ``protocol`` in this tree (Dubbo's may not exist yet)."""
+    ref = _CODEC_REFS[protocol]
+    return ref.is_file() or (ref / "__init__.py").is_file()
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """One path for one protocol; ``routes`` > 1 puts routes that never match before the real one."""
+
+    path: str
+    protocol: str
+    routes: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}/{self.protocol}"
+
+
+def _envoy_bin() -> str:
+    from bridge.envoy_config import find_envoy
+
+    return find_envoy()
+
+
+class Stack:
+    """The processes of one path: ``start()`` returns the port the client connects to."""
+
+    def __init__(self, spec: PathSpec, backend_ports: dict[str, int], workdir: Path) -> None:
+        self.spec = spec
+        self.backend_port = backend_ports[spec.protocol]
+        self.workdir = workdir
+        self.children: dict[str, Child] = {}  # role ("envoy", "bridge") -> process
+
+    def start(self) -> int:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> int:
+        if self.spec.path == DIRECT:
+            return self.backend_port
+        listen_port, admin_port = free_port(), free_port()
+        if self.spec.path == TCP_PROXY:
+            bootstrap = native.tcp_proxy_bootstrap(admin_port, listen_port, self.backend_port)
+        elif self.spec.path == GENERIC_PROXY:
+            if self.spec.protocol != wire.DUBBO:
+                raise ValueError("generic_proxy is measured with its Dubbo codec only")
+            bootstrap = native.generic_proxy_bootstrap(admin_port, listen_port, self.backend_port)
+        elif self.spec.path == METABRIDGE:
+            bootstrap = self._start_bridge(admin_port, listen_port)
+        else:
+            raise ValueError(f"unknown path {self.spec.path!r}")
+        self._start_envoy(bootstrap, admin_port, listen_port)
+        return listen_port
+
+    def _log(self, role: str) -> Path:
+        return self.workdir / f"{self.spec.name.replace('/', '-')}-r{self.spec.routes}-{role}.log"
+
+    def _start_envoy(self, bootstrap: dict[str, Any] | str, admin_port: int, listen_port: int) -> None:
+        path = self.workdir / f"{self.spec.name.replace('/', '-')}-r{self.spec.routes}-bootstrap.yaml"
+        path.write_text(bootstrap if isinstance(bootstrap, str) else yaml.safe_dump(bootstrap, sort_keys=False))
+        args = [_envoy_bin(), "-c", str(path), "--concurrency", "1", "--log-level", "warning", "--use-dynamic-base-id"]
+        envoy = self.children["envoy"] = Child(f"envoy ({self.spec.name})", args, self._log("envoy"))
+        ready = f"http://127.0.0.1:{admin_port}/ready"
+        envoy.wait_until(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, 30, "ready")
+        envoy.wait_until(lambda: port_open(listen_port), 10, f"listening on port {listen_port}")
+
+    def _start_bridge(self, admin_port: int, listen_port: int) -> str:
+        from bridge import envoy_config
+        from bridge.config import load
+
+        protocol = self.spec.protocol
+        if not codec_available(protocol):
+            raise StartError(f"metabridge has no {protocol} codec in this tree ({_CODEC_REFS[protocol]})")
+        socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"
+        config = {
+            "bridge": {"listen": f"unix:{socket_path}", "log_level": "warning"},
+            "envoy": {"admin_port": admin_port, "message_timeout": "5s", "concurrency": 1},
+            "codecs": {protocol: {"ref": f"{_CODEC_REFS[protocol]}:{_CODEC_CLASSES[protocol]}"}},
+            "listeners": [
+                {
+                    "name": "bench",
+                    "address": "127.0.0.1",
+                    "port": listen_port,
+                    "codec": protocol,
+                    "max_frame_size": BRIDGE_MAX_FRAME_SIZE,
+                    "routes": bridge_routes(protocol, self.spec.routes),
+                }
+            ],
+            "clusters": [
+                {"name": native.BACKEND_CLUSTER, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": self.backend_port}]}
+            ],
+        }
+        config_path = self.workdir / f"metabridge-{protocol}-r{self.spec.routes}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        bootstrap = envoy_config.render_yaml(load(config_path))
+        args = [sys.executable, "-m", "bridge.cli", "--log-level", "warning", "run", "-c", str(config_path)]
+        bridge = self.children["bridge"] = Child(f"bridge ({self.spec.name})", args, self._log("bridge"))
+        bridge.wait_until(lambda: _bridge_serving(f"unix:{socket_path}"), 30, "serving")
+        return bootstrap
+
+    def pids(self) -> dict[str, int]:
+        return {role: child.pid for role, child in self.children.items()}
+
+    def stop(self) -> None:
+        # Envoy first, so no connection reaches a stopping bridge.
+        for role in ("envoy", "bridge"):
+            child = self.children.pop(role, None)
+            if child is not None:
+                child.stop()
+
+
+def bridge_routes(protocol: str, count: int) -> list[dict[str, Any]]:
+    """``count`` routes: ``count - 1`` exact matches that never fire, then the benchmark's own."""
+    if protocol == wire.AWESOMERPC:
+        def match(value: str) -> dict[str, Any]:
+            return {"headers": [{"name": "cmd", "exact": value}]}
+
+        # cmd is an i16: other commands start well above the benchmark's.
+        fillers = [match(str(1000 + i)) for i in range(count - 1)]
+        real = match(str(wire.ARPC_CMD))
+    else:
+        def match(method: str) -> dict[str, Any]:
+            return {"headers": [{"name": "interface", "exact": wire.DUBBO_SERVICE}, {"name": "method", "exact": method}]}
+
+        fillers = [match(f"{wire.DUBBO_METHOD}{i}") for i in range(count - 1)]
+        real = match(wire.DUBBO_METHOD)
+    routes = [{"name": f"other-{i}", "match": m, "route": {"cluster": native.BACKEND_CLUSTER}} for i, m in enumerate(fillers)]
+    routes.append({"name": "bench", "match": real, "route": {"cluster": native.BACKEND_CLUSTER}})
+    return routes
+
+
+def _bridge_serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    if not Path(address.removeprefix("unix:")).exists():
+        return False
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class Backend:
+    """The echo backend (bench.backend) on two free ports, one per protocol."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.ports = {wire.AWESOMERPC: free_port(), wire.DUBBO: free_port()}
+        args = [sys.executable, "-m", "bench.backend", "--awesomerpc-port", str(self.ports[wire.AWESOMERPC]), "--dubbo-port", str(self.ports[wire.DUBBO])]
+        self.child = Child("echo backend", args, workdir / "backend.log")
+        try:
+            for port in self.ports.values():
+                self.child.wait_until(lambda p=port: port_open(p), 15, f"listening on port {port}")
+        except BaseException:
+            self.child.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def stop(self) -> None:
+        self.child.stop()
