@@ -302,14 +302,16 @@ class Config:
     envoy_concurrency: int = 1
     base_dir: Path = Path(".")
 
-    def worker_addresses(self) -> list[str]:
+    def worker_addresses(self, listen: str | None = None) -> list[str]:
         """Where each bridge worker process listens: worker i of N gets '<path>.<i>' (Unix
-        socket) or port+i (TCP), so Envoy can spread streams over N endpoints."""
+        socket) or port+i (TCP), so Envoy can spread streams over N endpoints. ``listen``
+        overrides bridge.listen."""
+        listen = listen or self.bridge_listen
         if self.workers == 1:
-            return [self.bridge_listen]
-        if self.bridge_listen.startswith("unix:"):
-            return [f"{self.bridge_listen}.{i}" for i in range(self.workers)]
-        host, _, port = self.bridge_listen.rpartition(":")
+            return [listen]
+        if listen.startswith("unix:"):
+            return [f"{listen}.{i}" for i in range(self.workers)]
+        host, _, port = listen.rpartition(":")
         return [f"{host}:{int(port) + i}" for i in range(self.workers)]
 
     def listener(self, name: str) -> ListenerConfig:

@@ -1,15 +1,24 @@
-"""``metabridge run``: the bridge's process life: serve, optionally supervise Envoy, stop cleanly."""
+"""``metabridge run``: the bridge's process life.
+
+One worker process serves each address of ``Config.worker_addresses`` (Envoy's bridge cluster
+has one endpoint per worker and spreads connections over them). With one worker the bridge runs
+in this process; with more, this process supervises them. Optionally it also supervises Envoy.
+Everything stops cleanly on SIGINT/SIGTERM.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bridge import logs
 from bridge.config import Config
 from bridge.logs import event
 from bridge.server import build_runtimes, serve
@@ -17,10 +26,13 @@ from bridge.server import build_runtimes, serve
 log = logging.getLogger("metabridge.runner")
 
 _RESTART_WINDOW = 60.0  # seconds
-_MAX_RESTARTS = 5  # Envoy crashing more often than this per window is not going to get better
+_MAX_RESTARTS = 5  # a child crashing more often than this per window is not going to get better
+_STOP_GRACE = 10.0
 
 
 def _install_event_loop() -> None:
+    if os.environ.get("METABRIDGE_EVENT_LOOP") == "asyncio":
+        return
     try:
         import uvloop
     except ImportError:
@@ -28,19 +40,35 @@ def _install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+class _RestartBudget:
+    """Allows a crashed child to be restarted, up to _MAX_RESTARTS per _RESTART_WINDOW."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._times: list[float] = []
+
+    def spend(self, exit_code: int | None) -> float:
+        """Record a crash; return the back-off before restarting, or raise when exhausted."""
+        now = time.monotonic()
+        self._times = [t for t in self._times if now - t < _RESTART_WINDOW] + [now]
+        if len(self._times) > _MAX_RESTARTS:
+            raise RuntimeError(f"{self.what} exited {len(self._times)} times within {_RESTART_WINDOW:g}s (last exit code {exit_code}); see its log above")
+        return min(2 ** len(self._times) * 0.1, 5.0)
+
+
 class EnvoySupervisor:
     """Starts Envoy with the rendered bootstrap and restarts it if it dies unexpectedly."""
 
-    def __init__(self, config: Config, bridge_address: str, envoy_bin: str | None, log_level: str) -> None:
+    def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str) -> None:
         from bridge import envoy_config
 
         self._bin = envoy_bin or envoy_config.find_envoy()
         self._dir = tempfile.TemporaryDirectory(prefix="metabridge-envoy-")
         self.bootstrap = Path(self._dir.name) / "bootstrap.yaml"
-        self.bootstrap.write_text(envoy_config.render_yaml(config, bridge_addresses=[bridge_address] if config.workers == 1 else None))
+        self.bootstrap.write_text(envoy_config.render_yaml(config, bridge_addresses=bridge_addresses))
         self._args = [self._bin, "-c", str(self.bootstrap), "--concurrency", str(config.envoy_concurrency), "--log-level", log_level, "--use-dynamic-base-id"]
         self._proc: subprocess.Popen | None = None
-        self._restarts: list[float] = []
+        self._budget = _RestartBudget("Envoy")
         self._stopping = False
 
     def start(self) -> None:
@@ -48,18 +76,15 @@ class EnvoySupervisor:
         event(log, logging.INFO, "envoy_started", pid=self._proc.pid, bootstrap=str(self.bootstrap))
 
     async def watch(self) -> None:
-        """Restart Envoy when it exits on its own; give up (raising) when it keeps crashing."""
+        """Restart Envoy when it exits on its own; raise when it keeps crashing."""
         while not self._stopping:
             await asyncio.sleep(0.2)
             if self._proc is None or self._proc.poll() is None:
                 continue
             code = self._proc.returncode
-            now = time.monotonic()
-            self._restarts = [t for t in self._restarts if now - t < _RESTART_WINDOW] + [now]
-            if len(self._restarts) > _MAX_RESTARTS:
-                raise RuntimeError(f"Envoy exited {len(self._restarts)} times within {_RESTART_WINDOW:g}s (last exit code {code}); see its log above")
-            event(log, logging.ERROR, "envoy_exited_restarting", exit_code=code, restart=len(self._restarts))
-            await asyncio.sleep(min(2 ** len(self._restarts) * 0.1, 5.0))
+            delay = self._budget.spend(code)
+            event(log, logging.ERROR, "envoy_exited_restarting", exit_code=code, restart_in_seconds=delay)
+            await asyncio.sleep(delay)
             self.start()
 
     def stop(self) -> None:
@@ -67,45 +92,137 @@ class EnvoySupervisor:
         if self._proc and self._proc.poll() is None:
             self._proc.terminate()
             try:
-                self._proc.wait(timeout=10)
+                self._proc.wait(timeout=_STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
         self._dir.cleanup()
 
 
-async def _main(config: Config, listen: str, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str) -> int:
-    runtimes = build_runtimes(config)
-    server = await serve(config, listen, runtimes)
+def _worker_main(config: Config, address: str, log_level: str) -> None:
+    """Entry point of a worker process: serve one address until SIGTERM."""
+    logs.setup(log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    _install_event_loop()
+    asyncio.run(_serve_until_stopped(config, address))
+
+
+async def _serve_until_stopped(config: Config, address: str) -> None:
+    server = await serve(config, address, build_runtimes(config))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop(grace=2.0)
+
+
+class WorkerSupervisor:
+    """Runs one bridge process per worker address and restarts any that dies."""
+
+    def __init__(self, config: Config, addresses: list[str]) -> None:
+        self._config = config
+        self._addresses = addresses
+        self._context = multiprocessing.get_context("spawn")  # no forked gRPC state
+        self._procs: dict[str, multiprocessing.Process] = {}
+        self._budget = _RestartBudget("a bridge worker")
+        self._stopping = False
+
+    def _start(self, address: str) -> None:
+        proc = self._context.Process(target=_worker_main, args=(self._config, address, logging.getLevelName(logging.getLogger().level).lower()), name=f"metabridge-worker {address}", daemon=False)
+        proc.start()
+        self._procs[address] = proc
+        event(log, logging.INFO, "worker_started", pid=proc.pid, address=address)
+
+    def start(self) -> None:
+        for address in self._addresses:
+            self._start(address)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every worker's health service answers (so Envoy never meets a missing socket)."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout
+        for address in self._addresses:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
+                        break
+                    except grpc.aio.AioRpcError:
+                        if time.monotonic() > deadline:
+                            raise RuntimeError(f"bridge worker at {address} did not become ready within {timeout:g}s") from None
+                        await asyncio.sleep(0.1)
+
+    async def watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(0.2)
+            for address, proc in list(self._procs.items()):
+                if proc.is_alive() or self._stopping:
+                    continue
+                delay = self._budget.spend(proc.exitcode)
+                event(log, logging.ERROR, "worker_exited_restarting", address=address, exit_code=proc.exitcode, restart_in_seconds=delay)
+                await asyncio.sleep(delay)
+                self._start(address)
+
+    def stop(self) -> None:
+        self._stopping = True
+        for proc in self._procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self._procs.values():
+            proc.join(_STOP_GRACE)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str) -> int:
+    addresses = config.worker_addresses(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = None
-    watcher = None
+    server = workers = envoy = None
+    watchers: list[asyncio.Future] = []
     exit_code = 0
     try:
+        if len(addresses) == 1:
+            server = await serve(config, addresses[0], build_runtimes(config))
+        else:
+            build_runtimes(config)  # fail here, once, on a bad codec rather than in every worker
+            workers = WorkerSupervisor(config, addresses)
+            workers.start()
+            await workers.wait_ready()
+            watchers.append(asyncio.ensure_future(workers.watch()))
         if with_envoy:
-            supervisor = EnvoySupervisor(config, listen, envoy_bin, envoy_log_level)
-            supervisor.start()
-            watcher = asyncio.ensure_future(supervisor.watch())
+            envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level)
+            envoy.start()
+            watchers.append(asyncio.ensure_future(envoy.watch()))
         waiter = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([waiter] + ([watcher] if watcher else []), return_when=asyncio.FIRST_COMPLETED)
-        if watcher in done and watcher.exception():
-            event(log, logging.ERROR, "envoy_gave_up", error=str(watcher.exception()))
-            exit_code = 1
+        done, _ = await asyncio.wait([waiter, *watchers], return_when=asyncio.FIRST_COMPLETED)
+        for watcher in watchers:
+            if watcher in done and watcher.exception():
+                event(log, logging.ERROR, "giving_up", error=str(watcher.exception()))
+                exit_code = 1
         waiter.cancel()
     finally:
         event(log, logging.INFO, "shutting_down")
-        if watcher:
+        for watcher in watchers:
             watcher.cancel()
-        if supervisor:
-            supervisor.stop()  # Envoy first, so no new connection reaches a stopping bridge
-        await server.stop(grace=2.0)
+        if envoy:
+            envoy.stop()  # Envoy first, so no new connection reaches a stopping bridge
+        if workers:
+            workers.stop()
+        if server:
+            await server.stop(grace=2.0)
         event(log, logging.INFO, "stopped")
     return exit_code
 
 
 def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning") -> int:
     _install_event_loop()
-    return asyncio.run(_main(config, listen or config.bridge_listen, with_envoy, envoy_bin, envoy_log_level))
+    return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level))

@@ -77,8 +77,9 @@ class Stack:
 
     def start_bridge(self) -> None:
         proc = self._spawn("bridge", [sys.executable, "-m", "bridge.cli", "--log-level", "debug", "run", "-c", str(self.config_path)])
-        sock = Path(self.bridge_address[len("unix:"):])
-        wait_until(lambda: sock.exists() and subprocess.run([sys.executable, "-m", "bridge.cli", "health", "--address", self.bridge_address], capture_output=True).returncode == 0, 15, "bridge", proc)
+        for address in load(self.config_path).worker_addresses():
+            sock = Path(address[len("unix:"):])
+            wait_until(lambda: sock.exists() and subprocess.run([sys.executable, "-m", "bridge.cli", "health", "--address", address], capture_output=True).returncode == 0, 15, f"bridge at {address}", proc)
 
     def start_envoy(self) -> None:
         bootstrap = self.tmp / "bootstrap.yaml"
