@@ -137,3 +137,41 @@ def awesomerpc_config(listen_port: int, clusters: dict[str, int], routes: list[d
             for name, port in clusters.items()
         ],
     }
+
+
+def codec_config(codec: str, ref: str, listen_port: int, clusters: dict[str, int], routes: list[dict], *, codec_options: dict | None = None, **listener_options) -> dict:
+    """A config with one listener named after ``codec``; ``ref`` is the codec reference relative
+    to the repo root (e.g. ``codecs/dubbo:DubboCodec``); clusters map name -> backend port."""
+    codec_entry: dict = {"ref": str(REPO / ref)}
+    if codec_options:
+        codec_entry["options"] = codec_options
+    return {
+        "codecs": {codec: codec_entry},
+        "listeners": [
+            {"name": codec, "address": "127.0.0.1", "port": listen_port, "codec": codec, "routes": routes, **listener_options}
+        ],
+        "clusters": [
+            {"name": name, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": port}]}
+            for name, port in clusters.items()
+        ],
+    }
+
+
+def example_config(path: str, listener_ports: dict[str, int], cluster_ports: dict[str, int]) -> dict:
+    """An example config (``path`` relative to the repo root) made runnable in a test: listener
+    and cluster endpoint ports replaced by the given ones (by name; a name not given keeps its
+    port), and file/folder codec references made absolute, since Stack writes the config
+    elsewhere. Stack itself replaces the bridge address and Envoy's admin port."""
+    source = REPO / path
+    config = yaml.safe_load(source.read_text())
+    for codec in config.get("codecs", {}).values():
+        location, sep, name = codec["ref"].rpartition(":")
+        if sep and ("/" in location or location.endswith(".py")):
+            codec["ref"] = f"{(source.parent / location).resolve()}:{name}"
+    for listener in config["listeners"]:
+        listener["port"] = listener_ports.get(listener["name"], listener["port"])
+    for cluster in config["clusters"]:
+        if cluster["name"] in cluster_ports:
+            for endpoint in cluster["endpoints"]:
+                endpoint["port"] = cluster_ports[cluster["name"]]
+    return config

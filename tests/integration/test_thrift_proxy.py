@@ -1,0 +1,160 @@
+"""The Thrift codec through a real Envoy and the bridge, between real thriftpy2 clients and servers.
+
+Every proxy test runs in two wire variants: framed transport + binary protocol, and buffered
+(unframed) transport + compact protocol; the codec detects the variant per connection. Servers
+run on threads of the test process, so tests can see what they received.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from thriftpy2.thrift import TApplicationException
+
+from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port
+from tests.peers.thrift_peers import BUFFERED_COMPACT, FRAMED_BINARY, EchoServer, Variant, client_for
+
+HOST = "127.0.0.1"
+THRIFT_CODEC = "codecs/thrift:ThriftCodec"
+
+
+def method_route(method: str, cluster: str, **headers: str) -> dict:
+    matchers = [{"name": "method", "exact": method}] + [{"name": key, "exact": value} for key, value in headers.items()]
+    return {"name": f"{method}-to-{cluster}", "match": {"headers": matchers}, "route": {"cluster": cluster}}
+
+
+@pytest.fixture(params=[FRAMED_BINARY, BUFFERED_COMPACT], ids=lambda v: v.name)
+def variant(request) -> Variant:
+    return request.param
+
+
+class Proxy:
+    """A started stack in front of Echo servers: ``port`` to call, ``servers`` by cluster name."""
+
+    def __init__(self, port: int, servers: dict[str, EchoServer], stack: Stack) -> None:
+        self.port = port
+        self.servers = servers
+        self.stack = stack
+
+
+@pytest.fixture
+def proxy(tmp_path) -> Iterator:
+    """Factory: proxy(servers={cluster: variant}, routes=[...]) runs one EchoServer per cluster
+    (named after it) behind a thrift listener; without routes, examples/thrift.yaml's routes and
+    options are used with its clusters thrift-v1/thrift-v2 served by the given servers."""
+    stacks: list[Stack] = []
+    running: list[EchoServer] = []
+
+    def make(servers: dict[str, Variant], routes: list[dict] | None = None) -> Proxy:
+        started = {}
+        for name, server_variant in servers.items():
+            server = EchoServer(name, server_variant).start()
+            running.append(server)
+            started[name] = server
+        port = free_port()
+        ports = {name: server.port for name, server in started.items()}
+        if routes is None:
+            cfg = example_config("examples/thrift.yaml", {"thrift": port}, ports)
+        else:
+            cfg = codec_config("thrift", THRIFT_CODEC, port, ports, routes, request_timeout="5s")
+        stack = Stack(tmp_path, cfg)
+        stacks.append(stack)
+        stack.start()
+        return Proxy(port, started, stack)
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+    for server in running:
+        server.stop()
+
+
+def tag_echo(server: EchoServer) -> None:
+    """Make ``server`` answer echo(s) with "<name>:<s>", so a test sees which server answered."""
+    server.handler.echo = lambda s: f"{server.name}:{s}"
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (bounded by the socket's timeout)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_example_routes_by_method_and_answers_the_rest_with_unknown_method(proxy, variant):
+    """examples/thrift.yaml: whoami -> thrift-v1, echo -> thrift-v2, anything else has no route."""
+    p = proxy({"thrift-v1": variant, "thrift-v2": variant})
+    for server in p.servers.values():
+        tag_echo(server)
+    with client_for(HOST, p.port, variant) as client:
+        answers = [client.whoami(), client.echo("héllo"), client.whoami(), client.echo("again")]
+        with pytest.raises(TApplicationException) as raised:
+            client.ping()
+        # A oneway call without a route is dropped with no reply: were one sent, the client
+        # would read it as whoami's answer below.
+        client.notify("nowhere")
+        after = [client.whoami(), client.echo("in step")]
+    assert answers == ["thrift-v1", "thrift-v2:héllo", "thrift-v1", "thrift-v2:again"]
+    assert raised.value.type == TApplicationException.UNKNOWN_METHOD
+    assert raised.value.message == "ROUTE_NOT_FOUND: no route matches ping"
+    assert after == ["thrift-v1", "thrift-v2:in step"]
+    assert all(server.handler.notifications == [] and server.errors == [] for server in p.servers.values())
+
+
+def test_oneway_reaches_server_and_connection_stays_in_step(proxy, variant):
+    p = proxy({"v1": variant, "v2": variant}, [method_route("notify", "v1"), method_route("whoami", "v1"), method_route("echo", "v2")])
+    with client_for(HOST, p.port, variant) as client:
+        client.notify("first")
+        assert client.whoami() == "v1"
+        assert p.servers["v1"].handler.wait_for_notification("first", timeout=5)
+        client.notify("second")
+        client.notify("third")
+        assert client.echo("in step") == "in step"
+        assert p.servers["v1"].handler.wait_for_notification("third", timeout=5)
+    assert p.servers["v1"].handler.notifications == ["first", "second", "third"]
+    assert p.servers["v2"].handler.notifications == []
+
+
+def test_multiplexed_calls_route_on_service(proxy, variant):
+    """v2 serves multiplexed (``Echo:whoami``), v1 plain; the ``service`` header tells them apart."""
+    multiplexed = Variant(variant.transport, variant.protocol, multiplexed=True)
+    p = proxy({"v1": variant, "v2": multiplexed}, [method_route("whoami", "v2", service="Echo"), method_route("whoami", "v1")])
+    with client_for(HOST, p.port, multiplexed) as mux, client_for(HOST, p.port, variant) as plain:
+        assert mux.whoami() == "v2"
+        assert plain.whoami() == "v1"
+        with pytest.raises(TApplicationException) as raised:
+            mux.echo("no route for Echo:echo")
+        mux.notify("no route either")  # oneway: dropped without a reply
+        assert mux.whoami() == "v2"
+    assert raised.value.type == TApplicationException.UNKNOWN_METHOD
+    assert raised.value.message == "ROUTE_NOT_FOUND: no route matches Echo:echo"
+    assert p.servers["v2"].handler.notifications == []
+
+
+def test_garbage_closes_only_that_connection(proxy, variant):
+    p = proxy({"v1": variant, "v2": variant}, [method_route("whoami", "v1"), method_route("echo", "v2")])
+    with client_for(HOST, p.port, variant) as healthy:
+        assert healthy.whoami() == "v1"
+        with socket.create_connection((HOST, p.port), timeout=5) as bad:
+            bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # neither framed nor buffered Thrift
+            leaked = read_until_closed(bad)
+        assert healthy.echo("still here") == "still here"
+        assert healthy.whoami() == "v1"
+    assert leaked == b""  # closed, with nothing (no raw HTTP/2) sent to the client
+    assert "bad_request_closing_connection" in p.stack.log("bridge")
+
+
+def test_example_config_validates():
+    result = subprocess.run([sys.executable, "-m", "bridge.cli", "validate", "-c", "examples/thrift.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "examples/thrift.yaml: OK" in result.stdout
