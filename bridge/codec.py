@@ -79,6 +79,18 @@ class FrameTooLarge(CodecError):
     """A frame announces a size above the configured ``max_frame_size``."""
 
 
+class MalformedFrame(CodecError):
+    """A whole frame was consumed from the buffer but its body is invalid.
+
+    The byte stream is still in step, and ``request_id`` names the message, so the bridge can
+    answer just that request (BAD_RESPONSE for a response) instead of giving up the connection.
+    """
+
+    def __init__(self, message: str, request_id: int | None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class Headers(MutableMapping[str, str]):
     """Routable string headers with case-insensitive keys (stored lower-cased)."""
 

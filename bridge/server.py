@@ -18,7 +18,7 @@ from bridge._proto import network_ext_proc_pb2_grpc
 from bridge.codec import Codec
 from bridge.config import Config, ListenerConfig
 from bridge.logs import event
-from bridge.registry import load_codecs
+from bridge.registry import CodecLoadError, load_codecs
 from bridge.router import Router
 from bridge.session import Session
 from bridge.stats import ListenerStats
@@ -62,7 +62,10 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
             codec_options=config.codecs[listener.codec].options,
             router=Router(listener.routes),
         )
-        runtime.new_codec()  # a codec that cannot even be constructed fails here, at start-up
+        try:
+            runtime.new_codec()  # a codec that rejects its options fails here, at start-up
+        except Exception as exc:
+            raise CodecLoadError(f"{config.source}: codecs.{listener.codec}.options: {type(exc).__name__}: {exc}") from exc
         runtimes[listener.name] = runtime
     return runtimes
 

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from bridge._proto.network_ext_proc_pb2 import Data, ProcessingResponse
-from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType
+from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
 from bridge.logs import event
 from bridge.router import Route
 from bridge.upstream import (
@@ -47,23 +47,28 @@ _FLAG_ERRORS = {
 
 
 class Pending:
-    """A two-way request waiting for its response."""
+    """A two-way request waiting for its response.
 
-    __slots__ = ("metadata", "route", "link", "timer", "started", "done")
+    For protocols without request ids it is also the request's place in the client's reply
+    order: ``reply`` holds its answer until every earlier request has been answered.
+    """
 
-    def __init__(self, metadata: Metadata, route: Route, link: _Link) -> None:
+    __slots__ = ("metadata", "route", "link", "timer", "started", "done", "reply")
+
+    def __init__(self, metadata: Metadata | None, route: Route | None, link: _Link | None) -> None:
         self.metadata = metadata
         self.route = route
         self.link = link
         self.timer: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
         self.done = False
+        self.reply: bytes | None = None
 
 
 class _Link:
     """The session's side of one tunnel: the response decoder and the requests waiting on it."""
 
-    __slots__ = ("tunnel", "codec", "buffer", "by_id", "in_order", "setup_timer")
+    __slots__ = ("tunnel", "codec", "buffer", "by_id", "in_order", "setup_timer", "dropped")
 
     def __init__(self, tunnel: Tunnel, codec) -> None:
         self.tunnel = tunnel
@@ -74,6 +79,7 @@ class _Link:
         # timed out stays here (done=True) so its late response is recognised and dropped.
         self.in_order: deque[Pending] = deque()
         self.setup_timer: asyncio.TimerHandle | None = None
+        self.dropped = False  # the session gave up on this tunnel; ignore what still arrives
 
     def pending(self) -> list[Pending]:
         return [p for p in self.by_id.values()] + [p for p in self.in_order if not p.done]
@@ -95,6 +101,9 @@ class Session:
         self._tunnels: dict[str, list[Tunnel]] = {}
         self._next_tunnel: dict[str, int] = {}
         self._to_client: list[bytes] = []
+        # Without request ids the client matches replies by position: release them in request
+        # order, even when tunnels to different clusters or local replies answer out of order.
+        self._reply_order: deque[Pending] | None = None if self._by_id else deque()
         self._active = 0  # two-way requests waiting for a response
         self._half_closed = False  # the client sent FIN
         self._finished = False  # we ended (or are ending) the connection
@@ -137,7 +146,8 @@ class Session:
         if data and not self._finished:
             for ev in self._upstream.receive(data):
                 if isinstance(ev, TunnelData):
-                    self._on_tunnel_data(ev.tunnel.owner, ev.data)
+                    if not ev.tunnel.owner.dropped:  # e.g. reset for a bad response earlier in this batch
+                        self._on_tunnel_data(ev.tunnel.owner, ev.data)
                 elif isinstance(ev, TunnelOpened):
                     self._on_tunnel_opened(ev.tunnel)
                 elif isinstance(ev, TunnelFailed):
@@ -176,7 +186,7 @@ class Session:
         kind = metadata.message_type
         if kind is MessageType.HEARTBEAT:
             stats.request_heartbeat += 1
-            self._to_client.append(self._codec.heartbeat_reply(metadata))
+            self._reply(self._codec.heartbeat_reply(metadata))
             return
         if kind in (MessageType.RESPONSE, MessageType.ERROR):
             event(log, logging.WARNING, "client_sent_response_dropped", listener=self.listener.name, operation=metadata.operation_name)
@@ -188,25 +198,38 @@ class Session:
         if self._upstream.lost:
             self._local_reply(metadata, ErrorType.UNSPECIFIED, "the connection to Envoy's upstream side is gone")
             return
-        tunnel = self._tunnel_for(route.pick_cluster())
-        frame = self._codec.encode(metadata, route.request_mutation) if route.request_mutation else metadata.frame
+        if route.request_mutation:
+            try:
+                frame = self._codec.encode(metadata, route.request_mutation)
+            except CodecError as exc:
+                self._local_reply(metadata, ErrorType.UNSPECIFIED, f"route {route.name!r}: request_mutation cannot be applied: {exc}")
+                return
+        else:
+            frame = metadata.frame
+        cluster = route.pick_cluster()
         if kind is MessageType.ONEWAY:
             stats.request_oneway += 1
+            self._upstream.send(self._tunnel_for(cluster), frame)
+            return
+        if self._by_id and self._in_flight(cluster, metadata.request_id):
+            self._local_reply(metadata, ErrorType.UNSPECIFIED, f"request id {metadata.request_id} is already in flight on this connection")
+            return
+        stats.request_twoway += 1
+        tunnel = self._tunnel_for(cluster)
+        link = tunnel.owner
+        pending = Pending(metadata, route, link)
+        if self._by_id:
+            link.by_id[metadata.request_id] = pending
         else:
-            stats.request_twoway += 1
-            link = tunnel.owner
-            pending = Pending(metadata, route, link)
-            if self._by_id:
-                if metadata.request_id in link.by_id:
-                    self._local_reply(metadata, ErrorType.UNSPECIFIED, f"request id {metadata.request_id} is already in flight on this connection")
-                    return
-                link.by_id[metadata.request_id] = pending
-            else:
-                link.in_order.append(pending)
-            pending.timer = self._loop.call_later(self._request_timeout, self._on_request_timeout, pending)
-            self._active += 1
-            stats.request_active += 1
+            link.in_order.append(pending)
+            self._reply_order.append(pending)
+        pending.timer = self._loop.call_later(self._request_timeout, self._on_request_timeout, pending)
+        self._active += 1
+        stats.request_active += 1
         self._upstream.send(tunnel, frame)
+
+    def _in_flight(self, cluster: str, request_id) -> bool:
+        return any(request_id in t.owner.by_id for t in self._tunnels.get(cluster, ()))
 
     def _tunnel_for(self, cluster: str) -> Tunnel:
         """Round-robin over up to tunnels_per_cluster tunnels, opened on first use."""
@@ -258,6 +281,13 @@ class Session:
                     if len(buffer) <= self._max_frame:
                         return
                     raise FrameTooLarge(f"partial response of {len(buffer)} bytes exceeds max_frame_size {self._max_frame}")
+            except MalformedFrame as exc:
+                # One bad response, stream still in step: only its request gets BAD_RESPONSE.
+                stats.response_decoding_error += 1
+                pending = link.by_id.pop(exc.request_id, None) if self._by_id else self._next_in_order(link)
+                if pending is not None:
+                    self._fail(pending, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}")
+                continue
             except CodecError as exc:
                 # The byte stream can no longer be framed: every request on it gets BAD_RESPONSE.
                 stats.response_decoding_error += 1
@@ -270,28 +300,35 @@ class Session:
                 stats.response_unmatched += 1
                 continue
             stats.response += 1
-            if metadata.message_type is MessageType.ERROR or metadata.response_status.value == "error":
+            if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
                 stats.response_error += 1
             else:
                 stats.response_success += 1
             mutation = pending.route.response_mutation
-            self._to_client.append(codec.encode(metadata, mutation) if mutation else metadata.frame)
+            if mutation:
+                try:
+                    frame = codec.encode(metadata, mutation)
+                except CodecError as exc:
+                    self._local_reply(pending.metadata, ErrorType.BAD_RESPONSE, f"route {pending.route.name!r}: response_mutation cannot be applied: {exc}", pending)
+                    continue
+            else:
+                frame = metadata.frame
+            self._reply(frame, pending)
 
     def _match(self, link: _Link, metadata: Metadata) -> Pending | None:
-        if self._by_id:
-            pending = link.by_id.pop(metadata.request_id, None)
-            if pending is None:
-                return None
-        else:
-            while link.in_order:
-                pending = link.in_order.popleft()
-                if not pending.done:
-                    break
-                return None  # the late response of a request that already timed out
-            else:
-                return None
-        self._settle(pending)
+        pending = link.by_id.pop(metadata.request_id, None) if self._by_id else self._next_in_order(link)
+        if pending is not None:
+            self._settle(pending)
         return pending
+
+    @staticmethod
+    def _next_in_order(link: _Link) -> Pending | None:
+        """The request the next response on this tunnel answers; None when that request already
+        timed out (its late response is dropped) or nothing is waiting."""
+        if not link.in_order:
+            return None
+        pending = link.in_order.popleft()
+        return None if pending.done else pending
 
     def _settle(self, pending: Pending) -> None:
         """Mark a request answered (by its response or a local reply)."""
@@ -305,17 +342,35 @@ class Session:
 
     # ---- failures ---------------------------------------------------------------------------
 
-    def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str) -> None:
+    def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str, pending: Pending | None = None) -> None:
         stat = "local_response_" + kind.value
         setattr(self.stats, stat, getattr(self.stats, stat) + 1)
         event(log, logging.INFO, "local_reply", listener=self.listener.name, connection=self.connection, error=kind.value, message=message, request_id=metadata.request_id, operation=metadata.operation_name)
-        self._to_client.append(self._codec.on_error(metadata, Error(kind, message)))
+        if metadata.message_type is MessageType.ONEWAY:
+            return  # nobody reads a reply to a oneway message; one would be taken for the next call's
+        self._reply(self._codec.on_error(metadata, Error(kind, message)), pending)
 
     def _fail(self, pending: Pending, kind: ErrorType, message: str) -> None:
         if pending.done:
             return
         self._settle(pending)
-        self._local_reply(pending.metadata, kind, message)
+        self._local_reply(pending.metadata, kind, message, pending)
+
+    def _reply(self, data: bytes, pending: Pending | None = None) -> None:
+        """Queue bytes for the client; for in-order protocols, only once earlier requests are answered."""
+        order = self._reply_order
+        if order is None:
+            self._to_client.append(data)
+            return
+        if pending is None:  # a reply to a request that never waited (no route, heartbeat, ...)
+            if not order:
+                self._to_client.append(data)
+                return
+            pending = Pending(None, None, None)
+            order.append(pending)
+        pending.reply = data
+        while order and order[0].reply is not None:
+            self._to_client.append(order.popleft().reply)
 
     def _on_request_timeout(self, pending: Pending) -> None:
         link = pending.link
@@ -333,7 +388,8 @@ class Session:
 
     def _on_tunnel_failed(self, tunnel: Tunnel, status: int, flags: str) -> None:
         self.stats.tunnel_failed += 1
-        kind, template = _FLAG_ERRORS.get(flags, (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}"))
+        known = next((f for f in flags.split(",") if f in _FLAG_ERRORS), None)  # e.g. "UF,URX"
+        kind, template = _FLAG_ERRORS.get(known, (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}"))
         message = template.format(cluster=tunnel.cluster)
         if status:
             message += f" (Envoy answered {status}{', ' + flags if flags else ''})"
@@ -346,6 +402,7 @@ class Session:
         if tunnels and tunnel in tunnels:
             tunnels.remove(tunnel)
         link = tunnel.owner
+        link.dropped = True
         if link.setup_timer:
             link.setup_timer.cancel()
             link.setup_timer = None

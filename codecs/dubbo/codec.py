@@ -20,6 +20,7 @@ from bridge.codec import (
     Error,
     ErrorType,
     FrameTooLarge,
+    MalformedFrame,
     MessageType,
     Metadata,
     ResponseStatus,
@@ -62,7 +63,7 @@ ERROR_STATUS: dict[ErrorType, Status] = {
 _VALID_RESULT_TYPES = frozenset(int(t) for t in ResultType)
 
 
-class DubboBodyError(CodecError):
+class DubboBodyError(MalformedFrame):
     """A frame with a valid header but a malformed body.
 
     The frame has been consumed from the buffer (the stream stays in step), and ``request_id``
@@ -70,8 +71,7 @@ class DubboBodyError(CodecError):
     """
 
     def __init__(self, message: str, request_id: int, is_request: bool) -> None:
-        super().__init__(message)
-        self.request_id = request_id
+        super().__init__(message, request_id)
         self.is_request = is_request
 
 

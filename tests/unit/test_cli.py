@@ -123,12 +123,6 @@ def test_health_of_a_bridge_that_is_not_there():
     assert result.stdout == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py build_runtimes: a codec whose constructor rejects its options (e.g. the thrift codec "
-    "with an unknown option) raises straight out of `validate`/`run` as a traceback (exit 1) instead of a "
-    "CodecLoadError naming codecs.<name>.options (exit 2)",
-)
 def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
     (tmp_path / "picky.py").write_text(
         textwrap.dedent(
