@@ -306,7 +306,12 @@ class Config:
         """Where each bridge worker process listens: worker i of N gets '<path>.<i>' (Unix
         socket) or port+i (TCP), so Envoy can spread streams over N endpoints. ``listen``
         overrides bridge.listen."""
-        listen = listen or self.bridge_listen
+        if listen is None:
+            listen = self.bridge_listen
+        else:
+            problem = _listen_problem(listen, self.workers)
+            if problem:
+                raise ConfigError(f"--listen {problem}")
         if self.workers == 1:
             return [listen]
         if listen.startswith("unix:"):
