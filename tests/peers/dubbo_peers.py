@@ -102,6 +102,29 @@ def call_raw(
                 return message
 
 
+def heartbeats_raw(host: str, port: int, request_ids: Sequence[int], *, timeout: float = 5.0) -> list[bytes]:
+    """Send one dubbo-py two-way heartbeat request per id on a fresh connection, then read as
+    many whole frames back; returns them as bytes (read them with ``decode_with_dubbo_py`` or
+    ``decode_with_dubbo_ssl``). Raises ``ConnectionError`` if the peer closes first."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"".join(DubboHeartBeatRequest(request_id, twoway=True).encode() for request_id in request_ids))
+        replies = []
+        for _ in request_ids:
+            header = _recv_exactly(sock, 16)
+            replies.append(header + _recv_exactly(sock, struct.unpack_from(">i", header, 12)[0]))
+        return replies
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
+
+
 def decode_with_dubbo_py(frame: bytes) -> Any:
     """dubbo-py's reading of one frame: DubboRequest, DubboResponse or a heartbeat object."""
     return Decoder(io.BytesIO(frame)).decode()

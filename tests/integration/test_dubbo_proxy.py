@@ -1,0 +1,175 @@
+"""The Dubbo codec through a real Envoy and the bridge, between independent Dubbo peers.
+
+The consumer is dubbo-ssl-python (``call``) or dubbo-py's consumer side (``call_raw``); providers
+are built from dubbo-py's codec and run on threads of the test process, so tests can see what
+they received. dubbo-ssl-python keeps one connection per host:port for the whole process, so
+every call of a test to its listener shares one downstream connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from dubbo.codec.hessian2 import DubboHeartBeatResponse
+
+from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port
+from tests.peers.dubbo_peers import (
+    ConsumerError,
+    ConsumerTimeout,
+    DubboProvider,
+    call,
+    call_raw,
+    decode_with_dubbo_py,
+    decode_with_dubbo_ssl,
+    heartbeats_raw,
+    start_provider,
+)
+
+HOST = "127.0.0.1"
+GREETER = "com.example.Greeter"
+ADMIN = "com.example.Admin"
+DUBBO_CODEC = "codecs/dubbo:DubboCodec"
+SERVICE_NOT_FOUND = 60
+
+
+class Proxy:
+    """A started stack in front of providers: ``port`` to call, ``providers`` by cluster name."""
+
+    def __init__(self, port: int, providers: dict[str, DubboProvider], stack: Stack) -> None:
+        self.port = port
+        self.providers = providers
+        self.stack = stack
+
+
+@pytest.fixture
+def proxy(tmp_path) -> Iterator:
+    """Factory: proxy(providers={cluster: (interface, name)}, routes=[...]) runs one provider per
+    cluster behind a dubbo listener; without routes, examples/dubbo.yaml (routes, options,
+    clusters dubbo-v1/dubbo-v2) is used with its clusters served by the given providers."""
+    stacks: list[Stack] = []
+    running: list[DubboProvider] = []
+
+    def make(providers: dict[str, tuple[str, str]], routes: list[dict] | None = None) -> Proxy:
+        started = {}
+        for cluster, (interface, name) in providers.items():
+            provider = start_provider(interface, name=name)
+            running.append(provider)
+            started[cluster] = provider
+        port = free_port()
+        ports = {cluster: provider.port for cluster, provider in started.items()}
+        if routes is None:
+            cfg = example_config("examples/dubbo.yaml", {"dubbo": port}, ports)
+        else:
+            cfg = codec_config("dubbo", DUBBO_CODEC, port, ports, routes, request_timeout="5s")
+        stack = Stack(tmp_path, cfg)
+        stacks.append(stack)
+        stack.start()
+        return Proxy(port, started, stack)
+
+    yield make
+    for stack in stacks:
+        # Envoy first: it closes the client connections still open (dubbo-ssl-python keeps its
+        # pooled one), so the bridge's streams end and it need not wait out its shutdown grace.
+        stack.stop_process("envoy")
+        stack.stop()
+    for provider in running:
+        provider.stop()
+
+
+def route(cluster: str, **headers: str) -> dict:
+    return {"match": {"headers": [{"name": key, "exact": value} for key, value in headers.items()]}, "route": {"cluster": cluster}}
+
+
+def methods_seen(provider: DubboProvider) -> list[str]:
+    return [received.method for received in provider.received]
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (bounded by the socket's timeout)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_routes_by_interface_and_method(proxy):
+    p = proxy(
+        {"greeter-v1": (GREETER, "greeter-v1"), "greeter-v2": (GREETER, "greeter-v2"), "admin": (ADMIN, "admin")},
+        [route("admin", interface=ADMIN), route("greeter-v2", interface=GREETER, method="echo"), route("greeter-v1", interface=GREETER)],
+    )
+    assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
+    assert call(HOST, p.port, GREETER, "echo", ["héllo €"]) == "héllo €"
+    assert call(HOST, p.port, ADMIN, "whoami") == "admin"
+    large = "ü€" * 15_000  # about 75 KB each way: arrives in several reads
+    assert call(HOST, p.port, GREETER, "echo", [large]) == large
+    assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
+    assert methods_seen(p.providers["greeter-v1"]) == ["whoami", "whoami"]
+    assert methods_seen(p.providers["greeter-v2"]) == ["echo", "echo"]
+    assert methods_seen(p.providers["admin"]) == ["whoami"]
+
+
+def test_example_config_routes_mutates_and_answers_no_route(proxy):
+    """examples/dubbo.yaml: attachments() -> dubbo-v2 with x-routed-by added; x-canary=true ->
+    dubbo-v2; other Greeter calls -> dubbo-v1; any other interface has no route."""
+    p = proxy({"dubbo-v1": (GREETER, "greeter-v1"), "dubbo-v2": (GREETER, "greeter-v2")})
+    v1, v2 = p.providers["dubbo-v1"], p.providers["dubbo-v2"]
+
+    assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
+    assert call(HOST, p.port, GREETER, "whoami", attachments={"x-canary": "true"}) == "greeter-v2"
+    seen = call(HOST, p.port, GREETER, "attachments", attachments={"x-trace": "t-1"})
+    assert seen["x-routed-by"] == "metabridge"  # the route's request_mutation
+    assert seen["x-trace"] == "t-1"  # the consumer's own attachment is kept
+    assert seen["interface"] == GREETER
+    assert [r.attachments.get("x-routed-by") for r in v2.received if r.method == "attachments"] == ["metabridge"]
+    assert methods_seen(v1) == ["whoami"]
+
+    # No route: the consumer gets the error reply at once, not its own timeout.
+    with pytest.raises(ConsumerError) as raised:
+        call(HOST, p.port, "com.example.Unknown", "whoami", timeout=5)
+    assert not isinstance(raised.value, ConsumerTimeout)
+    assert "no route matches com.example.Unknown/whoami" in str(raised.value)
+    # The second consumer library sees the status and message the codec put there.
+    raw = call_raw(HOST, p.port, "com.example.Unknown", "whoami", request_id=41, timeout=5)
+    assert (raw.id, raw.status) == (41, SERVICE_NOT_FOUND)
+    assert "no route matches com.example.Unknown/whoami" in raw.error
+    # The consumer's connection stays usable after the error reply.
+    assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
+    assert all(r.interface == GREETER for r in v1.received + v2.received)
+
+
+def test_heartbeats_answered_by_bridge_and_garbage_closes_only_that_connection(proxy):
+    p = proxy({"v1": (GREETER, "greeter-v1")}, [route("v1", interface=GREETER)])
+    provider = p.providers["v1"]
+
+    replies = heartbeats_raw(HOST, p.port, [7, 8, 2**40])
+    for request_id, reply in zip([7, 8, 2**40], replies, strict=True):
+        decoded = decode_with_dubbo_py(reply)
+        assert isinstance(decoded, DubboHeartBeatResponse) and decoded.id == request_id
+        assert decode_with_dubbo_ssl(reply) == (1, None)  # a heartbeat response with a null body
+    # Answered by the bridge: no upstream connection was made, the provider saw nothing.
+    assert p.stack.envoy_stat("cluster.v1.upstream_cx_total") == 0
+    assert provider.heartbeats == 0 and provider.received == []
+
+    assert call(HOST, p.port, GREETER, "echo", ["before"]) == "before"
+    with socket.create_connection((HOST, p.port), timeout=5) as bad:
+        bad.sendall(b"\xca\xfe" + bytes(14) + b"not dubbo")  # wrong magic
+        leaked = read_until_closed(bad)
+    assert leaked == b""  # closed, with nothing (no raw HTTP/2) sent to the client
+    assert call(HOST, p.port, GREETER, "echo", ["after"]) == "after"
+    assert "bad_request_closing_connection" in p.stack.log("bridge")
+    assert methods_seen(provider) == ["echo", "echo"]
+
+
+def test_example_config_validates():
+    result = subprocess.run([sys.executable, "-m", "bridge.cli", "validate", "-c", "examples/dubbo.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "examples/dubbo.yaml: OK" in result.stdout
