@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
@@ -116,6 +117,13 @@ def test_routes_by_interface_and_method(proxy):
     assert methods_seen(p.providers["greeter-v2"]) == ["echo", "echo"]
     assert methods_seen(p.providers["admin"]) == ["whoami"]
 
+    # Calls in flight together on the consumer's one connection, over three upstreams: each
+    # answer is matched to its call by request id.
+    calls = [(GREETER, "echo", [f"m{i}"]) if i % 3 == 0 else (ADMIN, "whoami", []) if i % 3 == 1 else (GREETER, "whoami", []) for i in range(30)]
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        answers = list(pool.map(lambda c: call(HOST, p.port, *c), calls))
+    assert answers == [f"m{i}" if i % 3 == 0 else "admin" if i % 3 == 1 else "greeter-v1" for i in range(30)]
+
 
 def test_example_config_routes_mutates_and_answers_no_route(proxy):
     """examples/dubbo.yaml: attachments() -> dubbo-v2 with x-routed-by added; x-canary=true ->
@@ -131,6 +139,9 @@ def test_example_config_routes_mutates_and_answers_no_route(proxy):
     assert seen["interface"] == GREETER
     assert [r.attachments.get("x-routed-by") for r in v2.received if r.method == "attachments"] == ["metabridge"]
     assert methods_seen(v1) == ["whoami"]
+    # A provider's error response passes through to the consumer.
+    with pytest.raises(ConsumerError, match="greeter-v1: boom"):
+        call(HOST, p.port, GREETER, "fail", ["boom"])
 
     # No route: the consumer gets the error reply at once, not its own timeout.
     with pytest.raises(ConsumerError) as raised:
@@ -143,6 +154,7 @@ def test_example_config_routes_mutates_and_answers_no_route(proxy):
     assert "no route matches com.example.Unknown/whoami" in raw.error
     # The consumer's connection stays usable after the error reply.
     assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
+    assert methods_seen(v1) == ["whoami", "fail", "whoami"]
     assert all(r.interface == GREETER for r in v1.received + v2.received)
 
 

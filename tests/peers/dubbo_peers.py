@@ -17,9 +17,11 @@ Everything binds and targets 127.0.0.1. The provider answers, for its interface 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import logging
+import signal
 import socket
 import socketserver
 import struct
@@ -314,3 +316,56 @@ class ScriptedProvider:
                 buffer += data
         except OSError:
             return
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _serve_forever(args: argparse.Namespace) -> None:
+    provider = start_provider(args.interface, version=args.version, name=args.name, host=args.host, port=args.port)
+    print(f"listening {provider.host}:{provider.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    provider.stop()
+
+
+def _call(args: argparse.Namespace) -> None:
+    attachments = {}
+    for item in args.attachment:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--attachment {item!r}: write it as KEY=VALUE")
+        attachments[key] = value
+    print(call(args.host, args.port, args.interface, args.method, args.args, attachments, version=args.version, timeout=args.timeout))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``serve`` a provider or ``call`` one (through a proxy), for trying a config by hand:
+    python -m tests.peers.dubbo_peers serve --name greeter-v1 --port 10201
+    python -m tests.peers.dubbo_peers call --port 10200 whoami --attachment x-canary=true
+    """
+    parser = argparse.ArgumentParser(prog="python -m tests.peers.dubbo_peers", description="Dubbo2/Hessian2 peers (dubbo-py provider, dubbo-ssl-python consumer)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in ("serve", "call"):
+        sub = commands.add_parser(command)
+        sub.add_argument("--host", default=LOOPBACK)
+        sub.add_argument("--port", type=int, default=0 if command == "serve" else 10200)
+        sub.add_argument("--interface", default="com.example.Greeter")
+        sub.add_argument("--version", default="1.0.0")
+        if command == "serve":
+            sub.add_argument("--name", default="provider", help="what whoami() answers")
+        else:
+            sub.add_argument("method", choices=("whoami", "echo", "attachments", "fail"))
+            sub.add_argument("args", nargs="*", help="string arguments")
+            sub.add_argument("--attachment", action="append", default=[], metavar="KEY=VALUE")
+            sub.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    args = parser.parse_args(argv)
+    (_serve_forever if args.command == "serve" else _call)(args)
+
+
+if __name__ == "__main__":
+    main()
