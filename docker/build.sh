@@ -3,8 +3,9 @@
 # the build:
 #   1. base image ($BASE_IMAGE): a Debian bookworm root filesystem made with mmdebstrap and
 #      imported with `docker import`; built only when missing (or when its recipe changed);
-#   2. wheelhouse (docker/.cache/wheels): the pinned requirements downloaded on this machine for
-#      the base image's Python and platform; refreshed only when requirements.txt changes;
+#   2. wheelhouse (docker/.cache/wheels): the project's runtime dependencies (pyproject.toml,
+#      pinned by requirements.txt) and the build tools (docker/build-requirements.txt), fetched on
+#      this machine for the base image's Python and platform; refreshed only when those change;
 #   3. the image ($IMAGE) from docker/Dockerfile, with the classic builder (BuildKit would try to
 #      resolve the local base image in a registry).
 # Idempotent: a second run reuses everything that did not change. Prints the image sizes at the end.
@@ -30,6 +31,8 @@ BASE_DPKG_OPTS=(
   --dpkgopt='path-exclude=/usr/share/man/*'
   --dpkgopt='path-exclude=/usr/share/locale/*'
 )
+# The extras of the project the image installs (pyproject.toml's optional-dependencies).
+IMAGE_EXTRAS=(envoy fast)
 # The project files the image needs (the source tree minus tests, docs and local state).
 SOURCES=(bridge codecs examples proto scripts pyproject.toml README.md LICENSE)
 
@@ -92,19 +95,35 @@ host_python() {
   fi
 }
 
+runtime_requirements() {
+  # What the image runs: the project's dependencies and the extras it uses, from pyproject.toml
+  # (requirements.txt also pins test and benchmark tools, which the image does not need).
+  "$(host_python)" - "${IMAGE_EXTRAS[@]}" <<'PY' || die "could not read the dependencies from pyproject.toml with $(host_python) (needs Python 3.11+; set PYTHON)"
+import sys, tomllib
+with open("pyproject.toml", "rb") as f:
+    project = tomllib.load(f)["project"]
+requirements = list(project["dependencies"])
+for extra in sys.argv[1:]:
+    requirements += project["optional-dependencies"][extra]
+print("\n".join(requirements))
+PY
+}
+
 build_wheelhouse() {
   # Wheels for the base image's interpreter and glibc, whatever this machine runs. Two passes:
-  # `pip wheel` resolves the whole pinned closure here (turning sdist-only packages into wheels);
-  # the pure-Python wheels are kept, and every platform-specific one is downloaded again, by
-  # exact version, for the image's CPython and manylinux level.
-  local target py abi arch glibc tags=() stamp want m wheel name dist version rest pins=()
+  # `pip wheel` resolves the closure here, pinned by requirements.txt (and turns sdist-only
+  # packages into wheels); the pure-Python wheels are kept, and every platform-specific one is
+  # downloaded again, by exact version, for the image's CPython and manylinux level. The result
+  # holds one version of each package, so installing from it needs no further pins.
+  local target py abi arch glibc runtime tags=() stamp want m wheel name dist version rest pins=()
   target=$(docker run --rm "$BASE_IMAGE" python3 -c \
     'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), platform.libc_ver()[1])')
   read -r py arch glibc <<<"$target"
   abi="cp${py/./}"
+  runtime=$(runtime_requirements)
 
   stamp="$CACHE/wheels/.stamp"
-  want=$(cat requirements.txt docker/build-requirements.txt | sha256sum | cut -c1-16)-$abi-$arch-$glibc
+  want=$(printf '%s\n' "$runtime" | cat - requirements.txt docker/build-requirements.txt | sha256sum | cut -c1-16)-$abi-$arch-$glibc
   if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     log "wheelhouse $CACHE/wheels is up to date; reusing it"
     return
@@ -112,8 +131,10 @@ build_wheelhouse() {
   log "preparing wheels for CPython $py on glibc $glibc $arch in $CACHE/wheels"
   rm -rf "$CACHE/wheels.new" "$CACHE/wheels.host"
   mkdir -p "$CACHE/wheels.new"
+  printf '%s\n' "$runtime" >"$CACHE/wheels.new/runtime.txt"
+  cp docker/build-requirements.txt "$CACHE/wheels.new/build.txt"
   "$(host_python)" -m pip wheel --quiet --disable-pip-version-check --wheel-dir "$CACHE/wheels.host" \
-    -r requirements.txt -r docker/build-requirements.txt \
+    -r "$CACHE/wheels.new/runtime.txt" -r docker/build-requirements.txt -c requirements.txt \
     || die "pip could not resolve or build the requirements (see above)"
   for wheel in "$CACHE/wheels.host"/*.whl; do
     name=${wheel##*/}
@@ -130,7 +151,6 @@ build_wheelhouse() {
       || die "no wheel for CPython $py on glibc $glibc $arch for one of: ${pins[*]} (above: which); the image installs wheels only"
   fi
   rm -rf "$CACHE/wheels.host"
-  cat requirements.txt docker/build-requirements.txt >"$CACHE/wheels.new/requirements.txt"
   echo "$want" >"$CACHE/wheels.new/.stamp"
   rm -rf "$CACHE/wheels"
   mv "$CACHE/wheels.new" "$CACHE/wheels"

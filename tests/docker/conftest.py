@@ -1,0 +1,249 @@
+"""Fixtures for the docker tests (pytest-docker): build the image with docker/build.sh, start the
+repository's docker-compose.yml under a project name of its own, wait until Envoy serves, and
+always take the stack down again (containers, networks, volumes), also when starting it failed.
+
+Without a reachable Docker engine the tests fail with a message saying so, unless
+METABRIDGE_SKIP_DOCKER=1, which skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pytest_docker.plugin import DockerComposeExecutor, Services, get_docker_services
+
+from examples.awesomerpc.client import call_sync
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+BUILD_SCRIPT = REPO_ROOT / "docker" / "build.sh"
+SKIP_ENV = "METABRIDGE_SKIP_DOCKER"
+# The compose file publishes Envoy on the host ports these name (127.0.0.1 only).
+LISTENER_PORT_ENV = "METABRIDGE_LISTENER_PORT"
+ADMIN_PORT_ENV = "METABRIDGE_ADMIN_PORT"
+ENVOY_LISTENER_PORT = 10000  # inside the envoy container
+ENVOY_ADMIN_PORT = 9901
+
+BUILD_TIMEOUT_S = 1200  # a first build makes the base image and downloads every wheel
+READY_TIMEOUT_S = 120
+LOG_TAIL_LINES = 40
+
+
+def _run(args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def _engine_problem() -> str | None:
+    """Why no Docker engine can be used, or None when one answers."""
+    if shutil.which("docker") is None:
+        return "the docker command is not installed"
+    try:
+        result = _run(["docker", "info", "--format", "{{.ServerVersion}}"], timeout=30)
+    except subprocess.TimeoutExpired:
+        return "`docker info` did not answer within 30 s"
+    if result.returncode != 0:
+        return f"no Docker engine is reachable (`docker info` said: {result.stdout.strip()})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> None:
+    problem = _engine_problem()
+    if problem is None:
+        return
+    if os.environ.get(SKIP_ENV) == "1":
+        pytest.skip(f"{problem}; skipped because {SKIP_ENV}=1")
+    pytest.fail(f"{problem}. The docker tests need a Docker engine; set {SKIP_ENV}=1 to skip them instead.", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_command(docker_engine: None) -> str:
+    """Compose v2 when the docker CLI has it, else docker-compose v1 (which has no `up --wait`)."""
+    if _run(["docker", "compose", "version"]).returncode == 0:
+        return "docker compose"
+    if shutil.which("docker-compose"):
+        return "docker-compose"
+    pytest.fail("neither `docker compose` (v2) nor `docker-compose` (v1) is installed", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_file() -> str:
+    return str(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="session")
+def docker_compose_project_name() -> str:
+    # Unique per run, so parallel or leftover runs never share containers or networks.
+    return f"metabridge-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="session")
+def docker_setup() -> list[str]:
+    # Readiness is polled by the stack fixture: docker-compose v1 has no `up --wait`.
+    return ["up -d"]
+
+
+@pytest.fixture(scope="session")
+def docker_cleanup() -> list[str]:
+    return ["down --volumes --remove-orphans --timeout 5"]
+
+
+@pytest.fixture(scope="session")
+def metabridge_image(docker_engine: None) -> None:
+    """docker/build.sh: builds metabridge:latest, reusing the cached base image and wheels."""
+    try:
+        result = _run(["bash", str(BUILD_SCRIPT)], timeout=BUILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"docker/build.sh did not finish within {BUILD_TIMEOUT_S} s", pytrace=False)
+    if result.returncode != 0:
+        tail = "\n".join(result.stdout.splitlines()[-LOG_TAIL_LINES:])
+        pytest.fail(f"docker/build.sh failed with exit status {result.returncode}:\n{tail}", pytrace=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def published_ports() -> Iterator[None]:
+    """Free host ports for Envoy, so the tests never collide with a running demo on 10000/9901."""
+    wanted = {LISTENER_PORT_ENV: str(_free_port()), ADMIN_PORT_ENV: str(_free_port())}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def docker_services(
+    docker_compose_command: str,
+    docker_compose_file: str,
+    docker_compose_project_name: str,
+    docker_setup: list[str],
+    docker_cleanup: list[str],
+    metabridge_image: None,
+    published_ports: None,
+) -> Iterator[Services]:
+    # pytest-docker runs the set-up before the block that guarantees the clean-up, so a failed
+    # `up` would leave containers behind: run the set-up inside it instead.
+    compose = DockerComposeExecutor(docker_compose_command, docker_compose_file, docker_compose_project_name)
+    with get_docker_services(docker_compose_command, docker_compose_file, docker_compose_project_name, [], docker_cleanup) as services:
+        for command in docker_setup:
+            try:
+                compose.execute(command)
+                failure = None
+            except Exception as exc:  # pytest-docker raises a bare Exception carrying compose's output
+                failure = f"`{command}` failed: {exc}"
+            if failure is not None:
+                pytest.fail(f"{failure}\n{Stack.describe_with(compose)}", pytrace=False)
+        yield services
+
+
+class Stack:
+    """The running compose stack as the tests see it from the host."""
+
+    def __init__(self, compose: DockerComposeExecutor, project: str, listener_port: int, admin_port: int) -> None:
+        self.compose = compose
+        self.project = project
+        self.host = "127.0.0.1"
+        self.listener_port = listener_port
+        self.admin_port = admin_port
+
+    def stop(self, service: str) -> None:
+        self.compose.execute(f"stop --timeout 5 {service}")
+
+    def start(self, service: str) -> None:
+        self.compose.execute(f"start {service}")
+
+    def logs(self, service: str = "") -> str:
+        return self.compose.execute(f"logs --no-color {service}", ignore_stderr=True).decode(errors="replace")
+
+    def container_state(self, service: str) -> tuple[str, int]:
+        """(status, exit code) of the service's one container, found by compose's labels."""
+        ids = _run(
+            ["docker", "ps", "--all", "--quiet", "--filter", f"label=com.docker.compose.project={self.project}",
+             "--filter", f"label=com.docker.compose.service={service}"]
+        ).stdout.split()
+        assert len(ids) == 1, f"expected one {service} container in project {self.project}, found {ids}"
+        status, code = _run(["docker", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", ids[0]]).stdout.split()
+        return status, int(code)
+
+    def wait_for_exit(self, service: str, timeout: float = READY_TIMEOUT_S) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, code = self.container_state(service)
+            if status in ("exited", "dead"):
+                return code
+            time.sleep(0.5)
+        pytest.fail(f"{service} did not exit within {timeout} s\n{self.describe()}", pytrace=False)
+
+    def serving_problem(self) -> str | None:
+        """Why the stack does not serve yet (Envoy ready, listener accepting, one call answered), or None."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/ready", timeout=2) as response:
+                if response.status != 200:
+                    return f"Envoy's /ready answered HTTP {response.status}"
+        except OSError as exc:
+            return f"Envoy's admin /ready is not answering: {exc}"
+        try:
+            with socket.create_connection((self.host, self.listener_port), timeout=2):
+                pass
+        except OSError as exc:
+            return f"Envoy's listener does not accept connections: {exc}"
+        try:
+            call_sync(self.host, self.listener_port, 2, b"ready?", timeout=3)
+        except (OSError, TimeoutError) as exc:
+            return f"a call through Envoy failed: {exc}"
+        return None
+
+    def wait_until_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        problem = "not checked"
+        while time.monotonic() < deadline:
+            problem = self.serving_problem()
+            if problem is None:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"the compose stack did not serve within {timeout} s: {problem}\n{self.describe()}", pytrace=False)
+
+    def describe(self) -> str:
+        return self.describe_with(self.compose)
+
+    @staticmethod
+    def describe_with(compose: DockerComposeExecutor) -> str:
+        """`ps` and the last log lines of every service, for failure messages."""
+        parts = []
+        for command in ("ps", f"logs --no-color --tail {LOG_TAIL_LINES}"):
+            try:
+                parts.append(compose.execute(command, ignore_stderr=True).decode(errors="replace"))
+            except Exception as exc:  # best effort: the message is for a failure report
+                parts.append(f"({command} failed: {exc})")
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def stack(docker_services: Services, docker_compose_command: str, docker_compose_file: str, docker_compose_project_name: str) -> Stack:
+    compose = DockerComposeExecutor(docker_compose_command, docker_compose_file, docker_compose_project_name)
+    running = Stack(
+        compose,
+        docker_compose_project_name,
+        listener_port=docker_services.port_for("envoy", ENVOY_LISTENER_PORT),
+        admin_port=docker_services.port_for("envoy", ENVOY_ADMIN_PORT),
+    )
+    running.wait_until_serving()
+    return running
