@@ -107,6 +107,7 @@ SCHEMA: dict[str, Any] = {
                 "listen": {"type": "string", "minLength": 1},
                 "workers": {"type": "integer", "minimum": 1, "maximum": 64},
                 "metrics_port": _port,
+                "metrics_address": {"type": "string", "minLength": 1},
                 "log_level": {"enum": ["debug", "info", "warning", "error"]},
             },
         },
@@ -295,6 +296,7 @@ class Config:
     bridge_listen: str = _DEFAULT_LISTEN
     workers: int = 1
     metrics_port: int | None = None
+    metrics_address: str = "127.0.0.1"
     log_level: str = "info"
     envoy_admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
@@ -461,6 +463,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
         bridge_listen=bridge.get("listen", _DEFAULT_LISTEN),
         workers=bridge.get("workers", 1),
         metrics_port=bridge.get("metrics_port"),
+        metrics_address=bridge.get("metrics_address", "127.0.0.1"),
         log_level=bridge.get("log_level", "info"),
         envoy_admin_address=envoy.get("admin_address", "127.0.0.1"),
         envoy_admin_port=envoy.get("admin_port", 9901),

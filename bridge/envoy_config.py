@@ -68,6 +68,7 @@ BRIDGE_CIRCUIT_BREAKER_LIMIT = 1_000_000
 # The bridge is local (Unix socket) or a neighbouring container: a connect that takes longer than
 # this means it is down, and the client connection should fail fast rather than hang.
 BRIDGE_CONNECT_TIMEOUT = timedelta(seconds=1)
+BRIDGE_HEALTH_CHECK_INTERVAL = timedelta(seconds=1)
 
 _UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ZERO = timedelta(0)  # 0s disables an Envoy timeout
@@ -186,6 +187,19 @@ def _bridge_cluster(addresses: list[str]) -> cluster_v3.Cluster:
                     )
                 ]
             ),
+            # The bridge's grpc.health.v1 service: a worker that died (and is being restarted)
+            # stops getting new connections within a second while the others carry on. With
+            # every worker down Envoy's panic mode still tries them, so connections fail closed.
+            health_checks=[
+                core_v3.HealthCheck(
+                    timeout=BRIDGE_HEALTH_CHECK_INTERVAL,
+                    interval=BRIDGE_HEALTH_CHECK_INTERVAL,
+                    no_traffic_interval=BRIDGE_HEALTH_CHECK_INTERVAL,
+                    unhealthy_threshold=1,
+                    healthy_threshold=1,
+                    grpc_health_check=core_v3.HealthCheckGrpcHealthCheck(),
+                )
+            ],
         )
     )
 

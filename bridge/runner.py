@@ -21,7 +21,8 @@ from pathlib import Path
 from bridge import logs
 from bridge.config import Config
 from bridge.logs import event
-from bridge.server import build_runtimes, serve
+from bridge.metrics import serve_metrics
+from bridge.server import build_runtimes, reload_routes, serve
 
 log = logging.getLogger("metabridge.runner")
 
@@ -99,19 +100,30 @@ class EnvoySupervisor:
         self._dir.cleanup()
 
 
-def _worker_main(config: Config, address: str, log_level: str) -> None:
+async def _start_bridge(config: Config, address: str, index: int):
+    """One bridge: the gRPC server, its /metrics (on metrics_port + index) and route reload on SIGHUP."""
+    runtimes = build_runtimes(config)
+    server = await serve(config, address, runtimes)
+    if config.metrics_port is not None:
+        port = config.metrics_port + index if config.metrics_port else 0
+        serve_metrics(runtimes, config.metrics_address, port)
+        event(log, logging.INFO, "metrics_listening", address=f"{config.metrics_address}:{port}")
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
+    return server
+
+
+def _worker_main(config: Config, address: str, index: int, log_level: str) -> None:
     """Entry point of a worker process: serve one address until SIGTERM."""
     logs.setup(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     _install_event_loop()
-    asyncio.run(_serve_until_stopped(config, address))
+    asyncio.run(_serve_until_stopped(config, address, index))
 
 
-async def _serve_until_stopped(config: Config, address: str) -> None:
-    server = await serve(config, address, build_runtimes(config))
+async def _serve_until_stopped(config: Config, address: str, index: int) -> None:
+    server = await _start_bridge(config, address, index)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
         await stop.wait()
     finally:
@@ -130,7 +142,9 @@ class WorkerSupervisor:
         self._stopping = False
 
     def _start(self, address: str) -> None:
-        proc = self._context.Process(target=_worker_main, args=(self._config, address, logging.getLevelName(logging.getLogger().level).lower()), name=f"metabridge-worker {address}", daemon=False)
+        index = self._addresses.index(address)
+        level = logging.getLevelName(logging.getLogger().level).lower()
+        proc = self._context.Process(target=_worker_main, args=(self._config, address, index, level), name=f"metabridge-worker {address}", daemon=False)
         proc.start()
         self._procs[address] = proc
         event(log, logging.INFO, "worker_started", pid=proc.pid, address=address)
@@ -168,6 +182,11 @@ class WorkerSupervisor:
                 await asyncio.sleep(delay)
                 self._start(address)
 
+    def reload(self) -> None:
+        for proc in self._procs.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+
     def stop(self) -> None:
         self._stopping = True
         for proc in self._procs.values():
@@ -191,11 +210,12 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
     exit_code = 0
     try:
         if len(addresses) == 1:
-            server = await serve(config, addresses[0], build_runtimes(config))
+            server = await _start_bridge(config, addresses[0], 0)
         else:
             build_runtimes(config)  # fail here, once, on a bad codec rather than in every worker
             workers = WorkerSupervisor(config, addresses)
             workers.start()
+            loop.add_signal_handler(signal.SIGHUP, workers.reload)
             await workers.wait_ready()
             watchers.append(asyncio.ensure_future(workers.watch()))
         if with_envoy:

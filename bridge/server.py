@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bridge._proto import network_ext_proc_pb2_grpc
 from bridge.codec import Codec
-from bridge.config import Config, ListenerConfig
+from bridge.config import Config, ConfigError, ListenerConfig, load
 from bridge.logs import event
 from bridge.registry import CodecLoadError, load_codecs
 from bridge.router import Router
@@ -68,6 +68,31 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
             raise CodecLoadError(f"{config.source}: codecs.{listener.codec}.options: {type(exc).__name__}: {exc}") from exc
         runtimes[listener.name] = runtime
     return runtimes
+
+
+def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
+    """Re-read the config file and swap in each listener's new routes and timeouts.
+
+    Running sessions pick the new routes up on their next request; nothing is disconnected.
+    Changes that need Envoy's bootstrap re-rendered (listeners, ports, codecs, clusters) are
+    reported and left alone. A config that does not load leaves everything as it was.
+    """
+    try:
+        config = load(path)
+    except (ConfigError, OSError) as exc:
+        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
+        return
+    new = {listener.name: listener for listener in config.listeners}
+    for name, runtime in runtimes.items():
+        listener = new.pop(name, None)
+        if listener is None or listener.codec != runtime.config.codec or listener.port != runtime.config.port:
+            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its codec/port changed: re-render Envoy's bootstrap and restart")
+            continue
+        runtime.router = Router(listener.routes)
+        runtime.config = listener
+        event(log, logging.INFO, "routes_reloaded", listener=name, routes=len(listener.routes))
+    for name in new:
+        event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
 
 
 class Processor(network_ext_proc_pb2_grpc.NetworkExternalProcessorServicer):

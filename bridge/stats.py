@@ -32,8 +32,11 @@ COUNTERS = (
 )
 
 
+GAUGES = ("request_active", "downstream_cx_active")
+
+
 class ListenerStats:
-    __slots__ = COUNTERS + ("request_active", "downstream_cx_active")
+    __slots__ = COUNTERS + GAUGES
 
     def __init__(self) -> None:
         for name in self.__slots__:

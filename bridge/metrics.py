@@ -1,0 +1,38 @@
+"""Prometheus exposition of the per-listener counters (bridge.stats), read at scrape time.
+
+Counters stay plain integers on the hot path; this collector turns them into
+``metabridge_<name>_total{listener="..."}`` (gauges for the ``*_active`` ones) when scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import start_http_server
+from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bridge.stats import COUNTERS, GAUGES
+
+
+class ListenerStatsCollector(Collector):
+    def __init__(self, runtimes) -> None:
+        self._runtimes = runtimes  # name -> ListenerRuntime
+
+    def collect(self):
+        snapshots = {name: runtime.stats.snapshot() for name, runtime in self._runtimes.items()}
+        for counter in COUNTERS:
+            family = CounterMetricFamily(f"metabridge_{counter}", f"metabridge {counter.replace('_', ' ')}", labels=["listener"])
+            for name, snapshot in snapshots.items():
+                family.add_metric([name], snapshot[counter])
+            yield family
+        for gauge in GAUGES:
+            family = GaugeMetricFamily(f"metabridge_{gauge}", f"metabridge {gauge.replace('_', ' ')}", labels=["listener"])
+            for name, snapshot in snapshots.items():
+                family.add_metric([name], snapshot[gauge])
+            yield family
+
+
+def serve_metrics(runtimes, address: str, port: int):
+    """Serve /metrics on address:port (Prometheus text format) for these listeners."""
+    REGISTRY.register(ListenerStatsCollector(runtimes))
+    server, _thread = start_http_server(port, addr=address)
+    return server
