@@ -21,6 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${METABRIDGE_IMAGE:-metabridge:latest}
 BASE_IMAGE=${METABRIDGE_BASE_IMAGE:-metabridge-base:bookworm}
+[[ "${IMAGE##*/}" == *:* ]] || IMAGE=$IMAGE:latest
+STAGE_IMAGE=${IMAGE%:*}-build-stage:${IMAGE##*:}
 CACHE=docker/.cache
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,ca-certificates
@@ -74,7 +76,7 @@ build_base() {
   log "building base image $BASE_IMAGE ($SUITE with $BASE_PACKAGES)"
   mkdir -p "$CACHE"
   tmp=$(mktemp -d "$CACHE/rootfs.XXXXXX")
-  trap 'rm -rf "$tmp"' EXIT
+  trap "rm -rf '$tmp'" EXIT
   # A file, not a pipe: a failed mmdebstrap must never be imported as a truncated base image.
   mmdebstrap --quiet --variant=apt --include="$BASE_PACKAGES" "${BASE_DPKG_OPTS[@]}" \
     "$SUITE" "$tmp/rootfs.tar" ${METABRIDGE_DEBIAN_MIRROR:+"$METABRIDGE_DEBIAN_MIRROR"} \
@@ -117,7 +119,8 @@ build_wheelhouse() {
   # holds one version of each package, so installing from it needs no further pins.
   local target py abi arch glibc runtime tags=() stamp want m wheel name dist version rest pins=()
   target=$(docker run --rm "$BASE_IMAGE" python3 -c \
-    'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), platform.libc_ver()[1])')
+    'import platform, sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}", platform.machine(), platform.libc_ver()[1])') \
+    || die "cannot run python3 in $BASE_IMAGE (rebuild it with --rebuild-base)"
   read -r py arch glibc <<<"$target"
   abi="cp${py/./}"
   runtime=$(runtime_requirements)
@@ -170,20 +173,28 @@ stage_context() {
     | tar -x -C "$context/src"
 }
 
+image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
 started=$(date +%s)
 build_base
 build_wheelhouse
 stage_context
 log "building image $IMAGE"
-previous=$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
-docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --tag "$IMAGE" "$CACHE/context" \
+# The build stage is tagged too ($STAGE_IMAGE): it is the cache of the next build, and tagging it
+# lets the previous one be removed instead of piling up as untagged images.
+previous=$(image_id "$IMAGE") previous_stage=$(image_id "$STAGE_IMAGE")
+docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --target build --tag "$STAGE_IMAGE" "$CACHE/context" \
+  && docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --tag "$IMAGE" "$CACHE/context" \
   || die "docker build of $IMAGE failed at the step shown above"
 rm -rf "$CACHE/context"
-# The replaced image is only wasted disk now (kept if a container still uses it).
-if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect --format '{{.Id}}' "$IMAGE")" ]; then
-  docker image rm "$previous" >/dev/null 2>&1 || true
-fi
+# The replaced images are only wasted disk now (kept while a container still uses one).
+for old in "$previous" "$previous_stage"; do
+  if [ -n "$old" ] && [ "$old" != "$(image_id "$IMAGE")" ] && [ "$old" != "$(image_id "$STAGE_IMAGE")" ]; then
+    docker image rm "$old" >/dev/null 2>&1 || true
+  fi
+done
 
 log "done in $(($(date +%s) - started)) s"
-docker image ls --format 'table {{.Repository}}:{{.Tag}}\t{{.Size}}' "${IMAGE%%:*}"
-docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' "${BASE_IMAGE%%:*}"
+for image in "$IMAGE" "$BASE_IMAGE"; do
+  printf '%-40s %5d MB\n' "$image" $(($(docker image inspect --format '{{.Size}}' "$image") / 1000000))
+done
