@@ -27,7 +27,13 @@ _GENERIC_ROUTE_ACTION = "type.googleapis.com/envoy.extensions.filters.network.ge
 _TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 
 
-def _bootstrap(admin_port: int, listen_port: int, network_filter: dict[str, Any], backend_port: int) -> dict[str, Any]:
+# generic_proxy holds each whole message in the connection's buffer: Envoy's default limit of
+# 1 MiB makes its Dubbo codec fail ("request decoding failure") on the 1 MiB points.
+GENERIC_PROXY_BUFFER_LIMIT = 4 * 1024 * 1024
+
+
+def _bootstrap(admin_port: int, listen_port: int, network_filter: dict[str, Any], backend_port: int, buffer_limit: int | None = None) -> dict[str, Any]:
+    limit = {} if buffer_limit is None else {"per_connection_buffer_limit_bytes": buffer_limit}
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -36,6 +42,7 @@ def _bootstrap(admin_port: int, listen_port: int, network_filter: dict[str, Any]
                     "name": "bench",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
                     "filter_chains": [{"filters": [network_filter]}],
+                    **limit,
                 }
             ],
             "clusters": [
@@ -44,6 +51,7 @@ def _bootstrap(admin_port: int, listen_port: int, network_filter: dict[str, Any]
                     "type": "STATIC",
                     "connect_timeout": "1s",
                     "lb_policy": "ROUND_ROBIN",
+                    **limit,
                     "load_assignment": {
                         "cluster_name": BACKEND_CLUSTER,
                         "endpoints": [
@@ -92,4 +100,4 @@ def generic_proxy_bootstrap(admin_port: int, listen_port: int, backend_port: int
             "route_config": {"name": "bench", "routes": {"matcher_list": {"matchers": [route]}}},
         },
     }
-    return _bootstrap(admin_port, listen_port, network_filter, backend_port)
+    return _bootstrap(admin_port, listen_port, network_filter, backend_port, GENERIC_PROXY_BUFFER_LIMIT)

@@ -41,6 +41,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and all its live descendants (a bridge with worker processes)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += cpu_seconds(current)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    pending.extend(int(child) for child in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited between the listing and the read
+    return total
+
+
 def machine_busy_seconds() -> float:
     """CPU time all cores of the machine spent busy (not idle or waiting on I/O), from /proc/stat:
     compared with the benchmark's own processes it shows what else was running."""

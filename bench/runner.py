@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.loadgen import LoadGenerator, LoadGeneratorError, LoadResult, LoadSpec
-from bench.processes import StartError, cpu_seconds, machine_busy_seconds
+from bench.processes import StartError, cpu_seconds, machine_busy_seconds, tree_cpu_seconds
 from bench.scenarios import Point
 from bench.stacks import Backend, Stack
 
@@ -39,7 +39,7 @@ def measure_point(point: Point, port: int, loadgen: LoadGenerator, timing: Timin
     readings: dict[str, dict[str, float]] = {}
 
     def on_window(edge: str) -> None:
-        readings[edge] = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        readings[edge] = {role: tree_cpu_seconds(pid) for role, pid in pids.items()}
         readings[edge]["client"] = sum(cpu_seconds(pid) for pid in used_workers)
         readings[edge][_MACHINE] = machine_busy_seconds()
 
@@ -119,6 +119,7 @@ def run_points(
     timing: Timing,
     workdir: Path,
     client_workers: int,
+    bridge_workers: int = 1,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every point in order; a path that cannot start marks its points failed."""
@@ -129,7 +130,7 @@ def run_points(
         with LoadGenerator(client_workers) as loadgen:
             for spec, group in itertools.groupby(points, key=lambda p: p.path):
                 group = list(group)
-                stack = Stack(spec, backend.ports, workdir)
+                stack = Stack(spec, backend.ports, workdir, bridge_workers)
                 started = time.monotonic()
                 try:
                     port = stack.start()

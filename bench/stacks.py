@@ -64,8 +64,9 @@ def _envoy_bin() -> str:
 class Stack:
     """The processes of one path: ``start()`` returns the port the client connects to."""
 
-    def __init__(self, spec: PathSpec, backend_ports: dict[str, int], workdir: Path) -> None:
+    def __init__(self, spec: PathSpec, backend_ports: dict[str, int], workdir: Path, bridge_workers: int = 1) -> None:
         self.spec = spec
+        self.bridge_workers = bridge_workers
         self.backend_port = backend_ports[spec.protocol]
         self.workdir = workdir
         self.children: dict[str, Child] = {}  # role ("envoy", "bridge") -> process
@@ -115,7 +116,7 @@ class Stack:
             raise StartError(f"metabridge has no {protocol} codec in this tree ({_CODEC_REFS[protocol]})")
         socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"
         config = {
-            "bridge": {"listen": f"unix:{socket_path}", "log_level": "warning"},
+            "bridge": {"listen": f"unix:{socket_path}", "workers": self.bridge_workers, "log_level": "warning"},
             "envoy": {"admin_port": admin_port, "message_timeout": "5s", "concurrency": 1},
             "codecs": {protocol: {"ref": f"{_CODEC_REFS[protocol]}:{_CODEC_CLASSES[protocol]}"}},
             "listeners": [
@@ -134,10 +135,12 @@ class Stack:
         }
         config_path = self.workdir / f"metabridge-{protocol}-r{self.spec.routes}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        bootstrap = envoy_config.render_yaml(load(config_path))
+        config_model = load(config_path)
+        bootstrap = envoy_config.render_yaml(config_model)
         args = [sys.executable, "-m", "bridge.cli", "--log-level", "warning", "run", "-c", str(config_path)]
         bridge = self.children["bridge"] = Child(f"bridge ({self.spec.name})", args, self._log("bridge"))
-        bridge.wait_until(lambda: _bridge_serving(f"unix:{socket_path}"), 30, "serving")
+        for address in config_model.worker_addresses():
+            bridge.wait_until(lambda a=address: _bridge_serving(a), 30, f"serving on {address}")
         return bootstrap
 
     def pids(self) -> dict[str, int]:
