@@ -109,16 +109,23 @@ def metabridge_image(docker_engine: None) -> None:
         pytest.fail(f"docker/build.sh failed with exit status {result.returncode}:\n{tail}", pytrace=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    # All bound at once, so the kernel cannot hand out the same port twice.
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture(scope="session")
 def published_ports() -> Iterator[None]:
     """Free host ports for Envoy, so the tests never collide with a running demo on 10000/9901."""
-    wanted = {LISTENER_PORT_ENV: str(_free_port()), ADMIN_PORT_ENV: str(_free_port())}
+    listener, admin = _free_ports(2)
+    wanted = {LISTENER_PORT_ENV: str(listener), ADMIN_PORT_ENV: str(admin)}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     yield

@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bridge.codec import DecodeStatus, Metadata
 from examples.awesomerpc.client import AwesomeRpcClient, Reply, call_sync, encode_frame
 from examples.awesomerpc.protocol import AwesomeRpcCodec
-from tests.docker.conftest import Stack
+
+if TYPE_CHECKING:
+    from tests.docker.conftest import Stack
 
 # The first test also waits for the image build (minutes on a fresh machine).
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
