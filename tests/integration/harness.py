@@ -42,6 +42,19 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     raise TimeoutError(f"{what} not ready within {timeout}s (last error: {last})")
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes (bounded by the socket's timeout)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def port_open(port: int) -> bool:
     with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
         return True
@@ -109,7 +122,9 @@ class Stack:
             proc.wait()
 
     def stop(self) -> None:
-        for name in list(self.procs):
+        # Envoy first: it closes the client connections still open, so the bridge's streams end
+        # and it need not wait out its shutdown grace.
+        for name in sorted(self.procs, key=lambda n: n != "envoy"):
             self.stop_process(name)
 
     def envoy_stat(self, name: str) -> int:

@@ -13,7 +13,7 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encode_frame
 from examples.awesomerpc.protocol import ERROR_CODES
 from bridge.codec import ErrorType
-from tests.integration.harness import Stack, awesomerpc_config, free_port, wait_until
+from tests.integration.harness import Stack, awesomerpc_config, free_port, read_until_closed, wait_until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
 CMD_CLOSE = 99  # the example backend closes the connection without answering
@@ -225,18 +225,6 @@ def _raw_connection(s: Stack) -> socket.socket:
     return sock
 
 
-def _read_until_closed(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
-
-
 def test_malformed_frame_closes_only_that_connection(stack):
     s = stack(DEFAULT_ROUTES)
 
@@ -245,7 +233,7 @@ def test_malformed_frame_closes_only_that_connection(stack):
             assert (await healthy.call(1, b"before")).body == b"v1|before"
             bad = _raw_connection(s)
             bad.sendall(b"\x01\x00\x00\x00\x01\x00\x00\x00\x05garbage")  # len 5 < 13-byte header
-            leaked = await asyncio.get_running_loop().run_in_executor(None, _read_until_closed, bad)
+            leaked = await asyncio.get_running_loop().run_in_executor(None, read_until_closed, bad)
             bad.close()
             after = await healthy.call(2, b"after")
             return leaked, after
@@ -263,7 +251,7 @@ def test_oversized_frame_rejected(stack):
         async with await connect(s) as other:
             big = _raw_connection(s)
             big.sendall(encode_frame(1, 1, b"x" * 4096)[:600])  # the header alone announces 4109 bytes
-            leaked = await asyncio.get_running_loop().run_in_executor(None, _read_until_closed, big)
+            leaked = await asyncio.get_running_loop().run_in_executor(None, read_until_closed, big)
             big.close()
             small = await other.call(1, b"y" * 500)
             return leaked, small
@@ -282,7 +270,7 @@ def test_client_half_close_ends_connection_and_frees_state(stack):
     sock.sendall(encode_frame(7, CMD_SLOW, b"1000"))
     time.sleep(0.3)  # the request is in flight on a tunnel
     sock.shutdown(socket.SHUT_WR)
-    data = _read_until_closed(sock)
+    data = read_until_closed(sock)
     sock.close()
     assert data in (b"", encode_frame(7, CMD_SLOW, b"v1|1000"))
     wait_until(lambda: '"event": "session_closed"' in s.log("bridge"), 5, "session cleanup")
@@ -299,7 +287,7 @@ def test_idle_timeout_closes_connection(stack):
     sock = _raw_connection(s)
     sock.sendall(encode_frame(1, 1, b"hi"))
     started = time.monotonic()
-    data = _read_until_closed(sock)
+    data = read_until_closed(sock)
     sock.close()
     assert b"v1|hi" in data
     assert time.monotonic() - started < 4
@@ -347,7 +335,7 @@ def test_bridge_killed_fails_closed_then_recovers(stack):
         # A new connection while the bridge is down is closed too: no raw bytes pass.
         raw = _raw_connection(s)
         raw.sendall(encode_frame(1, 1, b"raw"))
-        leaked = await asyncio.get_running_loop().run_in_executor(None, _read_until_closed, raw)
+        leaked = await asyncio.get_running_loop().run_in_executor(None, read_until_closed, raw)
         raw.close()
         assert leaked == b""
         s.start_bridge()

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
 
-from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port
+from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port, read_until_closed
 from tests.peers.dubbo_peers import (
     ConsumerError,
     ConsumerTimeout,
@@ -73,9 +73,6 @@ def proxy(tmp_path) -> Iterator:
 
     yield make
     for stack in stacks:
-        # Envoy first: it closes the client connections still open (dubbo-ssl-python keeps its
-        # pooled one), so the bridge's streams end and it need not wait out its shutdown grace.
-        stack.stop_process("envoy")
         stack.stop()
     for provider in running:
         provider.stop()
@@ -88,18 +85,6 @@ def route(cluster: str, **headers: str) -> dict:
 def methods_seen(provider: DubboProvider) -> list[str]:
     return [received.method for received in provider.received]
 
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the peer sends until it closes (bounded by the socket's timeout)."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def test_routes_by_interface_and_method(proxy):

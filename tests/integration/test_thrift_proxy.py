@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port
+from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port, read_until_closed
 from tests.peers.thrift_peers import BUFFERED_COMPACT, FRAMED_BINARY, EchoServer, Variant, client_for, sample_payload
 
 HOST = "127.0.0.1"
@@ -68,9 +68,6 @@ def proxy(tmp_path) -> Iterator:
 
     yield make
     for stack in stacks:
-        # Envoy first: it closes the client connections still open (dubbo-ssl-python keeps its
-        # pooled one), so the bridge's streams end and it need not wait out its shutdown grace.
-        stack.stop_process("envoy")
         stack.stop()
     for server in running:
         server.stop()
@@ -80,18 +77,6 @@ def tag_echo(server: EchoServer) -> None:
     """Make ``server`` answer echo(s) with "<name>:<s>", so a test sees which server answered."""
     server.handler.echo = lambda s: f"{server.name}:{s}"
 
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the peer sends until it closes (bounded by the socket's timeout)."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def test_example_routes_by_method_and_answers_the_rest_with_unknown_method(proxy, variant):
