@@ -20,7 +20,6 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
-from bridge.codec import CodecError
 from bridge.config import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
 from bridge.registry import load_codec_class
 from bridge.router import Router
