@@ -20,6 +20,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
+from bridge.codec import DecodeStatus, MalformedFrame
 from bridge.config import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
 from bridge.registry import load_codec_class
 from bridge.router import Router
@@ -623,3 +624,25 @@ async def test_by_id_protocol_replies_leave_as_soon_as_they_are_ready():
     h = Harness()
     h.read(encode_frame(1, 1, b"slow") + encode_frame(2, 9))
     assert [(flow, code) for flow, _, code, _ in h.client_frames()] == [(2, ROUTE_NOT_FOUND)]
+
+
+class BodyCheckingCodec(AwesomeRpcCodec):
+    """awesomerpc whose responses with body b"BAD" have a good header but a bad body."""
+
+    def decode(self, buffer, metadata):
+        status = super().decode(buffer, metadata)
+        if status is DecodeStatus.DONE and metadata.frame.endswith(b"BAD"):
+            raise MalformedFrame("bad body", metadata.request_id)
+        return status
+
+
+@in_loop
+async def test_malformed_response_body_fails_only_its_request_and_keeps_the_tunnel():
+    h = Harness(codec_cls=BodyCheckingCodec)
+    h.read(encode_frame(1, 1) + encode_frame(2, 1))
+    h.hcm.accept(1)
+    h.hcm.send(1, encode_frame(1, 1, b"BAD") + encode_frame(2, 1, b"good"))
+    h.write()
+    assert h.client_frames() == [(1, 1, BAD_RESPONSE, b""), (2, 1, 0, b"good")]
+    assert 1 not in h.hcm.reset, "the upstream connection is still in step: kept"
+    assert h.stats.response_decoding_error == 1
