@@ -33,10 +33,12 @@ BASE_DPKG_OPTS=(
   --dpkgopt='path-exclude=/usr/share/man/*'
   --dpkgopt='path-exclude=/usr/share/locale/*'
 )
-# The extras of the project the image installs (pyproject.toml's optional-dependencies).
-IMAGE_EXTRAS=(envoy fast)
-# The project files the image needs (the source tree minus tests, docs and local state).
-SOURCES=(bridge codecs examples proto scripts pyproject.toml README.md LICENSE)
+# The extras of the project the image installs (pyproject.toml's optional-dependencies);
+# "examples" is what the Dubbo and Thrift backends (tests/peers) import.
+IMAGE_EXTRAS=(envoy fast examples)
+# The project files the image needs: the source tree minus docs, local state and the tests,
+# except tests/peers, the Dubbo and Thrift peers the compose stack runs as example backends.
+SOURCES=(bridge codecs examples proto scripts tests/__init__.py tests/peers pyproject.toml README.md LICENSE)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'docker/build.sh: %s\n' "$*" >&2; exit 1; }

@@ -8,11 +8,13 @@ METABRIDGE_SKIP_DOCKER=1, which skips them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,18 +22,26 @@ from pathlib import Path
 
 import pytest
 from pytest_docker.plugin import DockerComposeExecutor, Services, get_docker_services
+from thriftpy2.transport import TTransportException
 
 from examples.awesomerpc.client import call_sync
+from tests.peers import dubbo_peers, thrift_peers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 BUILD_SCRIPT = REPO_ROOT / "docker" / "build.sh"
 SKIP_ENV = "METABRIDGE_SKIP_DOCKER"
-# The compose file publishes Envoy on the host ports these name (127.0.0.1 only).
+# The compose file publishes Envoy on the host ports these name (127.0.0.1 only), mapped to
+# these ports inside the envoy container (examples/docker.yaml's listeners and admin).
 LISTENER_PORT_ENV = "METABRIDGE_LISTENER_PORT"
+DUBBO_PORT_ENV = "METABRIDGE_DUBBO_PORT"
+THRIFT_PORT_ENV = "METABRIDGE_THRIFT_PORT"
 ADMIN_PORT_ENV = "METABRIDGE_ADMIN_PORT"
-ENVOY_LISTENER_PORT = 10000  # inside the envoy container
+ENVOY_LISTENER_PORT = 10000  # awesomerpc
+ENVOY_DUBBO_PORT = 10200
+ENVOY_THRIFT_PORT = 10100
 ENVOY_ADMIN_PORT = 9901
+GREETER = "com.example.Greeter"  # the interface the Dubbo providers serve
 
 BUILD_TIMEOUT_S = 1200  # a first build makes the base image and downloads every wheel
 READY_TIMEOUT_S = 120
@@ -123,9 +133,9 @@ def _free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def published_ports() -> Iterator[None]:
-    """Free host ports for Envoy, so the tests never collide with a running demo on 10000/9901."""
-    listener, admin = _free_ports(2)
-    wanted = {LISTENER_PORT_ENV: str(listener), ADMIN_PORT_ENV: str(admin)}
+    """Free host ports for Envoy, so the tests never collide with a running demo on the defaults."""
+    names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV)
+    wanted = {name: str(port) for name, port in zip(names, _free_ports(len(names)))}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     yield
@@ -164,11 +174,13 @@ def docker_services(
 class Stack:
     """The running compose stack as the tests see it from the host."""
 
-    def __init__(self, compose: DockerComposeExecutor, project: str, listener_port: int, admin_port: int) -> None:
+    def __init__(self, compose: DockerComposeExecutor, project: str, listener_port: int, dubbo_port: int, thrift_port: int, admin_port: int) -> None:
         self.compose = compose
         self.project = project
         self.host = "127.0.0.1"
-        self.listener_port = listener_port
+        self.listener_port = listener_port  # awesomerpc
+        self.dubbo_port = dubbo_port
+        self.thrift_port = thrift_port
         self.admin_port = admin_port
 
     def stop(self, service: str) -> None:
@@ -199,23 +211,45 @@ class Stack:
             time.sleep(0.5)
         pytest.fail(f"{service} did not exit within {timeout} s\n{self.describe()}", pytrace=False)
 
+    def envoy_counters(self, suffix: str) -> dict[str, int]:
+        """Envoy's counters whose names end with ``suffix``, by name (e.g. ``.upstream_cx_total``)."""
+        query = urllib.parse.urlencode({"format": "json", "filter": suffix})
+        with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/stats?{query}", timeout=5) as response:
+            stats = json.load(response)["stats"]
+        return {stat["name"]: stat["value"] for stat in stats if "value" in stat and stat["name"].endswith(suffix)}
+
     def serving_problem(self) -> str | None:
-        """Why the stack does not serve yet (Envoy ready, listener accepting, one call answered), or None."""
+        """Why the stack does not serve yet (Envoy ready, every listener accepting and answering a
+        call), or None. Each call uses a connection of its own."""
         try:
             with urllib.request.urlopen(f"http://{self.host}:{self.admin_port}/ready", timeout=2) as response:
                 if response.status != 200:
                     return f"Envoy's /ready answered HTTP {response.status}"
         except OSError as exc:
             return f"Envoy's admin /ready is not answering: {exc}"
-        try:
-            with socket.create_connection((self.host, self.listener_port), timeout=2):
-                pass
-        except OSError as exc:
-            return f"Envoy's listener does not accept connections: {exc}"
+        for protocol, port in (("awesomerpc", self.listener_port), ("dubbo", self.dubbo_port), ("thrift", self.thrift_port)):
+            try:
+                with socket.create_connection((self.host, port), timeout=2):
+                    pass
+            except OSError as exc:
+                return f"Envoy's {protocol} listener does not accept connections: {exc}"
         try:
             call_sync(self.host, self.listener_port, 2, b"ready?", timeout=3)
         except (OSError, TimeoutError) as exc:
-            return f"a call through Envoy failed: {exc}"
+            return f"an awesomerpc call through Envoy failed: {exc}"
+        try:
+            # dubbo-py's consumer, on a fresh connection: dubbo-ssl-python's pooled one could be a
+            # connection Envoy closed while the bridge was down.
+            reply = dubbo_peers.call_raw(self.host, self.dubbo_port, GREETER, "whoami", timeout=3)
+        except (OSError, EOFError) as exc:
+            return f"a Dubbo call through Envoy failed: {exc!r}"
+        if reply.status != reply.OK:
+            return f"a Dubbo call through Envoy got status {reply.status}: {reply.error}"
+        try:
+            with thrift_peers.client_for(self.host, self.thrift_port, timeout=3) as client:
+                client.whoami()
+        except (OSError, TTransportException) as exc:
+            return f"a Thrift call through Envoy failed: {exc!r}"
         return None
 
     def wait_until_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -250,6 +284,8 @@ def stack(docker_services: Services, docker_compose_command: str, docker_compose
         compose,
         docker_compose_project_name,
         listener_port=docker_services.port_for("envoy", ENVOY_LISTENER_PORT),
+        dubbo_port=docker_services.port_for("envoy", ENVOY_DUBBO_PORT),
+        thrift_port=docker_services.port_for("envoy", ENVOY_THRIFT_PORT),
         admin_port=docker_services.port_for("envoy", ENVOY_ADMIN_PORT),
     )
     running.wait_until_serving()
