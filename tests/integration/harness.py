@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import yaml
 
@@ -142,16 +144,7 @@ class Stack:
 
 def awesomerpc_config(listen_port: int, clusters: dict[str, int], routes: list[dict], **listener_options) -> dict:
     """A config with one awesomerpc listener; clusters map name -> backend port."""
-    return {
-        "codecs": {"awesomerpc": {"ref": str(REPO / "codecs" / "awesomerpc.py") + ":AwesomeRpcCodec"}},
-        "listeners": [
-            {"name": "awesomerpc", "address": "127.0.0.1", "port": listen_port, "codec": "awesomerpc", "routes": routes, **listener_options}
-        ],
-        "clusters": [
-            {"name": name, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": port}]}
-            for name, port in clusters.items()
-        ],
-    }
+    return codec_config("awesomerpc", "codecs/awesomerpc.py:AwesomeRpcCodec", listen_port, clusters, routes, **listener_options)
 
 
 def codec_config(codec: str, ref: str, listen_port: int, clusters: dict[str, int], routes: list[dict], *, codec_options: dict | None = None, **listener_options) -> dict:
@@ -190,3 +183,57 @@ def example_config(path: str, listener_ports: dict[str, int], cluster_ports: dic
             for endpoint in cluster["endpoints"]:
                 endpoint["port"] = cluster_ports[cluster["name"]]
     return config
+
+
+class Backend(Protocol):
+    """A test backend running in the test process (a Dubbo provider, a Thrift server, ...)."""
+
+    port: int
+
+    def stop(self) -> None: ...
+
+
+class Proxy:
+    """A started stack in front of backends: ``port`` to call, ``backends`` by cluster name."""
+
+    def __init__(self, port: int, backends: dict[str, Backend], stack: Stack) -> None:
+        self.port = port
+        self.backends = backends
+        self.stack = stack
+
+
+@contextlib.contextmanager
+def proxy_factory(tmp: Path, *, codec: str, ref: str, example: str, start_backend: Callable[[str, Any], Backend]) -> Iterator[Callable[..., Proxy]]:
+    """The body of a codec's ``proxy`` fixture. Yields make(backends={cluster: spec}, routes=None):
+    it starts ``start_backend(cluster, spec)`` for each cluster, then Envoy and the bridge with one
+    ``codec`` listener on a free port in front of them: with ``routes``, a codec_config of ``ref``
+    (5 s request timeout); without, the example config ``example`` (routes, options, clusters)
+    with its clusters served by the given backends. Every stack, then every backend, is stopped
+    on exit."""
+    stacks: list[Stack] = []
+    running: list[Backend] = []
+
+    def make(backends: dict[str, Any], routes: list[dict] | None = None) -> Proxy:
+        started = {}
+        for cluster, spec in backends.items():
+            backend = start_backend(cluster, spec)
+            running.append(backend)
+            started[cluster] = backend
+        port = free_port()
+        ports = {cluster: backend.port for cluster, backend in started.items()}
+        if routes is None:
+            cfg = example_config(example, {codec: port}, ports)
+        else:
+            cfg = codec_config(codec, ref, port, ports, routes, request_timeout="5s")
+        stack = Stack(tmp, cfg)
+        stacks.append(stack)
+        stack.start()
+        return Proxy(port, started, stack)
+
+    try:
+        yield make
+    finally:
+        for stack in stacks:
+            stack.stop()
+        for backend in running:
+            backend.stop()

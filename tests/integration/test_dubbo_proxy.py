@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
 
-from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port, read_until_closed
+from tests.integration.harness import REPO, proxy_factory, read_until_closed
 from tests.peers.dubbo_peers import (
     ConsumerError,
     ConsumerTimeout,
@@ -37,45 +37,19 @@ DUBBO_CODEC = "codecs/dubbo:DubboCodec"
 SERVICE_NOT_FOUND = 60
 
 
-class Proxy:
-    """A started stack in front of providers: ``port`` to call, ``providers`` by cluster name."""
-
-    def __init__(self, port: int, providers: dict[str, DubboProvider], stack: Stack) -> None:
-        self.port = port
-        self.providers = providers
-        self.stack = stack
-
-
 @pytest.fixture
 def proxy(tmp_path) -> Iterator:
     """Factory: proxy(providers={cluster: (interface, name)}, routes=[...]) runs one provider per
     cluster behind a dubbo listener; without routes, examples/dubbo.yaml (routes, options,
-    clusters dubbo-v1/dubbo-v2) is used with its clusters served by the given providers."""
-    stacks: list[Stack] = []
-    running: list[DubboProvider] = []
+    clusters dubbo-v1/dubbo-v2) is used with its clusters served by the given providers.
+    ``.backends`` of what it returns are the providers, by cluster."""
 
-    def make(providers: dict[str, tuple[str, str]], routes: list[dict] | None = None) -> Proxy:
-        started = {}
-        for cluster, (interface, name) in providers.items():
-            provider = start_provider(interface, name=name)
-            running.append(provider)
-            started[cluster] = provider
-        port = free_port()
-        ports = {cluster: provider.port for cluster, provider in started.items()}
-        if routes is None:
-            cfg = example_config("examples/dubbo.yaml", {"dubbo": port}, ports)
-        else:
-            cfg = codec_config("dubbo", DUBBO_CODEC, port, ports, routes, request_timeout="5s")
-        stack = Stack(tmp_path, cfg)
-        stacks.append(stack)
-        stack.start()
-        return Proxy(port, started, stack)
+    def start_backend(cluster: str, spec: tuple[str, str]) -> DubboProvider:
+        interface, name = spec
+        return start_provider(interface, name=name)
 
-    yield make
-    for stack in stacks:
-        stack.stop()
-    for provider in running:
-        provider.stop()
+    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=start_backend) as make:
+        yield make
 
 
 def route(cluster: str, **headers: str) -> dict:
@@ -98,9 +72,9 @@ def test_routes_by_interface_and_method(proxy):
     large = "ü€" * 15_000  # about 75 KB each way: arrives in several reads
     assert call(HOST, p.port, GREETER, "echo", [large]) == large
     assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
-    assert methods_seen(p.providers["greeter-v1"]) == ["whoami", "whoami"]
-    assert methods_seen(p.providers["greeter-v2"]) == ["echo", "echo"]
-    assert methods_seen(p.providers["admin"]) == ["whoami"]
+    assert methods_seen(p.backends["greeter-v1"]) == ["whoami", "whoami"]
+    assert methods_seen(p.backends["greeter-v2"]) == ["echo", "echo"]
+    assert methods_seen(p.backends["admin"]) == ["whoami"]
 
     # Calls in flight together on the consumer's one connection, over three upstreams: each
     # answer is matched to its call by request id.
@@ -114,7 +88,7 @@ def test_example_config_routes_mutates_and_answers_no_route(proxy):
     """examples/dubbo.yaml: attachments() -> dubbo-v2 with x-routed-by added; x-canary=true ->
     dubbo-v2; other Greeter calls -> dubbo-v1; any other interface has no route."""
     p = proxy({"dubbo-v1": (GREETER, "greeter-v1"), "dubbo-v2": (GREETER, "greeter-v2")})
-    v1, v2 = p.providers["dubbo-v1"], p.providers["dubbo-v2"]
+    v1, v2 = p.backends["dubbo-v1"], p.backends["dubbo-v2"]
 
     assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
     assert call(HOST, p.port, GREETER, "whoami", attachments={"x-canary": "true"}) == "greeter-v2"
@@ -145,7 +119,7 @@ def test_example_config_routes_mutates_and_answers_no_route(proxy):
 
 def test_heartbeats_answered_by_bridge_and_garbage_closes_only_that_connection(proxy):
     p = proxy({"v1": (GREETER, "greeter-v1")}, [route("v1", interface=GREETER)])
-    provider = p.providers["v1"]
+    provider = p.backends["v1"]
 
     replies = heartbeats_raw(HOST, p.port, [7, 8, 2**40])
     for request_id, reply in zip([7, 8, 2**40], replies, strict=True):

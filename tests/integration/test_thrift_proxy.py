@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from tests.integration.harness import REPO, Stack, codec_config, example_config, free_port, read_until_closed
+from tests.integration.harness import REPO, proxy_factory, read_until_closed
 from tests.peers.thrift_peers import BUFFERED_COMPACT, FRAMED_BINARY, EchoServer, Variant, client_for, sample_payload
 
 HOST = "127.0.0.1"
@@ -32,45 +32,18 @@ def variant(request) -> Variant:
     return request.param
 
 
-class Proxy:
-    """A started stack in front of Echo servers: ``port`` to call, ``servers`` by cluster name."""
-
-    def __init__(self, port: int, servers: dict[str, EchoServer], stack: Stack) -> None:
-        self.port = port
-        self.servers = servers
-        self.stack = stack
-
-
 @pytest.fixture
 def proxy(tmp_path) -> Iterator:
     """Factory: proxy(servers={cluster: variant}, routes=[...]) runs one EchoServer per cluster
     (named after it) behind a thrift listener; without routes, examples/thrift.yaml's routes and
-    options are used with its clusters thrift-v1/thrift-v2 served by the given servers."""
-    stacks: list[Stack] = []
-    running: list[EchoServer] = []
+    options are used with its clusters thrift-v1/thrift-v2 served by the given servers.
+    ``.backends`` of what it returns are the servers, by cluster."""
 
-    def make(servers: dict[str, Variant], routes: list[dict] | None = None) -> Proxy:
-        started = {}
-        for name, server_variant in servers.items():
-            server = EchoServer(name, server_variant).start()
-            running.append(server)
-            started[name] = server
-        port = free_port()
-        ports = {name: server.port for name, server in started.items()}
-        if routes is None:
-            cfg = example_config("examples/thrift.yaml", {"thrift": port}, ports)
-        else:
-            cfg = codec_config("thrift", THRIFT_CODEC, port, ports, routes, request_timeout="5s")
-        stack = Stack(tmp_path, cfg)
-        stacks.append(stack)
-        stack.start()
-        return Proxy(port, started, stack)
+    def start_backend(cluster: str, variant: Variant) -> EchoServer:
+        return EchoServer(cluster, variant).start()
 
-    yield make
-    for stack in stacks:
-        stack.stop()
-    for server in running:
-        server.stop()
+    with proxy_factory(tmp_path, codec="thrift", ref=THRIFT_CODEC, example="examples/thrift.yaml", start_backend=start_backend) as make:
+        yield make
 
 
 def tag_echo(server: EchoServer) -> None:
@@ -82,7 +55,7 @@ def tag_echo(server: EchoServer) -> None:
 def test_example_routes_by_method_and_answers_the_rest_with_unknown_method(proxy, variant):
     """examples/thrift.yaml: whoami -> thrift-v1, echo -> thrift-v2, anything else has no route."""
     p = proxy({"thrift-v1": variant, "thrift-v2": variant})
-    for server in p.servers.values():
+    for server in p.backends.values():
         tag_echo(server)
     with client_for(HOST, p.port, variant) as client:
         answers = [client.whoami(), client.echo("héllo"), client.whoami(), client.echo("again")]
@@ -96,7 +69,7 @@ def test_example_routes_by_method_and_answers_the_rest_with_unknown_method(proxy
     assert raised.value.type == TApplicationException.UNKNOWN_METHOD
     assert raised.value.message == "ROUTE_NOT_FOUND: no route matches ping"
     assert after == ["thrift-v1", "thrift-v2:in step"]
-    assert all(server.handler.notifications == [] and server.errors == [] for server in p.servers.values())
+    assert all(server.handler.notifications == [] and server.errors == [] for server in p.backends.values())
 
 
 def test_oneway_and_large_messages_keep_the_connection_in_step(proxy, variant):
@@ -110,14 +83,14 @@ def test_oneway_and_large_messages_keep_the_connection_in_step(proxy, variant):
     with client_for(HOST, p.port, variant) as client:
         client.notify("first")
         assert client.whoami() == "v1"
-        assert p.servers["v1"].handler.wait_for_notification("first", timeout=5)
+        assert p.backends["v1"].handler.wait_for_notification("first", timeout=5)
         client.notify("second")
         assert client.mirror(large) == large
         client.notify("third")
         assert client.echo("in step") == "in step"
-        assert p.servers["v1"].handler.wait_for_notification("third", timeout=5)
-    assert p.servers["v1"].handler.notifications == ["first", "second", "third"]
-    assert p.servers["v2"].handler.notifications == []
+        assert p.backends["v1"].handler.wait_for_notification("third", timeout=5)
+    assert p.backends["v1"].handler.notifications == ["first", "second", "third"]
+    assert p.backends["v2"].handler.notifications == []
 
 
 def test_multiplexed_calls_route_on_service(proxy, variant):
@@ -133,7 +106,7 @@ def test_multiplexed_calls_route_on_service(proxy, variant):
         assert mux.whoami() == "v2"
     assert raised.value.type == TApplicationException.UNKNOWN_METHOD
     assert raised.value.message == "ROUTE_NOT_FOUND: no route matches Echo:echo"
-    assert p.servers["v2"].handler.notifications == []
+    assert p.backends["v2"].handler.notifications == []
 
 
 def test_garbage_closes_only_that_connection(proxy, variant):
