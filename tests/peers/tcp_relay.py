@@ -53,6 +53,15 @@ class TcpRelay:
             time.sleep(0.01)
         return self.snapshot()
 
+    def wait_closed(self, timeout: float = 5.0) -> bool:
+        """Wait until every relayed connection has ended both ways (each side shut its writes);
+        True if they all did within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        pumps = list(self._threads)
+        for thread in pumps:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in pumps)
+
     def close(self) -> None:
         self._closed.set()
         with contextlib.suppress(OSError):

@@ -24,57 +24,13 @@ from tests.peers.thrift_peers import (
     sample_payload,
     spawn_server,
 )
+from tests.peers.tcp_relay import TcpRelay
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ThriftCodec = load_codec_class("codecs/thrift:ThriftCodec", REPO_ROOT)
 SOCKET_TIMEOUT = 30.0  # a bound on hangs, not a speed expectation
 
 PEER_VARIANTS = [FRAMED_BINARY, BUFFERED_COMPACT, Variant("buffered", "binary", multiplexed=True), Variant("framed", "compact", multiplexed=True), Variant("framed", "binary", strict=False)]
-
-
-class RecordingRelay:
-    """Relays one client connection to ``target`` and records the bytes of both directions."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.to_server = bytearray()
-        self.to_client = bytearray()
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(SOCKET_TIMEOUT)
-        self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with self._listener, contextlib.closing(self._listener.accept()[0]) as client:
-            with socket.create_connection(self.target, timeout=SOCKET_TIMEOUT) as upstream:
-                client.settimeout(SOCKET_TIMEOUT)
-                pumps = [
-                    threading.Thread(target=self._pump, args=(client, upstream, self.to_server)),
-                    threading.Thread(target=self._pump, args=(upstream, client, self.to_client)),
-                ]
-                for pump in pumps:
-                    pump.start()
-                for pump in pumps:
-                    pump.join()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, record: bytearray) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                with contextlib.suppress(OSError):
-                    sink.shutdown(socket.SHUT_WR)
-                return
-            record += data
-            sink.sendall(data)
-
-    def wait_closed(self) -> None:
-        self._thread.join(SOCKET_TIMEOUT)
-        assert not self._thread.is_alive(), "the relayed connection did not close"
 
 
 def decode_stream(data: bytes, chunk: int = 7, **options) -> tuple[ThriftCodec, list[Metadata]]:
@@ -131,16 +87,16 @@ def test_server_in_a_child_process():
 
 @pytest.mark.parametrize("variant", PEER_VARIANTS, ids=lambda v: v.name)
 def test_codec_decodes_recorded_traffic(variant):
-    with EchoServer("v1", variant) as server:
-        relay = RecordingRelay(server.address)
+    with EchoServer("v1", variant) as server, TcpRelay(server.host, server.port) as relay:
         with client_for(LOOPBACK, relay.port, variant) as client:
             exercise(client, server.handler)
-        relay.wait_closed()
+        assert relay.wait_closed(SOCKET_TIMEOUT), "the relayed connection did not close"
+        to_server, to_client = relay.snapshot()
 
     # The old non-strict binary encoding (both peers write it here) has nothing to detect: it
     # needs the protocol configured.
     options = {} if variant.strict else {"protocol": "binary", "transport": variant.transport}
-    requests_codec, requests = decode_stream(bytes(relay.to_server), **options)
+    requests_codec, requests = decode_stream(to_server, **options)
     prefix = "Echo:" if variant.multiplexed else ""
     assert [(m.operation_name, m.message_type) for m in requests] == [
         (prefix + "whoami", MessageType.REQUEST),
@@ -153,9 +109,9 @@ def test_codec_decodes_recorded_traffic(variant):
     assert [m.headers["method"] for m in requests] == ["whoami", "echo", "notify", "fail", "fail", "mirror"]
     assert all(m.request_id == 0 for m in requests)  # thriftpy2 sends seqid 0 on every call
     assert (requests_codec.transport, requests_codec.protocol) == (variant.transport, variant.protocol)
-    assert b"".join(m.frame for m in requests) == relay.to_server
+    assert b"".join(m.frame for m in requests) == to_server
 
-    responses_codec, responses = decode_stream(bytes(relay.to_client), **options)
+    responses_codec, responses = decode_stream(to_client, **options)
     assert [(m.operation_name, m.message_type, m.response_status) for m in responses] == [
         ("whoami", MessageType.RESPONSE, ResponseStatus.OK),
         ("echo", MessageType.RESPONSE, ResponseStatus.OK),
@@ -166,7 +122,7 @@ def test_codec_decodes_recorded_traffic(variant):
     assert responses[2].properties["exception_field_id"] == 1
     assert responses[3].properties["exception_message"] == "internal one"
     assert (responses_codec.transport, responses_codec.protocol) == (variant.transport, variant.protocol)
-    assert b"".join(m.frame for m in responses) == relay.to_client
+    assert b"".join(m.frame for m in responses) == to_client
 
 
 class ErrorServer:
