@@ -18,12 +18,10 @@ Everything binds and targets 127.0.0.1. The provider answers, for its interface 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import logging
 import signal
 import socket
-import socketserver
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -36,6 +34,8 @@ from dubbo_ssl.client import DubboClient
 from dubbo_ssl.codec.decoder import Response as SslResponseBody
 from dubbo_ssl.codec.decoder import parse_response_head
 from dubbo_ssl.common.exceptions import DubboException, DubboRequestTimeoutException
+
+from tests.peers.tcp_server import ConnectionServer
 
 LOOPBACK = "127.0.0.1"
 DUBBO_VERSION = "2.0.2"
@@ -165,11 +165,8 @@ class DubboProvider:
         self.received: list[ReceivedCall] = []
         self.heartbeats = 0
         self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
-        self._server = _Server((host, port), _handler_for(self))
-        self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"dubbo-provider-{name}", daemon=True)
-        self._thread.start()
+        self._server = ConnectionServer(self._serve, host, port, name=f"dubbo-provider-{name}").start()
+        self.host, self.port = self._server.host, self._server.port
 
     def __enter__(self) -> DubboProvider:
         return self
@@ -178,14 +175,7 @@ class DubboProvider:
         self.stop()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        with self._lock:
-            connections = list(self._connections)
-        for sock in connections:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(timeout=5.0)
+        self._server.stop()
 
     def invoke(self, request: DubboRequest) -> DubboResponse:
         interface = request.service_name.decode()
@@ -208,8 +198,6 @@ class DubboProvider:
         return DubboResponse(request.id, 70, None, f"{self.name}: no method {method} with {len(request.args)} argument(s)")
 
     def _serve(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._connections.add(sock)
         try:
             while True:
                 message = Decoder(sock).decode()
@@ -228,23 +216,6 @@ class DubboProvider:
             pass
         except Exception:  # the library could not read what it was sent: drop the connection
             logger.exception("dubbo provider %s: cannot decode a message; closing the connection", self.name)
-        finally:
-            with self._lock:
-                self._connections.discard(sock)
-
-
-class _Server(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
-
-
-def _handler_for(provider: DubboProvider) -> type[socketserver.BaseRequestHandler]:
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            provider._serve(self.request)
-
-    return Handler
 
 
 def start_provider(interface: str, *, version: str = "1.0.0", name: str = "provider", host: str = LOOPBACK, port: int = 0) -> DubboProvider:
@@ -262,13 +233,8 @@ class ScriptedProvider:
     def __init__(self, respond: Callable[[bytes], bytes | None], *, host: str = LOOPBACK) -> None:
         self.respond = respond
         self.received: list[bytes] = []
-        self._listener = socket.create_server((host, 0))
-        self._listener.settimeout(0.1)
-        self.host, self.port = host, self._listener.getsockname()[1]
-        self._closed = threading.Event()
-        self._connections: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
-        self._thread.start()
+        self._server = ConnectionServer(self._serve, host, name="scripted-provider").start()
+        self.host, self.port = self._server.host, self._server.port
 
     def __enter__(self) -> ScriptedProvider:
         return self
@@ -277,26 +243,7 @@ class ScriptedProvider:
         self.close()
 
     def close(self) -> None:
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        for sock in list(self._connections):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._thread.join(timeout=2.0)
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue  # look at _closed again: close() cannot wake a blocked accept()
-            except OSError:
-                return
-            sock.settimeout(None)
-            self._connections.append(sock)
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+        self._server.stop()
 
     def _serve(self, sock: socket.socket) -> None:
         buffer = bytearray()

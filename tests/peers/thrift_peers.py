@@ -34,6 +34,8 @@ from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory, 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType, TMultiplexedProcessor, TProcessor
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory, TMemoryBuffer, TSocket, TTransportException
 
+from tests.peers.tcp_server import ConnectionServer
+
 LOOPBACK = "127.0.0.1"
 IDL_PATH = Path(__file__).with_name("echo.thrift")
 SERVICE_NAME = "Echo"  # the multiplexed service name
@@ -118,7 +120,7 @@ class EchoHandler:
 
 
 class EchoServer:
-    """An Echo server on background threads: one accept loop, one thread per connection.
+    """An Echo server on background threads (a ConnectionServer: one thread per connection).
 
     Use as a context manager (``with EchoServer("v1") as server: server.port``) or call
     ``start()``/``stop()``.
@@ -135,56 +137,21 @@ class EchoServer:
             multiplexed.register_processor(SERVICE_NAME, processor)
             processor = multiplexed
         self._processor = processor
-        self._listener = socket.create_server((host, port))
-        self.host, self.port = self._listener.getsockname()[:2]
-        self._connections: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._stopped = False
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self.host, self.port
+        self._server = ConnectionServer(self._serve, host, port, name=f"thrift-{name}")
+        self.host, self.port = self._server.host, self._server.port
 
     def start(self) -> EchoServer:
-        self._spawn(self._accept_loop, f"thrift-{self.name}-accept")
+        self._server.start()
         return self
 
     def stop(self) -> None:
-        with self._lock:
-            self._stopped = True
-            connections = list(self._connections)
-        # shutdown() wakes a thread blocked in accept()/recv(); close() alone does not on Linux.
-        for sock in (self._listener, *connections):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        self._server.stop()
 
     def __enter__(self) -> EchoServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-    def _spawn(self, target, name: str, *args) -> None:
-        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-        self._threads.append(thread)
-        thread.start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return  # the listener was shut down by stop()
-            with self._lock:
-                if self._stopped:
-                    conn.close()
-                    return
-                self._connections.add(conn)
-            self._spawn(self._serve, f"thrift-{self.name}-conn", conn)
 
     def _serve(self, conn: socket.socket) -> None:
         transport = self.variant.transport_factory().get_transport(TSocket(sock=conn))
@@ -195,12 +162,10 @@ class EchoServer:
         except TTransportException:
             pass  # the client closed the connection
         except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
-            if not self._stopped:
+            if not self._server.stopped:
                 log.warning("thrift peer %s: connection failed: %r", self.name, exc)
                 self.errors.append(exc)
         finally:
-            with self._lock:
-                self._connections.discard(conn)
             transport.close()
 
 
