@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import logging
-import signal
 import socket
 import struct
 import threading
@@ -35,6 +34,7 @@ from dubbo_ssl.codec.decoder import Response as SslResponseBody
 from dubbo_ssl.codec.decoder import parse_response_head
 from dubbo_ssl.common.exceptions import DubboException, DubboRequestTimeoutException
 
+from tests.peers.cli import peer_parser, run, serve_until_terminated
 from tests.peers.tcp_server import ConnectionServer
 
 LOOPBACK = "127.0.0.1"
@@ -270,14 +270,7 @@ class ScriptedProvider:
 
 def _serve_forever(args: argparse.Namespace) -> None:
     provider = start_provider(args.interface, version=args.version, name=args.name, host=args.host, port=args.port)
-    print(f"listening {provider.host}:{provider.port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    provider.stop()
+    serve_until_terminated(provider.host, provider.port, provider.stop)
 
 
 def _call(args: argparse.Namespace) -> None:
@@ -295,23 +288,18 @@ def main(argv: list[str] | None = None) -> None:
     python -m tests.peers.dubbo_peers serve --name greeter-v1 --port 10201
     python -m tests.peers.dubbo_peers call --port 10200 whoami --attachment x-canary=true
     """
-    parser = argparse.ArgumentParser(prog="python -m tests.peers.dubbo_peers", description="Dubbo2/Hessian2 peers (dubbo-py provider, dubbo-ssl-python consumer)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for command in ("serve", "call"):
-        sub = commands.add_parser(command)
-        sub.add_argument("--host", default=LOOPBACK)
-        sub.add_argument("--port", type=int, default=0 if command == "serve" else 10200)
+    parser, serve_parser, call_parser = peer_parser(
+        "python -m tests.peers.dubbo_peers", "Dubbo2/Hessian2 peers (dubbo-py provider, dubbo-ssl-python consumer)", call_port=10200, serve=_serve_forever, call=_call
+    )
+    for sub in (serve_parser, call_parser):
         sub.add_argument("--interface", default="com.example.Greeter")
         sub.add_argument("--version", default="1.0.0")
-        if command == "serve":
-            sub.add_argument("--name", default="provider", help="what whoami() answers")
-        else:
-            sub.add_argument("method", choices=("whoami", "echo", "attachments", "fail"))
-            sub.add_argument("args", nargs="*", help="string arguments")
-            sub.add_argument("--attachment", action="append", default=[], metavar="KEY=VALUE")
-            sub.add_argument("--timeout", type=float, default=5.0, help="seconds")
-    args = parser.parse_args(argv)
-    (_serve_forever if args.command == "serve" else _call)(args)
+    serve_parser.add_argument("--name", default="provider", help="what whoami() answers")
+    call_parser.add_argument("method", choices=("whoami", "echo", "attachments", "fail"))
+    call_parser.add_argument("args", nargs="*", help="string arguments")
+    call_parser.add_argument("--attachment", action="append", default=[], metavar="KEY=VALUE")
+    call_parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory, 
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType, TMultiplexedProcessor, TProcessor
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory, TMemoryBuffer, TSocket, TTransportException
 
+from tests.peers.cli import peer_parser, run, serve_until_terminated
 from tests.peers.tcp_server import ConnectionServer
 
 LOOPBACK = "127.0.0.1"
@@ -313,14 +313,7 @@ def _serve_forever(args: argparse.Namespace) -> None:
 
     server.handler.notify = notify_and_print
     server.start()
-    print(f"listening {server.host}:{server.port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    server.stop()
+    serve_until_terminated(server.host, server.port, server.stop)
 
 
 def _call(args: argparse.Namespace) -> None:
@@ -331,22 +324,15 @@ def _call(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.peers.thrift_peers", description="Thrift Echo peers (thriftpy2)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for command in ("serve", "call"):
-        sub = commands.add_parser(command)
-        sub.add_argument("--host", default=LOOPBACK)
-        sub.add_argument("--port", type=int, default=0 if command == "serve" else 10100)
+    parser, serve_parser, call_parser = peer_parser("python -m tests.peers.thrift_peers", "Thrift Echo peers (thriftpy2)", call_port=10100, serve=_serve_forever, call=_call)
+    for sub in (serve_parser, call_parser):
         sub.add_argument("--transport", choices=("framed", "buffered"), default="framed")
         sub.add_argument("--protocol", choices=("binary", "compact"), default="binary")
         sub.add_argument("--multiplexed", action="store_true")
-        if command == "serve":
-            sub.add_argument("--name", default="echo")
-        else:
-            sub.add_argument("method", choices=("whoami", "echo", "notify", "ping"))
-            sub.add_argument("args", nargs="*")
-    args = parser.parse_args(argv)
-    (_serve_forever if args.command == "serve" else _call)(args)
+    serve_parser.add_argument("--name", default="echo")
+    call_parser.add_argument("method", choices=("whoami", "echo", "notify", "ping"))
+    call_parser.add_argument("args", nargs="*")
+    run(parser, argv)
 
 
 if __name__ == "__main__":
