@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import DecodeStatus, Metadata
+from bridge.codec import Metadata
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, Reply, call_sync, encode_frame
 from examples.awesomerpc.protocol import AwesomeRpcCodec
 from examples.awesomerpc.server import serve
+from tests.helpers import decode_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
@@ -47,11 +48,7 @@ async def read_replies(reader: asyncio.StreamReader, count: int) -> list[Metadat
         chunk = await reader.read(4096)
         assert chunk, f"connection closed after {len(replies)} of {count} replies"
         buffer += chunk
-        while True:
-            metadata = Metadata()
-            if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
-                break
-            replies.append(metadata)
+        replies += decode_frames(codec, buffer)
     return replies
 
 

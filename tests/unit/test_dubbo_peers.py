@@ -16,6 +16,7 @@ import pytest
 from bridge.codec import DecodeStatus, Error, ErrorType, MessageType, Metadata, ResponseStatus
 from bridge.registry import load_codec_class
 from dubbo.codec.hessian2 import DubboHeartBeatResponse, DubboResponse
+from tests.helpers import decode_frames
 from tests.peers.dubbo_peers import (
     ConsumerError,
     ScriptedProvider,
@@ -35,12 +36,8 @@ HOST = "127.0.0.1"
 
 
 def decode_all(data: bytes) -> list[Metadata]:
-    codec, buffer, messages = DubboCodec(), bytearray(data), []
-    while True:
-        metadata = Metadata()
-        if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
-            break
-        messages.append(metadata)
+    buffer = bytearray(data)
+    messages = decode_frames(DubboCodec(), buffer)
     assert not buffer, f"{len(buffer)} bytes left that do not make a whole frame"
     return messages
 
@@ -52,11 +49,7 @@ def read_frames(sock: socket.socket, count: int) -> list[Metadata]:
         chunk = sock.recv(65536)
         assert chunk, f"connection closed after {len(messages)} of {count} frames"
         buffer += chunk
-        while True:
-            metadata = Metadata()
-            if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
-                break
-            messages.append(metadata)
+        messages += decode_frames(codec, buffer)
     return messages
 
 

@@ -14,6 +14,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType, ResponseStatus
 from bridge.registry import load_codec_class
+from tests.helpers import decode_frames
 from tests.peers.thrift_peers import Variant, echo_thrift, encode_message, read_exception_reply, sample_payload
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -35,15 +36,8 @@ def framed(message: bytes) -> bytes:
 
 def decode_all(data: bytes, codec=None, **options) -> tuple[list[Metadata], bytearray]:
     """Decode every whole message in ``data``; returns them and what is left."""
-    codec = codec or ThriftCodec(options=options)
     buffer = bytearray(data)
-    decoded = []
-    for _ in range(len(data) + 1):
-        metadata = Metadata()
-        if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
-            break
-        decoded.append(metadata)
-    return decoded, buffer
+    return decode_frames(codec or ThriftCodec(options=options), buffer), buffer
 
 
 def decode_one(data: bytes, codec=None, **options) -> Metadata:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from bridge.codec import DecodeStatus, Error, ErrorType, Metadata, MessageType, ResponseStatus
+from bridge.codec import Error, ErrorType, Metadata, MessageType, ResponseStatus
 from bridge.registry import load_codec_class
+from tests.helpers import decode_frames
 from tests.peers.thrift_peers import (
     BUFFERED_COMPACT,
     FRAMED_BINARY,
@@ -38,11 +39,7 @@ def decode_stream(data: bytes, chunk: int = 7, **options) -> tuple[ThriftCodec, 
     codec, buffer, decoded = ThriftCodec(options=options), bytearray(), []
     for start in range(0, len(data), chunk):
         buffer += data[start : start + chunk]
-        while True:
-            metadata = Metadata()
-            if codec.decode(buffer, metadata) is DecodeStatus.WAIT_FOR_DATA:
-                break
-            decoded.append(metadata)
+        decoded += decode_frames(codec, buffer)
     assert buffer == b"", f"{len(buffer)} recorded bytes left undecoded"
     return codec, decoded
 
@@ -144,11 +141,9 @@ class ErrorServer:
             codec, buffer = ThriftCodec(), bytearray()
             while data := conn.recv(65536):
                 buffer += data
-                metadata = Metadata()
-                while codec.decode(buffer, metadata) is DecodeStatus.DONE:
+                for metadata in decode_frames(codec, buffer):
                     self.requests.append(metadata)
                     conn.sendall(codec.on_error(metadata, self.error))
-                    metadata = Metadata()
 
     def wait_closed(self) -> None:
         self._thread.join(SOCKET_TIMEOUT)
