@@ -97,11 +97,13 @@ class Walk:
 
 
 class Reader:
-    """What both protocols share: bounds checks and the walk."""
+    """What both protocols share: bounds checks, the walk and stepping over containers."""
 
     protocol = ""
     STRING_TYPE = -1  # the protocol's type id of a string field
     I32_TYPE = -1
+    ELEMENT_TYPES: frozenset[int] = frozenset()  # the type ids a container element may have
+    ELEMENT_SIZES: dict[int, int] = {}  # bytes of each fixed-width type as a container element
 
     __slots__ = ("data", "pos", "end", "complete")
 
@@ -127,8 +129,14 @@ class Reader:
         contents must be walked and return the frame to push."""
         raise NotImplementedError
 
-    def read_string(self) -> bytes:
+    def _length(self, what: str) -> int:
+        """A string's or container's length (non-negative)."""
         raise NotImplementedError
+
+    def _skip_elements(self, count: int, types: tuple[int, ...]) -> bool:
+        """Step over a container's elements at once if the protocol can tell where they end
+        without walking them; False if they must be walked."""
+        return False
 
     def read_i32(self) -> int:
         raise NotImplementedError
@@ -170,6 +178,28 @@ class Reader:
     def _check_message_type(self, message_type: int) -> None:
         if message_type not in MESSAGE_TYPE_NAMES:
             raise CodecError(f"unknown Thrift message type {message_type} (expected 1 call, 2 reply, 3 exception or 4 oneway)")
+
+    def read_string(self) -> bytes:
+        length = self._length("string")
+        start = self._advance(length)
+        return bytes(self.data[start : start + length])
+
+    def _container(self, count: int, types: tuple[int, ...]) -> _ContainerFrame | None:
+        """The frame to walk a container of ``count`` elements of ``types`` ((element,) or
+        (key, value)) with, or None when it was stepped over whole."""
+        if count == 0:
+            return None  # empty containers may carry any element type; nothing to read
+        for element_type in types:
+            if element_type not in self.ELEMENT_TYPES:
+                raise CodecError(f"unknown Thrift {self.protocol} type id {element_type} in a container")
+        sizes = [self.ELEMENT_SIZES.get(element_type) for element_type in types]
+        if None not in sizes:
+            self._advance(count * sum(sizes))
+            return None
+        if self._skip_elements(count, types):
+            return None
+        self._require(count * len(types))  # every element takes at least one byte
+        return _ContainerFrame(count, types)
 
     def walk(self, walk: Walk) -> None:
         """Advance ``walk`` to the end of the message struct (``walk.pos`` is then its end)."""
@@ -236,6 +266,8 @@ class BinaryReader(Reader):
     protocol = "binary"
     STRING_TYPE = BinaryType.STRING
     I32_TYPE = BinaryType.I32
+    ELEMENT_TYPES = _BINARY_TYPES
+    ELEMENT_SIZES = _BINARY_FIXED
 
     __slots__ = ("allow_non_strict",)
 
@@ -300,25 +332,6 @@ class BinaryReader(Reader):
             raise CodecError(f"unknown Thrift binary type id {value_type}")
         return None
 
-    def _container(self, count: int, types: tuple[int, ...]) -> _ContainerFrame | None:
-        if count == 0:
-            return None  # empty containers may carry any element type; nothing to read
-        sizes = []
-        for element_type in types:
-            if element_type not in _BINARY_TYPES:
-                raise CodecError(f"unknown Thrift binary type id {element_type} in a container")
-            sizes.append(_BINARY_FIXED.get(element_type))
-        if None not in sizes:
-            self._advance(count * sum(sizes))
-            return None
-        self._require(count * len(types))  # every value takes at least one byte
-        return _ContainerFrame(count, types)
-
-    def read_string(self) -> bytes:
-        length = self._length("string")
-        start = self._advance(length)
-        return bytes(self.data[start : start + length])
-
     def read_i32(self) -> int:
         return self.i32()
 
@@ -350,6 +363,8 @@ class CompactReader(Reader):
     protocol = "compact"
     STRING_TYPE = CompactType.BINARY
     I32_TYPE = CompactType.I32
+    ELEMENT_TYPES = _COMPACT_TYPES
+    ELEMENT_SIZES = _COMPACT_ELEMENT_FIXED
 
     __slots__ = ()
 
@@ -451,26 +466,11 @@ class CompactReader(Reader):
             raise CodecError(f"unknown Thrift compact type id {value_type}")
         return None
 
-    def _container(self, count: int, types: tuple[int, ...]) -> _ContainerFrame | None:
-        if count == 0:
-            return None
-        for element_type in types:
-            if element_type not in _COMPACT_TYPES:
-                raise CodecError(f"unknown Thrift compact type id {element_type} in a container")
-        sizes = [_COMPACT_ELEMENT_FIXED.get(t) for t in types]
-        if None not in sizes:
-            self._advance(count * sum(sizes))
-            return None
-        if all(t in _COMPACT_VARINT for t in types):
-            self._skip_varints(count * len(types), max(_COMPACT_VARINT[t] for t in types))
-            return None
-        self._require(count * len(types))  # every element takes at least one byte
-        return _ContainerFrame(count, types)
-
-    def read_string(self) -> bytes:
-        length = self._length("string")
-        start = self._advance(length)
-        return bytes(self.data[start : start + length])
+    def _skip_elements(self, count: int, types: tuple[int, ...]) -> bool:
+        if not all(t in _COMPACT_VARINT for t in types):
+            return False
+        self._skip_varints(count * len(types), max(_COMPACT_VARINT[t] for t in types))
+        return True
 
     def read_i32(self) -> int:
         value = _zigzag(self.varint(5))
