@@ -316,9 +316,12 @@ class LoadGenerator:
         return LoadResult(window=t1 - t0, completed=completed, latencies_us=latencies, errors=errors, error_samples=samples[:_MAX_ERROR_SAMPLES])
 
     def _receive(self, pipe, timeout: float, what: str):
-        if not pipe.poll(timeout):
-            raise LoadGeneratorError(f"a load generator worker did not {what} within {timeout:g}s")
-        return pipe.recv()
+        try:
+            if pipe.poll(timeout):
+                return pipe.recv()
+        except (EOFError, OSError) as exc:
+            raise LoadGeneratorError(f"a load generator worker died before it could {what}: {exc!r}") from exc
+        raise LoadGeneratorError(f"a load generator worker did not {what} within {timeout:g}s")
 
     def close(self) -> None:
         for pipe in self._pipes:

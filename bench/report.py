@@ -155,11 +155,10 @@ def _envoy_version() -> str:
         out = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"unknown ({exc})"
-    # "envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
-    for part in out.split():
-        if part.count("/") >= 2:
-            return part.split("/")[1]
-    return out.strip() or "unknown"
+    # "<path to envoy>  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+    _, found, rest = out.partition("version:")
+    fields = rest.split()[0].split("/") if found and rest.split() else []
+    return fields[1] if len(fields) > 1 else out.strip() or "unknown"
 
 
 def build_results(points: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
