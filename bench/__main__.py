@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help=f"seconds measured per point (default: {FULL.duration:g}, quick: {QUICK.duration:g})")
     run.add_argument("--warmup", type=float, help=f"seconds of load before each window (default: {FULL.warmup:g}, quick: {QUICK.warmup:g})")
     run.add_argument("--bridge-workers", type=int, default=1, help="bridge worker processes on the metabridge paths (default: 1)")
+    run.add_argument("--only", action="append", metavar="TEXT", help="run only the points whose label contains TEXT, e.g. 'metabridge/awesomerpc 16x1' (repeatable)")
     run.add_argument("--client-workers", type=int, default=min(2, os.cpu_count() or 1), help="load generator processes (default: min(2, CPUs))")
     return parser
 
@@ -41,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    points = matrix(args.quick)
+    points = [p for p in matrix(args.quick) if not args.only or any(text in p.label for text in args.only)]
+    if not points:
+        print(f"bench: no point matches --only {args.only}", file=sys.stderr)
+        return 2
     mode = "quick" if args.quick else "full"
     print(f"bench: {len(points)} points, {timing.duration:g} s each (+{timing.warmup:g} s warm-up), {args.client_workers} client worker(s), {args.bridge_workers} bridge worker(s); output in {out}", flush=True)
     started = time.monotonic()

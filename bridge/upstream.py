@@ -26,12 +26,23 @@ from h2.events import (
 )
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import DataFrame
 
 from bridge import wire
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER.encode()
 UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER.encode()
 RESPONSE_FLAGS_HEADER = wire.RESPONSE_FLAGS_HEADER.encode()
+
+
+def _data_frame_repr(frame: DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# h2 formats every frame it receives for its trace log even when nothing logs it, and
+# hyperframe's repr of a DATA frame copies and hex-encodes the whole payload before keeping 20
+# characters: most of the cost of a large response. Only the debug text changes.
+DataFrame._body_repr = _data_frame_repr
 
 # Large windows so flow control never throttles a tunnel in normal operation and WINDOW_UPDATEs
 # (each an extra ext_proc message) are rare.
@@ -163,13 +174,19 @@ class Upstream:
     def _flush(self, tunnel: Tunnel) -> None:
         h2 = self._h2
         backlog = tunnel.backlog
-        while backlog:
-            window = h2.local_flow_control_window(tunnel.stream_id)
-            if window <= 0:
-                return
-            n = min(window, h2.max_outbound_frame_size, len(backlog))
-            h2.send_data(tunnel.stream_id, bytes(backlog[:n]))
-            del backlog[:n]
+        view = memoryview(backlog)
+        sent = 0
+        try:
+            while sent < len(backlog):
+                window = h2.local_flow_control_window(tunnel.stream_id)
+                if window <= 0:
+                    break
+                n = min(window, h2.max_outbound_frame_size, len(backlog) - sent)
+                h2.send_data(tunnel.stream_id, bytes(view[sent : sent + n]))
+                sent += n
+        finally:
+            view.release()
+            del backlog[:sent]  # once, not per frame: a 1 MiB frame is 64 HTTP/2 frames
 
     def close_tunnel(self, tunnel: Tunnel, reset: bool = False) -> None:
         """End our side of a tunnel (reset=True aborts it); forget it."""
