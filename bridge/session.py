@@ -101,6 +101,9 @@ class Session:
         self._tunnels: dict[str, list[Tunnel]] = {}
         self._next_tunnel: dict[str, int] = {}
         self._to_client: list[bytes] = []
+        # Frames routed to each tunnel during this Envoy message: sent as one HTTP/2 DATA frame
+        # per tunnel (pipelined clients put several requests in one read).
+        self._to_tunnels: dict[Tunnel, list[bytes]] = {}
         # Without request ids the client matches replies by position: release them in request
         # order, even when tunnels to different clusters or local replies answer out of order.
         self._reply_order: deque[Pending] | None = None if self._by_id else deque()
@@ -209,7 +212,7 @@ class Session:
         cluster = route.pick_cluster()
         if kind is MessageType.ONEWAY:
             stats.request_oneway += 1
-            self._upstream.send(self._tunnel_for(cluster), frame)
+            self._forward(self._tunnel_for(cluster), frame)
             return
         if self._by_id and self._in_flight(cluster, metadata.request_id):
             self._local_reply(metadata, ErrorType.UNSPECIFIED, f"request id {metadata.request_id} is already in flight on this connection")
@@ -226,7 +229,14 @@ class Session:
         pending.timer = self._loop.call_later(self._request_timeout, self._on_request_timeout, pending)
         self._active += 1
         stats.request_active += 1
-        self._upstream.send(tunnel, frame)
+        self._forward(tunnel, frame)
+
+    def _forward(self, tunnel: Tunnel, frame: bytes) -> None:
+        frames = self._to_tunnels.get(tunnel)
+        if frames is None:
+            self._to_tunnels[tunnel] = [frame]
+        else:
+            frames.append(frame)
 
     def _in_flight(self, cluster: str, request_id) -> bool:
         return any(request_id in t.owner.by_id for t in self._tunnels.get(cluster, ()))
@@ -445,6 +455,11 @@ class Session:
 
     def _collect(self, answer_read: bool = False, answer_write: bool = False) -> list[ProcessingResponse]:
         out = []
+        if self._to_tunnels:
+            for tunnel, frames in self._to_tunnels.items():
+                if tunnel.state is not TunnelState.CLOSED:
+                    self._upstream.send(tunnel, frames[0] if len(frames) == 1 else _EMPTY.join(frames))
+            self._to_tunnels.clear()
         to_hcm = self._upstream.output()
         if to_hcm or answer_read:
             out.append(ProcessingResponse(read_data=Data(data=to_hcm)))

@@ -98,6 +98,7 @@ class FakeHcm:
         self.h2.initiate_connection()
         self.requests: dict[int, dict[bytes, bytes]] = {}
         self.received: dict[int, bytearray] = defaultdict(bytearray)
+        self.data_frames: dict[int, int] = defaultdict(int)  # DATA frames seen per stream
         self.ended: set[int] = set()
         self.reset: dict[int, int] = {}
 
@@ -107,6 +108,7 @@ class FakeHcm:
                 self.requests[event.stream_id] = dict(event.headers)
             elif isinstance(event, DataReceived):
                 self.received[event.stream_id] += event.data
+                self.data_frames[event.stream_id] += 1
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, StreamEnded):
                 self.ended.add(event.stream_id)
@@ -188,29 +190,38 @@ def h2_and_client_bytes(messages: list[ProcessingResponse]) -> tuple[bytes, byte
 @in_loop
 async def test_frames_split_at_every_byte_boundary_give_the_same_output():
     whole = Harness()
-    expected = h2_and_client_bytes(whole.read(STREAM))
+    whole.read(STREAM)
     # Two tunnels (c1, c2) carrying exactly the three requests; the heartbeat is answered here.
     assert whole.hcm.requests.keys() == {1, 3}
-    assert parse_frames(bytes(whole.hcm.received[1])) == [(1, 1, 0, b"hello"), (3, 1, 0, b"")]
-    assert parse_frames(bytes(whole.hcm.received[3])) == [(2, 2, 0, b"x" * 40)]
+    expected = {sid: parse_frames(bytes(data)) for sid, data in whole.hcm.received.items()}
+    assert expected == {1: [(1, 1, 0, b"hello"), (3, 1, 0, b"")], 3: [(2, 2, 0, b"x" * 40)]}
     assert whole.client_frames() == [(77, 0, 0, b"")]
     whole.session.close()
 
+    def tunnels_and_client(h: Harness):
+        return {sid: parse_frames(bytes(data)) for sid, data in h.hcm.received.items()}, h.client_frames()
+
     for cut in range(1, len(STREAM)):
         split = Harness()
-        first, second = split.session.on_read(STREAM[:cut], False), split.session.on_read(STREAM[cut:], False)
+        first, second = split.read(STREAM[:cut]), split.read(STREAM[cut:])
         assert [has_read(m) for m in first].count(True) == 1 and [has_read(m) for m in second].count(True) == 1
-        assert h2_and_client_bytes(first + second) == expected, f"cut at byte {cut}"
+        assert tunnels_and_client(split) == (expected, [(77, 0, 0, b"")]), f"cut at byte {cut}"
         split.session.close()
 
     trickle = Harness()
-    messages = []
     for i in range(len(STREAM)):
-        answer = trickle.session.on_read(STREAM[i : i + 1], False)
+        answer = trickle.read(STREAM[i : i + 1])
         assert has_read(answer[0]), "every read gets a read_data answer"
-        messages += answer
-    assert h2_and_client_bytes(messages) == expected
+    assert tunnels_and_client(trickle) == (expected, [(77, 0, 0, b"")])
     trickle.session.close()
+
+
+@in_loop
+async def test_frames_of_one_read_travel_in_one_http2_data_frame_per_tunnel():
+    h = Harness()
+    h.read(b"".join(encode_frame(i, 1, b"p") for i in range(1, 9)))
+    assert h.hcm.data_frames[1] == 1, "8 pipelined requests, one DATA frame"
+    assert [flow for flow, *_ in parse_frames(bytes(h.hcm.received[1]))] == list(range(1, 9))
 
 
 @in_loop
