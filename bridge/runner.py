@@ -130,6 +130,20 @@ async def _serve_until_stopped(config: Config, address: str, index: int) -> None
         await server.stop(grace=2.0)
 
 
+async def _accepts(address: str) -> bool:
+    """Whether a connection to ``address`` (unix:PATH or HOST:PORT) is accepted."""
+    try:
+        if address.startswith("unix:"):
+            _, writer = await asyncio.open_unix_connection(address[len("unix:"):])
+        else:
+            host, _, port = address.rpartition(":")
+            _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
 class WorkerSupervisor:
     """Runs one bridge process per worker address and restarts any that dies."""
 
@@ -154,22 +168,14 @@ class WorkerSupervisor:
             self._start(address)
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until every worker's health service answers (so Envoy never meets a missing socket)."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+        """Until every worker accepts connections, so Envoy never meets a missing socket."""
         deadline = time.monotonic() + timeout
         for address in self._addresses:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    try:
-                        await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
-                        break
-                    except grpc.aio.AioRpcError:
-                        if time.monotonic() > deadline:
-                            raise RuntimeError(f"bridge worker at {address} did not become ready within {timeout:g}s") from None
-                        await asyncio.sleep(0.1)
+            while not await _accepts(address):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"bridge worker at {address} did not start listening within {timeout:g}s; see its log above")
+                await asyncio.sleep(0.05)
+        event(log, logging.INFO, "workers_ready", workers=len(self._addresses))
 
     async def watch(self) -> None:
         while not self._stopping:
@@ -216,8 +222,8 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             workers = WorkerSupervisor(config, addresses)
             workers.start()
             loop.add_signal_handler(signal.SIGHUP, workers.reload)
-            await workers.wait_ready()
             watchers.append(asyncio.ensure_future(workers.watch()))
+            await workers.wait_ready()
         if with_envoy:
             envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level)
             envoy.start()
