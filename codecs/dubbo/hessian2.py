@@ -155,6 +155,15 @@ class Reader:
 
     def _read_string(self) -> str:
         start = self.pos
+        data = self.data
+        tag = data[start]
+        if tag <= 0x1F:  # fast path for the usual case: a short, unchunked ASCII string
+            end = start + 1 + tag
+            if end <= self.end:
+                raw = data[start + 1 : end]
+                if raw.isascii():
+                    self.pos = end
+                    return raw.decode("ascii")
         spans = self._string_spans()
         if len(spans) == 1:
             raw = self.data[spans[0][0] : spans[0][1]]
