@@ -116,11 +116,17 @@ class Processor(network_ext_proc_pb2_grpc.NetworkExternalProcessorServicer):
                 for message in messages:
                     await context.write(message)
 
+        def written(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                # The stream ended under a timer's reply: the connection is gone, nothing to send.
+                event(log, logging.DEBUG, "late_write_dropped", listener=listener_name, error=str(task.exception()))
+
         def emit(messages) -> None:
             if messages:
                 task = asyncio.ensure_future(write(messages))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(written)
 
         session = Session(runtime, emit, connection=f"{os.getpid()}-{self._streams}")
         try:
