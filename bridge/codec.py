@@ -9,7 +9,8 @@ partial-parse state. Codecs are sans-IO: bytes in, bytes out.
         buffer[:n]``) and fill ``metadata``; or return WAIT_FOR_DATA, consuming nothing, when the
         buffer does not hold a whole frame yet. Raise CodecError for bytes that can never become a
         valid frame and FrameTooLarge (via ``check_frame_size``) as soon as a header announces a
-        frame bigger than ``max_frame_size``.
+        frame bigger than ``max_frame_size``. Raise MalformedFrame after consuming a whole frame
+        whose body is invalid, so only that message fails.
     encode(metadata, mutation) -> bytes
         The frame to send on, with ``mutation`` (routable headers to add or replace) applied.
         Returning ``metadata.frame`` unchanged is fine when the protocol has nowhere to put them.

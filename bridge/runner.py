@@ -103,7 +103,7 @@ class EnvoySupervisor:
 async def _start_bridge(config: Config, address: str, index: int):
     """One bridge: the gRPC server, its /metrics (on metrics_port + index) and route reload on SIGHUP."""
     runtimes = build_runtimes(config)
-    server = await serve(config, address, runtimes)
+    server = await serve(address, runtimes)
     if config.metrics_port is not None:
         port = config.metrics_port + index if config.metrics_port else 0
         serve_metrics(runtimes, config.metrics_address, port)

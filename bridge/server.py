@@ -145,12 +145,11 @@ class Processor(network_ext_proc_pb2_grpc.NetworkExternalProcessorServicer):
                 task.cancel()
 
 
-async def serve(config: Config, address: str, runtimes: dict[str, ListenerRuntime] | None = None) -> grpc.aio.Server:
+async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> grpc.aio.Server:
     """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
-    runtimes = runtimes if runtimes is not None else build_runtimes(config)
     server = grpc.aio.server(options=_GRPC_OPTIONS)
     network_ext_proc_pb2_grpc.add_NetworkExternalProcessorServicer_to_server(Processor(runtimes), server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if address.startswith("unix:"):
         path = address[len("unix:"):]
@@ -160,8 +159,6 @@ async def serve(config: Config, address: str, runtimes: dict[str, ListenerRuntim
         raise OSError(f"cannot listen on {address}")
     await server.start()
     for name in ("", SERVICE_NAME):
-        result = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if asyncio.iscoroutine(result):
-            await result
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     event(log, logging.INFO, "bridge_listening", address=address, listeners=sorted(runtimes))
     return server

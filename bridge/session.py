@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 
@@ -53,14 +52,13 @@ class Pending:
     order: ``reply`` holds its answer until every earlier request has been answered.
     """
 
-    __slots__ = ("metadata", "route", "link", "timer", "started", "done", "reply")
+    __slots__ = ("metadata", "route", "link", "timer", "done", "reply")
 
     def __init__(self, metadata: Metadata | None, route: Route | None, link: _Link | None) -> None:
         self.metadata = metadata
         self.route = route
         self.link = link
         self.timer: asyncio.TimerHandle | None = None
-        self.started = time.monotonic()
         self.done = False
         self.reply: bytes | None = None
 
@@ -214,12 +212,14 @@ class Session:
             stats.request_oneway += 1
             self._forward(self._tunnel_for(cluster), frame)
             return
-        if self._by_id and self._in_flight(cluster, metadata.request_id):
+        tunnel = self._tunnel_for(cluster)
+        link = tunnel.owner
+        if self._by_id and metadata.request_id in link.by_id:
+            # Responses are matched by id per tunnel: a second request with the same id on it
+            # could not be told apart from the first.
             self._local_reply(metadata, ErrorType.UNSPECIFIED, f"request id {metadata.request_id} is already in flight on this connection")
             return
         stats.request_twoway += 1
-        tunnel = self._tunnel_for(cluster)
-        link = tunnel.owner
         pending = Pending(metadata, route, link)
         if self._by_id:
             link.by_id[metadata.request_id] = pending
@@ -237,9 +237,6 @@ class Session:
             self._to_tunnels[tunnel] = [frame]
         else:
             frames.append(frame)
-
-    def _in_flight(self, cluster: str, request_id) -> bool:
-        return any(request_id in t.owner.by_id for t in self._tunnels.get(cluster, ()))
 
     def _tunnel_for(self, cluster: str) -> Tunnel:
         """Round-robin over up to tunnels_per_cluster tunnels, opened on first use."""
@@ -294,7 +291,7 @@ class Session:
             except MalformedFrame as exc:
                 # One bad response, stream still in step: only its request gets BAD_RESPONSE.
                 stats.response_decoding_error += 1
-                pending = link.by_id.pop(exc.request_id, None) if self._by_id else self._next_in_order(link)
+                pending = self._take(link, exc.request_id)
                 if pending is not None:
                     self._fail(pending, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}")
                 continue
@@ -305,10 +302,11 @@ class Session:
                 return
             if metadata.message_type is MessageType.HEARTBEAT:
                 continue  # upstream heartbeats are never forwarded
-            pending = self._match(link, metadata)
+            pending = self._take(link, metadata.request_id)
             if pending is None:
                 stats.response_unmatched += 1
                 continue
+            self._settle(pending)
             stats.response += 1
             if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
                 stats.response_error += 1
@@ -325,16 +323,12 @@ class Session:
                 frame = metadata.frame
             self._reply(frame, pending)
 
-    def _match(self, link: _Link, metadata: Metadata) -> Pending | None:
-        pending = link.by_id.pop(metadata.request_id, None) if self._by_id else self._next_in_order(link)
-        if pending is not None:
-            self._settle(pending)
-        return pending
-
-    @staticmethod
-    def _next_in_order(link: _Link) -> Pending | None:
-        """The request the next response on this tunnel answers; None when that request already
-        timed out (its late response is dropped) or nothing is waiting."""
+    def _take(self, link: _Link, request_id) -> Pending | None:
+        """Remove and return the request a response on this tunnel answers: by id, or the oldest
+        one for protocols without ids. None when nothing waits for it (for in-order protocols:
+        the late response of a request that already timed out)."""
+        if self._by_id:
+            return link.by_id.pop(request_id, None)
         if not link.in_order:
             return None
         pending = link.in_order.popleft()
