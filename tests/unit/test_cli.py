@@ -150,3 +150,8 @@ def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
     path = tmp_path / "picky.yaml"
     path.write_text("codecs: {picky: {ref: picky.py:Picky, options: {mode: c}}}\nlisteners: [{name: l, port: 15000, codec: picky, routes: []}]\nclusters: []\n")
     assert_clean_failure(metabridge("validate", "--no-envoy", "-c", str(path)), 2, "codecs.picky", "mode")
+
+
+def test_run_with_a_bad_listen_override_exits_2_before_serving():
+    result = metabridge("run", "-c", "examples/awesomerpc.yaml", "--listen", "localhost", timeout=60)
+    assert_clean_failure(result, 2, "--listen", "'localhost'", "HOST:PORT")
