@@ -38,6 +38,6 @@ def setup(level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def event(log: logging.Logger, level: int, name: str, **fields) -> None:
+def event(log: logging.Logger, level: int, name: str, exc_info: bool = False, **fields) -> None:
     if log.isEnabledFor(level):
-        log.log(level, name, extra={"fields": fields})
+        log.log(level, name, exc_info=exc_info, extra={"fields": fields})

@@ -6,17 +6,18 @@ Envoy names the listener a stream belongs to in the gRPC initial metadata
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
-from bridge._proto import network_ext_proc_pb2_grpc
+from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
 from bridge.codec import Codec
 from bridge.config import Config, ConfigError, ListenerConfig, load
+from bridge.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
 from bridge.logs import event
 from bridge.registry import CodecLoadError, load_codecs
 from bridge.router import Router
@@ -27,11 +28,6 @@ from bridge.wire import LISTENER_METADATA_KEY
 log = logging.getLogger("metabridge.server")
 
 SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
-_GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
 
 
 @dataclass
@@ -95,70 +91,91 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
         event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
 
 
-class Processor(network_ext_proc_pb2_grpc.NetworkExternalProcessorServicer):
-    def __init__(self, runtimes: dict[str, ListenerRuntime]) -> None:
-        self.runtimes = runtimes
-        self._streams = 0
+class ExtProcCall(StreamHandler):
+    """One ``Process`` stream (one downstream connection): its Session, fed message by message."""
 
-    async def Process(self, request_iterator, context):  # noqa: N802 (gRPC method name)
-        listener_name = dict(context.invocation_metadata()).get(LISTENER_METADATA_KEY)
-        runtime = self.runtimes.get(listener_name)
+    __slots__ = ("stream", "session", "listener")
+
+    def __init__(self, stream: Stream, runtimes: dict[str, ListenerRuntime], connection: str) -> None:
+        self.stream = stream
+        self.listener = stream.headers.get(LISTENER_METADATA_KEY)
+        runtime = runtimes.get(self.listener)
         if runtime is None:
-            event(log, logging.ERROR, "unknown_listener", listener=listener_name, known=sorted(self.runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"metabridge has no listener {listener_name!r}")
+            event(log, logging.ERROR, "unknown_listener", listener=self.listener, known=sorted(runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
+            raise GrpcError(NOT_FOUND, f"metabridge has no listener {self.listener!r}")
+        self.session: Session | None = Session(runtime, self._send, connection=connection)
+
+    def _send(self, responses: list[ProcessingResponse]) -> None:
+        if responses:
+            self.stream.send([r.SerializeToString() for r in responses])
+
+    def on_message(self, message: bytes) -> None:
+        session = self.session
+        if session is None:
             return
-        self._streams += 1
-        lock = asyncio.Lock()
-        tasks: set[asyncio.Task] = set()
-
-        async def write(messages) -> None:
-            async with lock:  # one writer at a time; timers write between Envoy's messages
-                for message in messages:
-                    await context.write(message)
-
-        def written(task: asyncio.Task) -> None:
-            tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                # The stream ended under a timer's reply: the connection is gone, nothing to send.
-                event(log, logging.DEBUG, "late_write_dropped", listener=listener_name, error=str(task.exception()))
-
-        def emit(messages) -> None:
-            if messages:
-                task = asyncio.ensure_future(write(messages))
-                tasks.add(task)
-                task.add_done_callback(written)
-
-        session = Session(runtime, emit, connection=f"{os.getpid()}-{self._streams}")
         try:
-            async for request in request_iterator:
-                if request.HasField("read_data"):
-                    data = request.read_data
-                    await write(session.on_read(data.data, data.end_of_stream))
-                if request.HasField("write_data"):
-                    data = request.write_data
-                    await write(session.on_write(data.data, data.end_of_stream))
-        except asyncio.CancelledError:
-            pass  # Envoy closed the stream (the downstream connection is gone)
-        finally:
+            request = ProcessingRequest.FromString(message)
+        except DecodeError as exc:
+            raise GrpcError(INVALID_ARGUMENT, f"not a ProcessingRequest: {exc}") from exc
+        if request.HasField("read_data"):
+            data = request.read_data
+            self._send(session.on_read(data.data, data.end_of_stream))
+        if request.HasField("write_data"):
+            data = request.write_data
+            self._send(session.on_write(data.data, data.end_of_stream))
+
+    def on_end(self) -> None:
+        self.on_reset()
+        self.stream.finish()
+
+    def on_reset(self) -> None:
+        # Envoy ended the stream: the downstream connection is gone.
+        session, self.session = self.session, None
+        if session is not None:
             session.close()
-            for task in tasks:
-                task.cancel()
 
 
-async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> grpc.aio.Server:
+class HealthCall(StreamHandler):
+    """grpc.health.v1 ``Check`` (and ``Watch``, which reports once and stays open)."""
+
+    def __init__(self, stream: Stream, watch: bool) -> None:
+        self.stream = stream
+        self.watch = watch
+        self.service: str | None = None
+
+    def on_message(self, message: bytes) -> None:
+        self.service = health_pb2.HealthCheckRequest.FromString(message).service
+        if self.watch:
+            self._report()
+
+    def on_end(self) -> None:
+        if not self.watch:
+            self._report()
+        self.stream.finish()
+
+    def _report(self) -> None:
+        if self.service not in _SERVING:
+            raise GrpcError(NOT_FOUND, f"unknown service {self.service!r}")
+        self.stream.send([health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()])
+
+
+_SERVING = ("", SERVICE_NAME)
+
+
+async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> GrpcServer:
     """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
-    server = grpc.aio.server(options=_GRPC_OPTIONS)
-    network_ext_proc_pb2_grpc.add_NetworkExternalProcessorServicer_to_server(Processor(runtimes), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if address.startswith("unix:"):
-        path = address[len("unix:"):]
-        if os.path.exists(path):
-            os.unlink(path)  # a stale socket from a previous run
-    if server.add_insecure_port(address) == 0 and not address.startswith("unix:"):
-        raise OSError(f"cannot listen on {address}")
-    await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    streams = itertools.count(1)
+    pid = os.getpid()
+    server = GrpcServer(
+        {
+            f"/{SERVICE_NAME}/Process": lambda stream: ExtProcCall(stream, runtimes, f"{pid}-{next(streams)}"),
+            "/grpc.health.v1.Health/Check": lambda stream: HealthCall(stream, watch=False),
+            "/grpc.health.v1.Health/Watch": lambda stream: HealthCall(stream, watch=True),
+        }
+    )
+    try:
+        await server.start(address)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
     event(log, logging.INFO, "bridge_listening", address=address, listeners=sorted(runtimes))
     return server

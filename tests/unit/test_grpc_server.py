@@ -1,0 +1,246 @@
+"""The bridge's own gRPC server, spoken to by grpcio's client (an independent HTTP/2 + gRPC peer).
+
+Envoy's gRPC client is covered by the integration tests; these check the protocol edges grpcio
+can reach: streaming both ways, large messages across frames and flow-control windows, errors
+as gRPC statuses, cancellation, health checks and shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bridge.grpc_server import INTERNAL, GrpcError, GrpcServer, Stream, StreamHandler
+from bridge.server import HealthCall, SERVICE_NAME
+
+ECHO = "/test.Echo/Chat"
+
+
+class EchoCall(StreamHandler):
+    """Echoes each message; ``boom`` raises, ``deny`` fails the call, ``bye`` ends it."""
+
+    resets: list[str] = []
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def on_message(self, message: bytes) -> None:
+        if message == b"boom":
+            raise ValueError("handler bug")
+        if message == b"deny":
+            raise GrpcError(INTERNAL, "denied: ü")
+        if message == b"bye":
+            self.stream.finish()
+            return
+        self.stream.send([message])
+
+    def on_end(self) -> None:
+        self.stream.finish()
+
+    def on_reset(self) -> None:
+        EchoCall.resets.append(self.stream.headers.get(":path"))
+
+
+def identity(data: bytes) -> bytes:
+    return data
+
+
+async def start(max_message: int = 64 * 1024 * 1024) -> tuple[GrpcServer, str]:
+    server = GrpcServer(
+        {
+            ECHO: EchoCall,
+            "/grpc.health.v1.Health/Check": lambda stream: HealthCall(stream, watch=False),
+            "/grpc.health.v1.Health/Watch": lambda stream: HealthCall(stream, watch=True),
+        },
+        max_message=max_message,
+    )
+    await server.start("127.0.0.1:0")
+    return server, f"127.0.0.1:{server.port}"
+
+
+def chat(channel: grpc.aio.Channel):
+    return channel.stream_stream(ECHO, request_serializer=identity, response_deserializer=identity)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_stream_echoes_every_message_in_order():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = chat(channel)()
+            for i in range(200):
+                await call.write(b"m%d" % i)
+            await call.done_writing()
+            got = [m async for m in call]
+            assert got == [b"m%d" % i for i in range(200)]
+            assert await call.code() == grpc.StatusCode.OK
+        await server.stop()
+
+    run(body())
+
+
+@pytest.mark.parametrize("size", [0, 1, 16 * 1024 + 7, 1024 * 1024, 5 * 1024 * 1024])
+def test_large_messages_cross_frames_and_flow_control_windows(size):
+    async def body():
+        server, address = await start()
+        payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            call = chat(channel)()
+            for _ in range(3):
+                await call.write(payload)
+                assert await call.read() == payload
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+        await server.stop()
+
+    run(body())
+
+
+def test_handler_error_ends_that_call_only():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            other = chat(channel)()
+            await other.write(b"before")
+            assert await other.read() == b"before"
+            broken = chat(channel)()
+            await broken.write(b"boom")
+            assert await broken.code() == grpc.StatusCode.INTERNAL
+            assert "ValueError: handler bug" in await broken.details()
+            denied = chat(channel)()
+            await denied.write(b"deny")
+            assert await denied.code() == grpc.StatusCode.INTERNAL
+            assert await denied.details() == "denied: ü"
+            await other.write(b"after")
+            assert await other.read() == b"after"
+            await other.done_writing()
+            assert await other.code() == grpc.StatusCode.OK
+        await server.stop()
+
+    run(body())
+
+
+def test_server_may_end_the_call_first():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = chat(channel)()
+            await call.write(b"hi")
+            await call.write(b"bye")
+            assert await call.read() == b"hi"
+            assert await call.code() == grpc.StatusCode.OK
+        await server.stop()
+
+    run(body())
+
+
+def test_unknown_method_is_unimplemented():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.unary_unary("/test.Echo/Nope", request_serializer=identity, response_deserializer=identity)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call(b"x")
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        await server.stop()
+
+    run(body())
+
+
+def test_message_over_the_limit_is_resource_exhausted():
+    async def body():
+        server, address = await start(max_message=1000)
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = chat(channel)()
+            await call.write(b"x" * 1001)
+            assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            ok = chat(channel)()
+            await ok.write(b"x" * 1000)
+            assert await ok.read() == b"x" * 1000
+            await ok.done_writing()
+        await server.stop()
+
+    run(body())
+
+
+def test_client_cancel_resets_the_handler():
+    async def body():
+        EchoCall.resets.clear()
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = chat(channel)()
+            await call.write(b"a")
+            assert await call.read() == b"a"
+            call.cancel()
+            for _ in range(100):
+                if EchoCall.resets:
+                    break
+                await asyncio.sleep(0.01)
+        assert EchoCall.resets == [ECHO]
+        await server.stop()
+
+    run(body())
+
+
+def test_health_check_and_watch():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", SERVICE_NAME):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Check(health_pb2.HealthCheckRequest(service="nope"))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+        await server.stop()
+
+    run(body())
+
+
+def test_stop_lets_running_calls_finish_then_cuts_them():
+    async def body():
+        server, address = await start()
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = chat(channel)()
+            await call.write(b"a")
+            assert await call.read() == b"a"
+            stopping = asyncio.ensure_future(server.stop(grace=0.3))
+            await asyncio.sleep(0.1)
+            await call.write(b"still served during the grace period")
+            assert await call.read() == b"still served during the grace period"
+            await stopping
+            assert await call.code() != grpc.StatusCode.OK
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", int(address.rsplit(":", 1)[1]))) != 0
+
+    run(body())
+
+
+def test_not_http2_gets_goaway_and_close():
+    async def body():
+        server, address = await start()
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 2)  # read until the server closes
+        assert b"bad connection preface" in received
+        writer.close()
+        async with grpc.aio.insecure_channel(address) as channel:  # the server is still fine
+            call = chat(channel)()
+            await call.write(b"ok")
+            assert await call.read() == b"ok"
+            await call.done_writing()
+        await server.stop()
+
+    run(body())
