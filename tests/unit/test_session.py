@@ -26,7 +26,12 @@ from bridge.registry import load_codec_class
 from bridge.router import Router
 from bridge.server import ListenerRuntime
 from bridge.session import Session
-from bridge.upstream import CLUSTER_HEADER, RESPONSE_FLAGS_HEADER, UPSTREAM_HOST_HEADER
+from bridge import wire
+
+# The test's HCM is h2 with raw (bytes) header names.
+CLUSTER_HEADER = wire.CLUSTER_HEADER.encode()
+UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER.encode()
+RESPONSE_FLAGS_HEADER = wire.RESPONSE_FLAGS_HEADER.encode()
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AwesomeRpcCodec = load_codec_class("codecs/awesomerpc.py:AwesomeRpcCodec", REPO_ROOT)
