@@ -118,20 +118,7 @@ class Stack:
         config = {
             "bridge": {"listen": f"unix:{socket_path}", "workers": self.bridge_workers, "log_level": "warning"},
             "envoy": {"admin_port": admin_port, "message_timeout": "5s", "concurrency": 1},
-            "codecs": {protocol: {"ref": f"{_CODEC_REFS[protocol]}:{_CODEC_CLASSES[protocol]}"}},
-            "listeners": [
-                {
-                    "name": "bench",
-                    "address": "127.0.0.1",
-                    "port": listen_port,
-                    "codec": protocol,
-                    "max_frame_size": BRIDGE_MAX_FRAME_SIZE,
-                    "routes": bridge_routes(protocol, self.spec.routes),
-                }
-            ],
-            "clusters": [
-                {"name": native.BACKEND_CLUSTER, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": self.backend_port}]}
-            ],
+            **bridge_listener_config(protocol, self.spec.routes, listen_port, self.backend_port),
         }
         config_path = self.workdir / f"metabridge-{protocol}-r{self.spec.routes}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -152,6 +139,24 @@ class Stack:
             child = self.children.pop(role, None)
             if child is not None:
                 child.stop()
+
+
+def bridge_listener_config(protocol: str, routes: int, listen_port: int, backend_port: int) -> dict[str, Any]:
+    """The codec, the listener "bench" with its routes and the backend cluster of a bridge config."""
+    return {
+        "codecs": {protocol: {"ref": f"{_CODEC_REFS[protocol]}:{_CODEC_CLASSES[protocol]}"}},
+        "listeners": [
+            {
+                "name": "bench",
+                "address": "127.0.0.1",
+                "port": listen_port,
+                "codec": protocol,
+                "max_frame_size": BRIDGE_MAX_FRAME_SIZE,
+                "routes": bridge_routes(protocol, routes),
+            }
+        ],
+        "clusters": [{"name": native.BACKEND_CLUSTER, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": backend_port}]}],
+    }
 
 
 def bridge_routes(protocol: str, count: int) -> list[dict[str, Any]]:

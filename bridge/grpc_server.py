@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 from typing import Callable, Iterable
 
 from bridge import http2
@@ -26,6 +27,8 @@ from bridge.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Str
 from bridge.logs import event
 
 log = logging.getLogger("metabridge.grpc")
+
+_PREFIX = struct.Struct(">BL")  # a gRPC message's compressed flag and length
 
 # gRPC status codes used here.
 OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 3, 5, 8, 12, 13, 14
@@ -68,7 +71,7 @@ class Stream(H2Stream):
         """Send serialized messages (each gets its gRPC prefix), in one DATA frame where it fits."""
         if self.local_closed:
             return
-        payload = b"".join([b"\x00" + u32.pack(len(m)) + m for m in messages])
+        payload = b"".join([_PREFIX.pack(0, len(m)) + m for m in messages])
         if not payload:
             return
         conn = self.conn
@@ -201,29 +204,32 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         rx = stream.rx
         if rx:
             rx += payload
-            data = rx
+            data = bytes(rx)
+            rx.clear()
         else:
             data = payload
         limit = self._server.max_message
+        handler = stream.handler
         pos, size = 0, len(data)
-        while size - pos >= 5:
-            length = u32.unpack_from(data, pos + 1)[0]
-            if length > limit:
-                self._fail_stream(stream, RESOURCE_EXHAUSTED, f"gRPC message of {length} bytes exceeds the limit of {limit}")
-                return
-            if data[pos]:
-                self._fail_stream(stream, UNIMPLEMENTED, "compressed gRPC messages are not supported: configure the client without compression")
-                return
-            end = pos + 5 + length
-            if end > size:
-                break
-            message = bytes(data[pos + 5 : end])
-            pos = end
-            if not self._call(stream, stream.handler.on_message, message):
-                return
-        if rx:
-            del rx[:pos]
-        elif pos < size:
+        try:
+            while size - pos >= 5:
+                length = u32.unpack_from(data, pos + 1)[0]
+                if length > limit:
+                    raise GrpcError(RESOURCE_EXHAUSTED, f"gRPC message of {length} bytes exceeds the limit of {limit}")
+                if data[pos]:
+                    raise GrpcError(UNIMPLEMENTED, "compressed gRPC messages are not supported: configure the client without compression")
+                end = pos + 5 + length
+                if end > size:
+                    break
+                message = data[pos + 5 : end]
+                pos = end
+                handler.on_message(message)
+                if stream.handler is None:
+                    return
+        except Exception as exc:
+            self._handler_failed(stream, exc)
+            return
+        if pos < size:
             rx += data[pos:]
 
     # ---- calls -----------------------------------------------------------------------------
@@ -232,14 +238,18 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         """Run handler code; an error ends the call with its status, not the connection."""
         try:
             fn(*args)
-        except GrpcError as exc:
-            self._fail_stream(stream, exc.code, str(exc))
-            return False
-        except Exception as exc:  # a bug in a handler must not take the other calls down
-            event(log, logging.ERROR, "grpc_handler_failed", path=stream.headers.get(":path"), error=f"{type(exc).__name__}: {exc}", exc_info=True)
-            self._fail_stream(stream, INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:
+            self._handler_failed(stream, exc)
             return False
         return stream.handler is not None
+
+    def _handler_failed(self, stream: Stream, exc: Exception) -> None:
+        if isinstance(exc, GrpcError):
+            self._fail_stream(stream, exc.code, str(exc))
+            return
+        # A bug in a handler must not take the other calls down.
+        event(log, logging.ERROR, "grpc_handler_failed", path=stream.headers.get(":path"), error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        self._fail_stream(stream, INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _on_remote_end(self, stream: Stream) -> None:
         if stream.remote_closed:

@@ -119,35 +119,39 @@ class Http2Connection:
 
     def feed(self, data: bytes) -> None:
         """Handle every whole frame received so far; raises ProtocolError."""
-        buf = self._buf
-        buf += data
+        if self._buf:  # the rest of a frame that was cut short
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf.clear()
         pos = 0
         if self._need_preface:
-            if bytes(buf[: len(PREFACE)]) != PREFACE[: len(buf)]:
+            if data[: len(PREFACE)] != PREFACE[: len(data)]:
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client (bad connection preface)")
-            if len(buf) < len(PREFACE):
+            if len(data) < len(PREFACE):
+                self._buf += data
                 return
             self._need_preface = False
             pos = len(PREFACE)
-        size = len(buf)
+        size = len(data)
         unpack = _frame_header.unpack_from
         try:
             while size - pos >= 9:
-                hi, lo, kind, flags, stream_id = unpack(buf, pos)
+                hi, lo, kind, flags, stream_id = unpack(data, pos)
                 length = hi << 16 | lo
                 if length > MAX_FRAME:
                     raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds the {MAX_FRAME} advertised")
                 end = pos + 9 + length
                 if end > size:
                     break
-                payload = bytes(buf[pos + 9 : end])
+                payload = data[pos + 9 : end]
                 pos = end
                 if kind == DATA:
                     self._on_data_frame(stream_id & 0x7FFFFFFF, flags, payload)
                 else:
                     self._on_control_frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
         finally:
-            del buf[:pos]
+            if pos < size:
+                self._buf += data[pos:]
 
     def _on_data_frame(self, stream_id: int, flags: int, payload: bytes) -> None:
         flow = len(payload)

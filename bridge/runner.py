@@ -31,7 +31,7 @@ _MAX_RESTARTS = 5  # a child crashing more often than this per window is not goi
 _STOP_GRACE = 10.0
 
 
-def _install_event_loop() -> None:
+def install_event_loop() -> None:
     if os.environ.get("METABRIDGE_EVENT_LOOP") == "asyncio":
         return
     try:
@@ -116,7 +116,7 @@ def _worker_main(config: Config, address: str, index: int, log_level: str) -> No
     """Entry point of a worker process: serve one address until SIGTERM."""
     logs.setup(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
-    _install_event_loop()
+    install_event_loop()
     asyncio.run(_serve_until_stopped(config, address, index))
 
 
@@ -250,5 +250,5 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
 
 
 def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning") -> int:
-    _install_event_loop()
+    install_event_loop()
     return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level))

@@ -107,7 +107,7 @@ class ExtProcCall(StreamHandler):
 
     def _send(self, responses: list[ProcessingResponse]) -> None:
         if responses:
-            self.stream.send([r.SerializeToString() for r in responses])
+            self.stream.send([r.SerializeToString() for r in responses] if len(responses) > 1 else (responses[0].SerializeToString(),))
 
     def on_message(self, message: bytes) -> None:
         session = self.session
@@ -162,17 +162,20 @@ class HealthCall(StreamHandler):
 _SERVING = ("", SERVICE_NAME)
 
 
-async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> GrpcServer:
-    """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
+def serve_methods(runtimes: dict[str, ListenerRuntime]) -> dict:
+    """The bridge's gRPC methods: ext_proc's Process and grpc.health.v1."""
     streams = itertools.count(1)
     pid = os.getpid()
-    server = GrpcServer(
-        {
-            f"/{SERVICE_NAME}/Process": lambda stream: ExtProcCall(stream, runtimes, f"{pid}-{next(streams)}"),
-            "/grpc.health.v1.Health/Check": lambda stream: HealthCall(stream, watch=False),
-            "/grpc.health.v1.Health/Watch": lambda stream: HealthCall(stream, watch=True),
-        }
-    )
+    return {
+        f"/{SERVICE_NAME}/Process": lambda stream: ExtProcCall(stream, runtimes, f"{pid}-{next(streams)}"),
+        "/grpc.health.v1.Health/Check": lambda stream: HealthCall(stream, watch=False),
+        "/grpc.health.v1.Health/Watch": lambda stream: HealthCall(stream, watch=True),
+    }
+
+
+async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> GrpcServer:
+    """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
+    server = GrpcServer(serve_methods(runtimes))
     try:
         await server.start(address)
     except (OSError, ValueError) as exc:
