@@ -52,13 +52,13 @@ class Pending:
     order: ``reply`` holds its answer until every earlier request has been answered.
     """
 
-    __slots__ = ("metadata", "route", "link", "timer", "done", "reply")
+    __slots__ = ("metadata", "route", "link", "deadline", "done", "reply")
 
     def __init__(self, metadata: Metadata | None, route: Route | None, link: _Link | None) -> None:
         self.metadata = metadata
         self.route = route
         self.link = link
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time at which it times out
         self.done = False
         self.reply: bytes | None = None
 
@@ -110,6 +110,8 @@ class Session:
         self._finished = False  # we ended (or are ending) the connection
         self._close = False
         self._last_activity = self._loop.time()
+        self._deadlines: deque[Pending] = deque()  # two-way requests in arrival (= deadline) order
+        self._timeout_timer: asyncio.TimerHandle | None = None
         self._idle_timer = self._loop.call_later(listener.config.idle_timeout, self._check_idle)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
@@ -168,6 +170,8 @@ class Session:
     def close(self) -> None:
         """The gRPC stream ended (the downstream connection is gone): free everything."""
         self._idle_timer.cancel()
+        if self._timeout_timer is not None:
+            self._timeout_timer.cancel()
         event(log, logging.DEBUG, "session_closed", listener=self.listener.name, connection=self.connection, requests_in_flight=self._active, tunnels=sum(len(t) for t in self._tunnels.values()))
         for tunnels in self._tunnels.values():
             for tunnel in tunnels:
@@ -226,7 +230,12 @@ class Session:
         else:
             link.in_order.append(pending)
             self._reply_order.append(pending)
-        pending.timer = self._loop.call_later(self._request_timeout, self._on_request_timeout, pending)
+        # One timer per session, not per request: every request of a session has the same
+        # timeout, so arrival order is deadline order and only the oldest needs a timer.
+        pending.deadline = self._last_activity + self._request_timeout
+        self._deadlines.append(pending)
+        if self._timeout_timer is None:
+            self._timeout_timer = self._loop.call_at(pending.deadline, self._expire_requests)
         self._active += 1
         stats.request_active += 1
         self._forward(tunnel, frame)
@@ -337,8 +346,9 @@ class Session:
     def _settle(self, pending: Pending) -> None:
         """Mark a request answered (by its response or a local reply)."""
         pending.done = True
-        if pending.timer:
-            pending.timer.cancel()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].done:
+            deadlines.popleft()
         self._active -= 1
         self.stats.request_active -= 1
         if self._half_closed:
@@ -376,11 +386,21 @@ class Session:
         while order and order[0].reply is not None:
             self._to_client.append(order.popleft().reply)
 
-    def _on_request_timeout(self, pending: Pending) -> None:
-        link = pending.link
-        if self._by_id:
-            link.by_id.pop(pending.metadata.request_id, None)
-        self._fail(pending, ErrorType.TIMEOUT, f"no response within {self._request_timeout:g}s from cluster {link.tunnel.cluster!r}")
+    def _expire_requests(self) -> None:
+        """Fail every request past its deadline; re-arm for the oldest one still waiting."""
+        self._timeout_timer = None
+        deadlines = self._deadlines
+        now = self._loop.time()
+        while deadlines and (deadlines[0].done or deadlines[0].deadline <= now):
+            pending = deadlines.popleft()
+            if pending.done:
+                continue
+            link = pending.link
+            if self._by_id:
+                link.by_id.pop(pending.metadata.request_id, None)
+            self._fail(pending, ErrorType.TIMEOUT, f"no response within {self._request_timeout:g}s from cluster {link.tunnel.cluster!r}")
+        if deadlines:
+            self._timeout_timer = self._loop.call_at(deadlines[0].deadline, self._expire_requests)
         self._emit(self._collect())
 
     def _on_setup_timeout(self, tunnel: Tunnel) -> None:
