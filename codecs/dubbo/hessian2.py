@@ -157,13 +157,20 @@ class Reader:
         start = self.pos
         data = self.data
         tag = data[start]
-        if tag <= 0x1F:  # fast path for the usual case: a short, unchunked ASCII string
-            end = start + 1 + tag
-            if end <= self.end:
-                raw = data[start + 1 : end]
-                if raw.isascii():
-                    self.pos = end
-                    return raw.decode("ascii")
+        # Fast path for the usual case, an unchunked ASCII string (short: up to 31 units, or
+        # medium: up to 1023, e.g. most service names): its byte length is its unit count.
+        if tag <= 0x1F:
+            begin, end = start + 1, start + 1 + tag
+        elif 0x30 <= tag <= 0x33 and start + 1 < self.end:
+            begin = start + 2
+            end = begin + (((tag - 0x30) << 8) | data[start + 1])
+        else:
+            end = 0
+        if 0 < end <= self.end:
+            raw = data[begin:end]
+            if raw.isascii():
+                self.pos = end
+                return raw.decode("ascii")
         spans = self._string_spans()
         if len(spans) == 1:
             raw = self.data[spans[0][0] : spans[0][1]]
