@@ -142,14 +142,16 @@ class Reader:
 
     def read_string(self) -> str:
         """A string; anything else (null included) is an error."""
+        pos = self.pos
+        if pos < self.end and self.data[pos] in _STRING_TAGS:
+            return self._read_string()
         tag = self.peek()
-        if tag not in _STRING_TAGS:
-            raise HessianError(f"expected a Hessian2 string at offset {self.pos}, found tag 0x{tag:02x}")
-        return self._read_string()
+        raise HessianError(f"expected a Hessian2 string at offset {pos}, found tag 0x{tag:02x}")
 
     def read_string_or_null(self) -> str | None:
-        if self.peek() == 0x4E:
-            self.pos += 1
+        pos = self.pos
+        if pos < self.end and self.data[pos] == 0x4E:
+            self.pos = pos + 1
             return None
         return self.read_string()
 
@@ -259,18 +261,25 @@ class Reader:
         else:
             raise HessianError(f"expected a Hessian2 map at offset {self.pos}, found tag 0x{tag:02x}")
         entries = []
-        while self.peek() != _TAG_LIST_END:
+        data, end = self.data, self.end
+        while True:
             key_start = self.pos
-            key = self._read_if_string()
+            if key_start >= end:
+                self.peek()  # raises: truncated
+            tag = data[key_start]
+            if tag == _TAG_LIST_END:
+                break
+            key = self._read_string() if tag in _STRING_TAGS else self._skip_value()
             value_start = self.pos
-            value = self._read_if_string()
+            if value_start < end and data[value_start] in _STRING_TAGS:
+                value = self._read_string()
+            else:
+                value = self._skip_value()
             entries.append((key, value, key_start, value_start, self.pos))
         self.pos += 1
         return entries
 
-    def _read_if_string(self) -> str | None:
-        if self.peek() in _STRING_TAGS:
-            return self._read_string()
+    def _skip_value(self) -> None:
         self.skip()
         return None
 
@@ -313,11 +322,17 @@ class Reader:
                 if size is not None:
                     pos += 1 + size
                     continue
-                if tag < 0x20:  # short string, the most common value: stepped over inline
-                    stop = pos + 1 + tag
-                    if stop <= end and data[pos + 1 : stop].isascii():
-                        pos = stop
-                        continue
+                # Short and medium ASCII strings, the most common values: stepped over inline.
+                if tag < 0x20:
+                    start, stop = pos + 1, pos + 1 + tag
+                elif 0x30 <= tag <= 0x33 and pos + 1 < end:
+                    start = pos + 2
+                    stop = start + (((tag - 0x30) << 8) | data[pos + 1])
+                else:
+                    stop = end + 1
+                if stop <= end and data[start:stop].isascii():
+                    pos = stop
+                    continue
                 self.pos = pos
                 children = self._skip_compound(tag)
                 pos = self.pos
