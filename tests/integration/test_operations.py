@@ -109,6 +109,9 @@ def test_worker_processes_share_the_connections(tmp_path):
 
         bodies = asyncio.run(many(20))
         assert sorted(set(bodies)) == [b"v1|w", b"v2|w"]
+        # Envoy's gRPC health checks of the bridge workers are answered SERVING.
+        wait_until(lambda: stack.envoy_stat("cluster.metabridge_bridge.health_check.success") >= 2, 10, "bridge health checks")
+        assert stack.envoy_stat("cluster.metabridge_bridge.health_check.failure") == 0
         per_worker = [scrape(metrics_port + i)['metabridge_request_total{listener="awesomerpc"}'] for i in range(2)]
         assert sum(per_worker) == 20
         assert min(per_worker) > 0, f"Envoy should spread connections over both workers: {per_worker}"

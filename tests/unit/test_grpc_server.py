@@ -244,3 +244,37 @@ def test_not_http2_gets_goaway_and_close():
         await server.stop()
 
     run(body())
+
+
+def test_process_over_grpcio_reaches_a_session():
+    """The bridge's own Process method, called by grpcio's generated ext_proc client."""
+    from bench.stacks import bridge_listener_config
+    from bench import wire
+    from bridge._proto import network_ext_proc_pb2 as pb
+    from bridge._proto.network_ext_proc_pb2_grpc import NetworkExternalProcessorStub
+    from bridge.config import parse
+    from bridge.server import build_runtimes, serve
+    from bridge.wire import LISTENER_METADATA_KEY
+
+    async def body():
+        runtimes = build_runtimes(parse(bridge_listener_config(wire.AWESOMERPC, routes=1, listen_port=1, backend_port=2)))
+        server = await serve("127.0.0.1:0", runtimes)
+        address = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = NetworkExternalProcessorStub(channel)
+            call = stub.Process(metadata=((LISTENER_METADATA_KEY, "bench"),))
+            await call.write(pb.ProcessingRequest(read_data=pb.Data(data=wire.request_template(wire.AWESOMERPC, 10).build(7))))
+            answer = await call.read()
+            # The request went into a new CONNECT tunnel: HTTP/2 for Envoy's connection manager.
+            assert answer.read_data.data.startswith(b"PRI * HTTP/2.0")
+            assert runtimes["bench"].stats.request_twoway == 1
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+
+            # The call fails at its headers, before any message.
+            unknown = stub.Process(metadata=((LISTENER_METADATA_KEY, "nope"),))
+            assert await unknown.code() == grpc.StatusCode.NOT_FOUND
+            assert "no listener 'nope'" in await unknown.details()
+        await server.stop()
+
+    run(body())
