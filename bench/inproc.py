@@ -139,12 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc", description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=wire.PROTOCOLS, default=wire.AWESOMERPC)
     parser.add_argument("--depth", type=int, default=1, help="requests per ext_proc message (default 1)")
+    parser.add_argument("--payload", type=int, default=100, help="request and response body size in bytes (default 100)")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
     args = parser.parse_args(argv)
     install_event_loop()  # the bridge's own loop (uvloop), as `metabridge run` uses
-    best = min(asyncio.run(measure(args.protocol, args.depth, args.requests)) for _ in range(args.repeat))
-    print(f"{args.protocol} depth {args.depth}: {best:.1f} µs of bridge CPU per request")
+    best = min(asyncio.run(measure(args.protocol, args.depth, args.requests, args.payload)) for _ in range(args.repeat))
+    print(f"{args.protocol} depth {args.depth}, {args.payload} B: {best:.1f} µs of bridge CPU per request")
 
 
 if __name__ == "__main__":

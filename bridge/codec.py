@@ -92,6 +92,21 @@ class MalformedFrame(CodecError):
         self.request_id = request_id
 
 
+def take_frame(buffer: bytearray, length: int) -> bytes:
+    """Remove the first ``length`` bytes of ``buffer`` and return them as bytes.
+
+    One copy however large the frame (``bytes(buffer[:length])`` makes two).
+    """
+    if length == len(buffer):
+        frame = bytes(buffer)
+        buffer.clear()
+        return frame
+    with memoryview(buffer) as view:
+        frame = bytes(view[:length])
+    del buffer[:length]
+    return frame
+
+
 class Headers(MutableMapping[str, str]):
     """Routable string headers with case-insensitive keys (stored lower-cased)."""
 

@@ -17,6 +17,7 @@ of the client's side and a reset.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -31,7 +32,8 @@ log = logging.getLogger("metabridge.grpc")
 _PREFIX = struct.Struct(">BL")  # a gRPC message's compressed flag and length
 
 # gRPC status codes used here.
-OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 0, 3, 5, 8, 12, 13, 14
+OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 5, 8, 12, 13
+
 
 class GrpcError(Exception):
     """Raised by a handler to end its stream with a gRPC status (``code``) and message."""
@@ -44,8 +46,9 @@ class GrpcError(Exception):
 class StreamHandler:
     """What a method implementation sees of one call; override what you need."""
 
-    def on_message(self, message: bytes) -> None:
-        """One whole request message (without the gRPC prefix)."""
+    def on_message(self, message: bytes | memoryview) -> None:
+        """One whole request message (without the gRPC prefix): bytes, or a read-only view of
+        received bytes for a large one (protobuf's ``FromString`` takes either)."""
 
     def on_end(self) -> None:
         """The client has sent its last message; a unary call answers here."""
@@ -57,7 +60,7 @@ class StreamHandler:
 class Stream(H2Stream):
     """One call: the handler's way to answer."""
 
-    __slots__ = ("conn", "headers", "handler", "started", "rx")
+    __slots__ = ("conn", "headers", "handler", "started", "rx", "need")
 
     def __init__(self, stream_id: int, conn: "GrpcConnection", headers: dict[str, str]) -> None:
         super().__init__(stream_id, conn.peer_initial_window)
@@ -66,6 +69,7 @@ class Stream(H2Stream):
         self.handler: StreamHandler | None = None
         self.started = False  # response HEADERS sent
         self.rx = bytearray()  # a gRPC message spread over several DATA frames
+        self.need = 0  # how many bytes rx must hold for that message to be whole
 
     def send(self, messages: Iterable[bytes]) -> None:
         """Send serialized messages (each gets its gRPC prefix), in one DATA frame where it fits."""
@@ -204,6 +208,8 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         rx = stream.rx
         if rx:
             rx += payload
+            if len(rx) < stream.need:
+                return  # a large message arriving in pieces: no copy until it is whole
             data = bytes(rx)
             rx.clear()
         else:
@@ -221,7 +227,8 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
                 end = pos + 5 + length
                 if end > size:
                     break
-                message = data[pos + 5 : end]
+                # A large message is handed over as a view of the received bytes, not a copy.
+                message = data[pos + 5 : end] if length < 65536 else memoryview(data)[pos + 5 : end]
                 pos = end
                 handler.on_message(message)
                 if stream.handler is None:
@@ -231,6 +238,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
             return
         if pos < size:
             rx += data[pos:]
+            stream.need = 5 + u32.unpack_from(data, pos + 1)[0] if size - pos >= 5 else 5
 
     # ---- calls -----------------------------------------------------------------------------
 
@@ -310,6 +318,7 @@ class GrpcServer:
         self.connections: set[GrpcConnection] = set()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
+        self._unix_path: str | None = None
 
     async def start(self, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -319,6 +328,7 @@ class GrpcServer:
             if os.path.exists(path):
                 os.unlink(path)  # a stale socket from a previous run
             self._server = await loop.create_unix_server(factory, path)
+            self._unix_path = path
         else:
             host, _, port = address.rpartition(":")
             self._server = await loop.create_server(factory, host.strip("[]") or None, int(port), reuse_address=True)
@@ -337,6 +347,9 @@ class GrpcServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self._unix_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._unix_path)
         connections = list(self.connections)
         for conn in connections:
             conn.go_away()

@@ -87,12 +87,14 @@ class Http2Connection:
         self._unacked = 0
         self._blocked: dict[int, H2Stream] = {}  # streams with a backlog, in the order they blocked
         self._header_block: tuple[int, int, bytearray] | None = None  # stream, flags, fragments
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a frame not yet whole
+        self._need = 0  # how many bytes _buf must hold for that frame to be whole
         self._need_preface = server
 
     # ---- hooks ---------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
+        """Queue bytes for the peer; a memoryview is of immutable bytes and may be kept."""
         raise NotImplementedError
 
     def on_headers(self, stream_id: int, headers: dict[str, str], end_stream: bool) -> None:
@@ -119,16 +121,20 @@ class Http2Connection:
 
     def feed(self, data: bytes) -> None:
         """Handle every whole frame received so far; raises ProtocolError."""
-        if self._buf:  # the rest of a frame that was cut short
-            self._buf += data
-            data = bytes(self._buf)
-            self._buf.clear()
+        buf = self._buf
+        if buf:  # the rest of a frame that was cut short
+            buf += data
+            if len(buf) < self._need:
+                return  # a large frame arriving in pieces: no copy until it is whole
+            data = bytes(buf)
+            buf.clear()
         pos = 0
         if self._need_preface:
             if data[: len(PREFACE)] != PREFACE[: len(data)]:
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client (bad connection preface)")
             if len(data) < len(PREFACE):
-                self._buf += data
+                buf += data
+                self._need = len(PREFACE)
                 return
             self._need_preface = False
             pos = len(PREFACE)
@@ -151,7 +157,9 @@ class Http2Connection:
                     self._on_control_frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
         finally:
             if pos < size:
-                self._buf += data[pos:]
+                buf += data[pos:]
+                # Bytes needed before parsing is worth trying again: the whole next frame.
+                self._need = 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]) if size - pos >= 9 else 9
 
     def _on_data_frame(self, stream_id: int, flags: int, payload: bytes) -> None:
         flow = len(payload)
@@ -293,8 +301,30 @@ class Http2Connection:
             self.send_window -= n
             self._write(frame(DATA, 0, stream.id, payload))
             return
-        stream.backlog += payload
-        self._flush(stream)
+        if stream.backlog:
+            stream.backlog += payload
+            self._flush(stream)
+            return
+        # Large: frames are cut from the payload itself (memoryview slices of immutable bytes,
+        # copied once when the output is joined); only what the windows hold back is kept.
+        sent = self._send_frames(stream, memoryview(payload))
+        if sent < n:
+            stream.backlog += payload[sent:]
+            self._blocked.setdefault(stream.id, stream)
+
+    def _send_frames(self, stream: H2Stream, view: memoryview) -> int:
+        """DATA frames from ``view`` while the windows allow; returns how many bytes went."""
+        sent, total, limit = 0, len(view), self.peer_max_frame
+        while sent < total:
+            n = min(stream.send_window, self.send_window, limit, total - sent)
+            if n <= 0:
+                break
+            stream.send_window -= n
+            self.send_window -= n
+            self._write(_frame_header.pack(n >> 16, n & 0xFFFF, DATA, 0, stream.id))
+            self._write(view[sent : sent + n])
+            sent += n
+        return sent
 
     def close_stream(self, stream: H2Stream, closing_frame: bytes) -> None:
         """Send ``closing_frame`` (END_STREAM DATA or trailers) once the backlog is out."""
@@ -326,16 +356,15 @@ class Http2Connection:
 
     def _flush(self, stream: H2Stream) -> None:
         backlog = stream.backlog
-        sent = 0
+        sendable = min(stream.send_window, self.send_window, len(backlog))
+        if sendable <= 0:
+            self._blocked.setdefault(stream.id, stream)
+            return
+        # A copy of what can go now: the frames keep slices of it until the output is joined,
+        # and the backlog itself must stay resizable.
         with memoryview(backlog) as view:
-            while sent < len(backlog):
-                n = min(stream.send_window, self.send_window, self.peer_max_frame, len(backlog) - sent)
-                if n <= 0:
-                    break
-                stream.send_window -= n
-                self.send_window -= n
-                self._write(frame(DATA, 0, stream.id, bytes(view[sent : sent + n])))
-                sent += n
+            chunk = bytes(view[:sendable])
+        sent = self._send_frames(stream, memoryview(chunk))
         del backlog[:sent]  # once, not per frame: a 1 MiB message is 64 frames
         if backlog:
             self._blocked.setdefault(stream.id, stream)

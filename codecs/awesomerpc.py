@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from bridge.codec import Codec, CodecError, DecodeStatus, Error, ErrorType, Metadata, MessageType, ResponseStatus
+from bridge.codec import Codec, CodecError, DecodeStatus, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
 
 HEADER = struct.Struct("!BIIhh")
 """version u8, flow u32, len u32, cmd i16, rsp_code i16: the whole header, 13 bytes."""
@@ -80,8 +80,7 @@ class AwesomeRpcCodec(Codec):
         self.check_frame_size(length)
         if len(buffer) < length:
             return DecodeStatus.WAIT_FOR_DATA
-        frame = bytes(buffer[:length])
-        del buffer[:length]
+        frame = take_frame(buffer, length)
 
         metadata.message_type = MessageType.HEARTBEAT if cmd == HEARTBEAT_CMD else MessageType.REQUEST
         metadata.request_id = flow

@@ -24,6 +24,7 @@ from bridge.codec import (
     MessageType,
     Metadata,
     ResponseStatus,
+    take_frame,
 )
 from bridge.config import parse_size
 
@@ -126,8 +127,7 @@ class DubboCodec(Codec):
         if available < frame_size:
             return DecodeStatus.WAIT_FOR_DATA
 
-        frame = bytes(buffer[:frame_size])
-        del buffer[:frame_size]
+        frame = take_frame(buffer, frame_size)
         metadata.frame = frame
         metadata.request_id = request_id
         metadata.header_size = HEADER_SIZE

@@ -24,6 +24,7 @@ from bridge.codec import (
     Metadata,
     MessageType,
     ResponseStatus,
+    take_frame,
 )
 
 from .reader import BinaryReader, CompactReader, MessageHeader, NeedMoreData, Reader, Walk
@@ -241,8 +242,7 @@ class ThriftCodec(Codec):
         end = walk.pos
         metadata.header_size = message.header_end
         metadata.body_size = end - message.header_end
-        metadata.frame = bytes(buffer[:end])
-        del buffer[:end]
+        metadata.frame = take_frame(buffer, end)
         metadata.headers["method"] = method
         if separator:
             metadata.headers["service"] = service

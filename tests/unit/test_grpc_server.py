@@ -278,3 +278,21 @@ def test_process_over_grpcio_reaches_a_session():
         await server.stop()
 
     run(body())
+
+
+def test_unix_socket_is_replaced_at_start_and_removed_at_stop(tmp_path):
+    path = tmp_path / "bridge.sock"
+    path.write_text("stale")
+
+    async def body():
+        server = GrpcServer({ECHO: EchoCall})
+        await server.start(f"unix:{path}")
+        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            call = chat(channel)()
+            await call.write(b"over a unix socket")
+            assert await call.read() == b"over a unix socket"
+            await call.done_writing()
+        await server.stop()
+
+    run(body())
+    assert not path.exists()

@@ -1,0 +1,30 @@
+"""``python -m bench.inproc`` runs, and its driver checks what the bridge sends back.
+
+It asserts nothing about speed: only that the in-process driver still speaks to the bridge the
+way Envoy does (a change to the wire code that broke it would make the figure meaningless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import inproc, wire
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("protocol", wire.PROTOCOLS)
+@pytest.mark.parametrize("depth", [1, 8])
+def test_measure_passes_responses_through(protocol, depth):
+    assert asyncio.run(inproc.measure(protocol, depth, requests=400)) > 0
+
+
+def test_command_prints_the_figure():
+    result = subprocess.run([sys.executable, "-m", "bench.inproc", "--requests", "200", "--repeat", "1"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "µs of bridge CPU per request" in result.stdout
