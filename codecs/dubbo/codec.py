@@ -62,6 +62,7 @@ ERROR_STATUS: dict[ErrorType, Status] = {
 }
 
 _VALID_RESULT_TYPES = frozenset(int(t) for t in ResultType)
+_MEMO_LIMIT = 4096  # bytes: longer body fields or attachments are parsed every time
 
 
 class DubboBodyError(MalformedFrame):
@@ -88,6 +89,8 @@ class DubboCodec(Codec):
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(max_frame_size=max_frame_size, options=options)
+        self._last_prefix: tuple[bytes, tuple] | None = None  # body fields of the last request
+        self._last_attachments: tuple[bytes, list[tuple[str, str]]] | None = None
         raw = self.options.get("max_body_size", DEFAULT_MAX_BODY_SIZE)
         try:
             self.max_body_size = parse_size(raw)
@@ -159,19 +162,33 @@ class DubboCodec(Codec):
             "(telnet/qos commands and Triple are not supported on a dubbo listener)"
         )
 
-    @staticmethod
-    def _decode_request(frame: bytes, flag: int, metadata: Metadata) -> None:
+    def _decode_request(self, frame: bytes, flag: int, metadata: Metadata) -> None:
         metadata.message_type = MessageType.REQUEST if flag & FLAG_TWOWAY else MessageType.ONEWAY
-        reader = Reader(frame, HEADER_SIZE)
-        dubbo_version = reader.read_string_or_null()
-        path = reader.read_string()
-        service_version = reader.read_string_or_null()
-        method = reader.read_string()
-        parameter_types = reader.read_string_or_null() or ""
+        # A connection sends the same service, method and attachments over and over: when the
+        # bytes equal the last request's, their parse is reused (parsing depends on nothing but
+        # those bytes: strings, and a plain map of strings).
+        prefix = self._last_prefix
+        if prefix is not None and frame.startswith(prefix[0], HEADER_SIZE):
+            dubbo_version, path, service_version, method, parameter_types = prefix[1]
+            reader = Reader(frame, HEADER_SIZE + len(prefix[0]))
+        else:
+            reader = Reader(frame, HEADER_SIZE)
+            dubbo_version = reader.read_string_or_null()
+            path = reader.read_string()
+            service_version = reader.read_string_or_null()
+            method = reader.read_string()
+            parameter_types = reader.read_string_or_null() or ""
+            if reader.pos - HEADER_SIZE <= _MEMO_LIMIT:
+                self._last_prefix = (frame[HEADER_SIZE : reader.pos], (dubbo_version, path, service_version, method, parameter_types))
         for _ in range(count_parameters(parameter_types)):
             reader.skip()
         attachments_start = reader.pos
-        entries = [] if reader.at_end() else reader.read_map_entries()
+        memo = self._last_attachments
+        if memo is not None and len(frame) - attachments_start == len(memo[0]) and frame.endswith(memo[0]):
+            pairs, attachments_end = memo[1], len(frame)
+        else:
+            pairs = self._read_attachments(reader, frame, attachments_start)
+            attachments_end = reader.pos
 
         # What the provider sees: body fields first, attachments override them (Dubbo's
         # DecodeableRpcInvocation does putAll), except the method, which only the body names.
@@ -180,9 +197,8 @@ class DubboCodec(Codec):
         headers["path"] = path
         if service_version:
             headers["version"] = service_version
-        for key, value, *_ in entries:
-            if key is not None and value is not None:
-                headers[key] = value
+        for key, value in pairs:
+            headers[key] = value
         headers["method"] = method
         metadata.operation_name = f"{headers['interface']}/{method}"
 
@@ -191,7 +207,18 @@ class DubboCodec(Codec):
         props["path"] = path
         props["service_version"] = service_version
         props["parameter_types"] = parameter_types
-        props["attachments_span"] = (attachments_start, reader.pos)
+        props["attachments_span"] = (attachments_start, attachments_end)
+
+    def _read_attachments(self, reader: Reader, frame: bytes, start: int) -> list[tuple[str, str]]:
+        """The attachments' string pairs (other keys and values are not routable)."""
+        entries = [] if reader.at_end() else reader.read_map_entries()
+        pairs = [(key, value) for key, value, *_ in entries if key is not None and value is not None]
+        # Memoised only for a plain map of strings that ends the frame (as Dubbo writes it):
+        # other values may depend on class definitions made earlier in the body.
+        plain = len(pairs) == len(entries) and (not entries or frame[start] == 0x48)
+        if plain and reader.at_end() and len(frame) - start <= _MEMO_LIMIT:
+            self._last_attachments = (frame[start:], pairs)
+        return pairs
 
     @staticmethod
     def _decode_response(frame: bytes, status: int, metadata: Metadata) -> None:

@@ -576,3 +576,32 @@ def test_truncated_and_corrupted_real_frames(data):
         decode_one(bytes(corrupted), DubboCodec(max_frame_size=64 * MiB))
     except CodecError:
         pass
+
+
+def _decoded(metadata: Metadata) -> tuple:
+    return (dict(metadata.headers), metadata.operation_name, metadata.request_id, metadata.properties)
+
+
+@FAST
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([GREETER, "com.example.Other"]),
+            st.sampled_from(["sayHello", "bye"]),
+            st.sampled_from([{}, {"group": "g1"}, {"group": "g2"}, {"group": "g2", "X-Tag": "blue"}]),  # g1/g2: same length
+            st.lists(values, max_size=2),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    st.integers(min_value=0, max_value=7),
+)
+def test_a_connection_decodes_repeated_requests_as_a_fresh_codec_would(requests, mixed_in):
+    """One codec per connection reuses the parse of repeated body fields and attachments: the
+    result must be what decoding each request on its own gives (including one whose attachments
+    hold a non-string value, which is never reused)."""
+    built = [frames.build_request(i, interface, method, args, attachments=attachments) for i, (interface, method, attachments, args) in enumerate(requests)]
+    built.insert(mixed_in % (len(built) + 1), REQUEST)
+    connection = DubboCodec()
+    for frame in built + built:
+        assert _decoded(decode_one(frame, connection)) == _decoded(decode_one(frame))
