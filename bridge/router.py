@@ -127,6 +127,9 @@ class Router:
         candidates = candidate_lists[0] if len(candidate_lists) == 1 else heapq.merge(*candidate_lists)
         predicates = self._predicates
         for i in candidates:
-            if all(p(headers) for p in predicates[i]):
+            for predicate in predicates[i]:
+                if not predicate(headers):
+                    break
+            else:
                 return self._routes[i]
         return None

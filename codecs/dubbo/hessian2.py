@@ -71,6 +71,24 @@ del _tag, _size
 _STRING_TAGS = frozenset([*range(0x00, 0x20), 0x30, 0x31, 0x32, 0x33, 0x52, 0x53])
 
 
+def _plain_string(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """The byte span of the text of the string at ``pos`` when it is unchunked ASCII in its short
+    (up to 31 units) or medium (up to 1023, e.g. most service names) form: there its byte length
+    is its unit count. None for anything else, which the general code then handles."""
+    tag = data[pos]
+    if tag < 0x20:
+        start = pos + 1
+        stop = start + tag
+    elif 0x30 <= tag <= 0x33 and pos + 1 < end:
+        start = pos + 2
+        stop = start + (((tag - 0x30) << 8) | data[pos + 1])
+    else:
+        return None
+    if stop <= end and data[start:stop].isascii():
+        return start, stop
+    return None
+
+
 def _is_int_tag(tag: int) -> bool:
     return tag >= 0x80 or tag in (0x49, 0x4C, 0x59) or 0x38 <= tag <= 0x3F
 
@@ -158,21 +176,10 @@ class Reader:
     def _read_string(self) -> str:
         start = self.pos
         data = self.data
-        tag = data[start]
-        # Fast path for the usual case, an unchunked ASCII string (short: up to 31 units, or
-        # medium: up to 1023, e.g. most service names): its byte length is its unit count.
-        if tag <= 0x1F:
-            begin, end = start + 1, start + 1 + tag
-        elif 0x30 <= tag <= 0x33 and start + 1 < self.end:
-            begin = start + 2
-            end = begin + (((tag - 0x30) << 8) | data[start + 1])
-        else:
-            end = 0
-        if 0 < end <= self.end:
-            raw = data[begin:end]
-            if raw.isascii():
-                self.pos = end
-                return raw.decode("ascii")
+        span = _plain_string(data, start, self.end)
+        if span is not None:
+            self.pos = span[1]
+            return data[span[0] : span[1]].decode("ascii")
         spans = self._string_spans()
         if len(spans) == 1:
             raw = self.data[spans[0][0] : spans[0][1]]
@@ -292,6 +299,11 @@ class Reader:
         Python's recursion limit; every value costs at least one byte, so work is bounded by
         the input size.
         """
+        if self.pos < self.end:  # a short or medium ASCII string, the usual argument: no stack needed
+            span = _plain_string(self.data, self.pos, self.end)
+            if span is not None:
+                self.pos = span[1]
+                return
         try:
             self._skip()
         except (IndexError, struct.error):
@@ -322,16 +334,9 @@ class Reader:
                 if size is not None:
                     pos += 1 + size
                     continue
-                # Short and medium ASCII strings, the most common values: stepped over inline.
-                if tag < 0x20:
-                    start, stop = pos + 1, pos + 1 + tag
-                elif 0x30 <= tag <= 0x33 and pos + 1 < end:
-                    start = pos + 2
-                    stop = start + (((tag - 0x30) << 8) | data[pos + 1])
-                else:
-                    stop = end + 1
-                if stop <= end and data[start:stop].isascii():
-                    pos = stop
+                span = _plain_string(data, pos, end)  # the most common value
+                if span is not None:
+                    pos = span[1]
                     continue
                 self.pos = pos
                 children = self._skip_compound(tag)
