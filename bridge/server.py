@@ -107,9 +107,9 @@ class ExtProcCall(StreamHandler):
 
     def _send(self, responses: list[ProcessingResponse]) -> None:
         if responses:
-            self.stream.send([r.SerializeToString() for r in responses] if len(responses) > 1 else (responses[0].SerializeToString(),))
+            self.stream.send([r.SerializeToString() for r in responses])
 
-    def on_message(self, message: bytes) -> None:
+    def on_message(self, message: bytes | memoryview) -> None:
         session = self.session
         if session is None:
             return

@@ -35,22 +35,19 @@ _CLOSE = ProcessingResponse(connection_status=ProcessingResponse.CLOSE)
 _EMPTY = b""
 
 
-# Set fields in place: ProcessingResponse(read_data=Data(data=x)) copies the sub-message by
-# serializing and re-parsing it, 1.5 ms for 1 MiB against 0.04 ms this way.
-def _answer_read(data: bytes, end_of_stream: bool = False) -> ProcessingResponse:
+def _answer(direction: str, data: bytes, end_of_stream: bool = False) -> ProcessingResponse:
+    """A ProcessingResponse carrying ``data`` as ``direction`` ("read_data" or "write_data").
+
+    Fields are set in place: ProcessingResponse(read_data=Data(data=x)) copies the sub-message
+    by serializing and re-parsing it (1.5 ms for 1 MiB, against 0.04 ms this way).
+    """
     answer = ProcessingResponse()
-    answer.read_data.data = data
+    part = getattr(answer, direction)
+    part.data = data
     if end_of_stream:
-        answer.read_data.end_of_stream = True
+        part.end_of_stream = True
     return answer
 
-
-def _answer_write(data: bytes, end_of_stream: bool = False) -> ProcessingResponse:
-    answer = ProcessingResponse()
-    answer.write_data.data = data
-    if end_of_stream:
-        answer.write_data.end_of_stream = True
-    return answer
 
 # Envoy response flags on a failed CONNECT -> the error the client gets.
 _FLAG_ERRORS = {
@@ -140,7 +137,7 @@ class Session:
         """Client bytes: decode every whole frame, route and forward; hold a partial frame."""
         self._last_activity = self._loop.time()
         if self._finished:
-            return [_answer_read(_EMPTY)]
+            return [_answer("read_data", _EMPTY)]
         if data:
             inbuf = self._inbuf
             inbuf += data
@@ -181,7 +178,7 @@ class Session:
             # HCM ended the downstream connection; let the client see the close.
             self._finished = True
             out = self._collect(answer_write=False)
-            out.append(_answer_write(_EMPTY, end_of_stream=True))
+            out.append(_answer("write_data", _EMPTY, end_of_stream=True))
             return out
         return self._collect(answer_write=True)
 
@@ -494,13 +491,13 @@ class Session:
             self._to_tunnels.clear()
         to_hcm = self._upstream.output()
         if to_hcm or answer_read:
-            out.append(_answer_read(to_hcm))
+            out.append(_answer("read_data", to_hcm))
         if self._to_client:
             to_client = self._to_client[0] if len(self._to_client) == 1 else _EMPTY.join(self._to_client)
             self._to_client.clear()
-            out.append(_answer_write(to_client))
+            out.append(_answer("write_data", to_client))
         elif answer_write:
-            out.append(_answer_write(_EMPTY))
+            out.append(_answer("write_data", _EMPTY))
         if self._close:
             self._close = False
             out.append(_CLOSE)
