@@ -60,7 +60,7 @@ class StreamHandler:
 class Stream(H2Stream):
     """One call: the handler's way to answer."""
 
-    __slots__ = ("conn", "headers", "handler", "started", "rx", "need")
+    __slots__ = ("conn", "headers", "handler", "started", "ended", "rx", "need")
 
     def __init__(self, stream_id: int, conn: "GrpcConnection", headers: dict[str, str]) -> None:
         super().__init__(stream_id, conn.peer_initial_window)
@@ -68,6 +68,7 @@ class Stream(H2Stream):
         self.headers = headers
         self.handler: StreamHandler | None = None
         self.started = False  # response HEADERS sent
+        self.ended = False  # the handler was told the client is done
         self.rx = bytearray()  # a gRPC message spread over several DATA frames
         self.need = 0  # how many bytes rx must hold for that message to be whole
 
@@ -182,14 +183,12 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
             self._fail_stream(stream, UNIMPLEMENTED, f"method {headers.get(':path')!r} is not served here")
             return
         if self._call(stream, lambda: setattr(stream, "handler", factory(stream))) and end_stream:
-            stream.remote_closed = False
             self._on_remote_end(stream)
 
     def on_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
         if data and stream.handler is not None:
             self._on_grpc_bytes(stream, data)
         if end_stream and stream.id in self.streams:
-            stream.remote_closed = False
             self._on_remote_end(stream)
 
     def on_reset(self, stream: Stream, code: int) -> None:
@@ -260,9 +259,10 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         self._fail_stream(stream, INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _on_remote_end(self, stream: Stream) -> None:
-        if stream.remote_closed:
+        """The client has sent its last message: tell the handler, once."""
+        if stream.ended:
             return
-        stream.remote_closed = True
+        stream.ended = stream.remote_closed = True
         if stream.rx:
             self._fail_stream(stream, INTERNAL, "the call ended inside a gRPC message")
             return

@@ -296,3 +296,56 @@ def test_unix_socket_is_replaced_at_start_and_removed_at_stop(tmp_path):
 
     run(body())
     assert not path.exists()
+
+
+def test_raw_http2_client_edges():
+    """What grpcio's client never sends, from the h2 library as client: padded and split DATA,
+    a message spread over frames, a header block in CONTINUATION frames, PING, trailers that
+    end the call, and a small receive window the server must respect."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, PingAckReceived, ResponseReceived, StreamEnded, TrailersReceived
+
+    async def body():
+        server, address = await start()
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        h2.initiate_connection()  # default 65,535-byte windows: the server must wait for updates
+        events: list = []
+
+        async def pump(until, timeout=5.0):
+            writer.write(h2.data_to_send())
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not until():
+                data = await asyncio.wait_for(reader.read(65536), deadline - loop.time())
+                assert data, "server closed the connection"
+                for ev in h2.receive_data(data):
+                    events.append(ev)
+                    if isinstance(ev, DataReceived):
+                        h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                writer.write(h2.data_to_send())
+
+        big = bytes(range(256)) * 1024  # 256 KiB: four times the client's window
+        message = b"\x00" + len(big).to_bytes(4, "big") + big
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", ECHO), (":authority", "x"), ("content-type", "application/grpc")]
+        headers += [(f"x-filler-{i}", "v" * 200) for i in range(120)]  # > 16 KiB of headers: CONTINUATION
+        h2.send_headers(1, headers)
+        await pump(lambda: h2.local_flow_control_window(1) > len(message))  # the server's SETTINGS and window
+        h2.send_data(1, message[:3], pad_length=7)  # the 5-byte prefix itself split
+        for offset in range(3, len(message), 10000):
+            h2.send_data(1, message[offset : offset + 10000])
+        h2.ping(b"12345678")
+        await pump(lambda: any(isinstance(e, PingAckReceived) for e in events) and sum(len(e.data) for e in events if isinstance(e, DataReceived)) >= len(message))
+        assert b"".join(e.data for e in events if isinstance(e, DataReceived)) == message
+        assert any(isinstance(e, ResponseReceived) for e in events)
+
+        h2.send_headers(1, [("x-trailer", "done")], end_stream=True)  # trailers end the call
+        await pump(lambda: any(isinstance(e, StreamEnded) for e in events))
+        trailers = next(dict(e.headers) for e in events if isinstance(e, TrailersReceived))
+        assert trailers["grpc-status"] == "0"
+        writer.close()
+        await server.stop()
+
+    run(body())
