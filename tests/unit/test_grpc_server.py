@@ -215,7 +215,7 @@ def test_stop_lets_running_calls_finish_then_cuts_them():
             call = chat(channel)()
             await call.write(b"a")
             assert await call.read() == b"a"
-            stopping = asyncio.ensure_future(server.stop(grace=1.5)  # long enough for a loaded CI machine)
+            stopping = asyncio.ensure_future(server.stop(grace=1.5))  # long enough for a loaded CI machine
             await asyncio.sleep(0.1)
             await call.write(b"still served during the grace period")
             assert await call.read() == b"still served during the grace period"
