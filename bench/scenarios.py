@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import wire
-from bench.stacks import DIRECT, GENERIC_PROXY, METABRIDGE, TCP_PROXY, PathSpec, codec_available
+from bench.stacks import DIRECT, GENERIC_PROXY, METABRIDGE, TCP_PROXY, PathSpec
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -47,34 +47,30 @@ def size_label(size: int) -> str:
     return f"{size} B"
 
 
-def paths(quick: bool, dubbo_codec: bool | None = None) -> list[PathSpec]:
-    """The paths in the order they run (metabridge/dubbo only when its codec is in the tree)."""
-    if dubbo_codec is None:
-        dubbo_codec = codec_available(wire.DUBBO)
+def paths(quick: bool) -> list[PathSpec]:
+    """The paths in the order they run."""
     if quick:
-        chosen = [
+        return [
             PathSpec(DIRECT, wire.AWESOMERPC),
             PathSpec(TCP_PROXY, wire.AWESOMERPC),
             PathSpec(GENERIC_PROXY, wire.DUBBO),
             PathSpec(METABRIDGE, wire.AWESOMERPC),
             PathSpec(METABRIDGE, wire.DUBBO),
         ]
-    else:
-        chosen = [
-            PathSpec(DIRECT, wire.AWESOMERPC),
-            PathSpec(DIRECT, wire.DUBBO),
-            PathSpec(TCP_PROXY, wire.AWESOMERPC),
-            PathSpec(TCP_PROXY, wire.DUBBO),
-            PathSpec(GENERIC_PROXY, wire.DUBBO),
-            PathSpec(METABRIDGE, wire.AWESOMERPC),
-            PathSpec(METABRIDGE, wire.DUBBO),
-        ]
-    return [p for p in chosen if dubbo_codec or p != PathSpec(METABRIDGE, wire.DUBBO)]
+    return [
+        PathSpec(DIRECT, wire.AWESOMERPC),
+        PathSpec(DIRECT, wire.DUBBO),
+        PathSpec(TCP_PROXY, wire.AWESOMERPC),
+        PathSpec(TCP_PROXY, wire.DUBBO),
+        PathSpec(GENERIC_PROXY, wire.DUBBO),
+        PathSpec(METABRIDGE, wire.AWESOMERPC),
+        PathSpec(METABRIDGE, wire.DUBBO),
+    ]
 
 
-def matrix(quick: bool, dubbo_codec: bool | None = None) -> list[Point]:
+def matrix(quick: bool) -> list[Point]:
     """Every point, grouped by path so each path's processes start once."""
-    chosen = paths(quick, dubbo_codec)
+    chosen = paths(quick)
     if quick:
         loads = [(16, 1), (16, 8)]
         payloads = [100]

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from bench import native, wire
-from bench.processes import REPO, Child, StartError, free_port, port_open
+from bench.processes import REPO, Child, free_port, port_open
 
 DIRECT = "direct"
 TCP_PROXY = "tcp_proxy"
@@ -34,12 +34,6 @@ _CODEC_REFS = {
     wire.DUBBO: REPO / "codecs" / "dubbo",
 }
 _CODEC_CLASSES = {wire.AWESOMERPC: "AwesomeRpcCodec", wire.DUBBO: "DubboCodec"}
-
-
-def codec_available(protocol: str) -> bool:
-    """Whether metabridge has a codec for ``protocol`` in this tree (Dubbo's may not exist yet)."""
-    ref = _CODEC_REFS[protocol]
-    return ref.is_file() or (ref / "__init__.py").is_file()
 
 
 @dataclass(frozen=True)
@@ -112,8 +106,6 @@ class Stack:
         from bridge.config import load
 
         protocol = self.spec.protocol
-        if not codec_available(protocol):
-            raise StartError(f"metabridge has no {protocol} codec in this tree ({_CODEC_REFS[protocol]})")
         socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"
         config = {
             "bridge": {"listen": f"unix:{socket_path}", "workers": self.bridge_workers, "log_level": "warning"},

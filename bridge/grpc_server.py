@@ -24,7 +24,7 @@ import struct
 from typing import Callable, Iterable
 
 from bridge import http2
-from bridge.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Stream, Http2Connection, ProtocolError, frame, u32
+from bridge.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Stream, Http2Connection, Pieces, ProtocolError, frame, u32
 from bridge.logs import event
 
 log = logging.getLogger("metabridge.grpc")
@@ -60,7 +60,7 @@ class StreamHandler:
 class Stream(H2Stream):
     """One call: the handler's way to answer."""
 
-    __slots__ = ("conn", "headers", "handler", "started", "ended", "rx", "need")
+    __slots__ = ("conn", "headers", "handler", "started", "ended", "pieces")
 
     def __init__(self, stream_id: int, conn: "GrpcConnection", headers: dict[str, str]) -> None:
         super().__init__(stream_id, conn.peer_initial_window)
@@ -69,16 +69,19 @@ class Stream(H2Stream):
         self.handler: StreamHandler | None = None
         self.started = False  # response HEADERS sent
         self.ended = False  # the handler was told the client is done
-        self.rx = bytearray()  # a gRPC message spread over several DATA frames
-        self.need = 0  # how many bytes rx must hold for that message to be whole
+        self.pieces = Pieces()  # a gRPC message spread over several DATA frames
 
     def send(self, messages: Iterable[bytes]) -> None:
         """Send serialized messages (each gets its gRPC prefix), in one DATA frame where it fits."""
         if self.local_closed:
             return
-        payload = b"".join([_PREFIX.pack(0, len(m)) + m for m in messages])
-        if not payload:
+        parts = []
+        for message in messages:  # prefix and message joined once, not concatenated first
+            parts.append(_PREFIX.pack(0, len(message)))
+            parts.append(message)
+        if not parts:
             return
+        payload = b"".join(parts)
         conn = self.conn
         if not self.started:
             self.started = True
@@ -97,8 +100,7 @@ class Stream(H2Stream):
             fields = [(":status", "200"), ("content-type", "application/grpc")] + fields
         conn = self.conn
         conn.close_stream(self, conn.headers_frames(self.id, fields, end_stream=True))
-        if not self.backlog:
-            conn.on_stream_sent(self)
+        conn._forget_if_done(self)
 
 
 def _percent_encode(text: str) -> str:
@@ -137,7 +139,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         if not self.closed.done():
             self.closed.set_result(None)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         if self._out is not None:
             self._out.append(data)
         elif self._transport is not None and not self._transport.is_closing():
@@ -198,21 +200,19 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         self._going_away = True  # running calls go on; the client opens no new ones here
 
     def on_stream_sent(self, stream: Stream) -> None:
+        self._forget_if_done(stream)
+
+    def _forget_if_done(self, stream: Stream) -> None:
+        """Both sides have ended and everything is sent: the call is over."""
         if stream.local_closed and stream.remote_closed and not stream.backlog:
             self.forget(stream)
             if self._server.stopping and not self.streams and self._transport is not None:
                 self._transport.close()
 
     def _on_grpc_bytes(self, stream: Stream, payload: bytes) -> None:
-        rx = stream.rx
-        if rx:
-            rx += payload
-            if len(rx) < stream.need:
-                return  # a large message arriving in pieces: no copy until it is whole
-            data = bytes(rx)
-            rx.clear()
-        else:
-            data = payload
+        data = stream.pieces.add(payload)
+        if data is None:
+            return
         limit = self._server.max_message
         handler = stream.handler
         pos, size = 0, len(data)
@@ -235,9 +235,8 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         except Exception as exc:
             self._handler_failed(stream, exc)
             return
-        if pos < size:
-            rx += data[pos:]
-            stream.need = 5 + u32.unpack_from(data, pos + 1)[0] if size - pos >= 5 else 5
+        if pos < size:  # keep the start of the next message until the whole message is here
+            stream.pieces.hold(data[pos:], 5 + u32.unpack_from(data, pos + 1)[0] if size - pos >= 5 else 5)
 
     # ---- calls -----------------------------------------------------------------------------
 
@@ -263,16 +262,15 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         if stream.ended:
             return
         stream.ended = stream.remote_closed = True
-        if stream.rx:
+        if stream.pieces:
             self._fail_stream(stream, INTERNAL, "the call ended inside a gRPC message")
             return
         if stream.handler is not None:
             self._call(stream, stream.handler.on_end)
-        self.on_stream_sent(stream)
+        self._forget_if_done(stream)
 
     def _fail_stream(self, stream: Stream, code: int, message: str) -> None:
         """End a call with an error status; reset it if the client is still sending."""
-        handler, stream.handler = stream.handler, None
         if not stream.local_closed:
             stream.backlog.clear()
             stream.finish(code, message)
@@ -280,16 +278,13 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
             stream.remote_closed = True
             self._write(frame(RST_STREAM, 0, stream.id, u32.pack(NO_ERROR)))
         self.forget(stream)
-        if handler is not None:
-            self._reset(stream, handler)
+        self._reset_handler(stream)
 
     def _reset_handler(self, stream: Stream) -> None:
+        """Tell the handler its call is gone, once."""
         handler, stream.handler = stream.handler, None
-        if handler is not None:
-            self._reset(stream, handler)
-
-    @staticmethod
-    def _reset(stream: Stream, handler: StreamHandler) -> None:
+        if handler is None:
+            return
         try:
             handler.on_reset()
         except Exception as exc:

@@ -46,6 +46,37 @@ def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     return _frame_header.pack(n >> 16, n & 0xFFFF, kind, flags, stream_id) + payload
 
 
+class Pieces:
+    """The start of a length-prefixed unit (an HTTP/2 frame, a gRPC message) that arrived cut
+    short, held without re-copying until all the bytes it needs are there (re-joining at every
+    piece would be quadratic in the unit's size)."""
+
+    __slots__ = ("held", "need")
+
+    def __init__(self) -> None:
+        self.held = bytearray()
+        self.need = 0  # bytes the held unit needs to be whole
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def add(self, data: bytes) -> bytes | None:
+        """``data`` after what is held: the bytes to parse now, or None while the unit is short."""
+        held = self.held
+        if not held:
+            return data
+        held += data
+        if len(held) < self.need:
+            return None
+        data = bytes(held)
+        held.clear()
+        return data
+
+    def hold(self, rest: bytes, need: int) -> None:
+        self.held += rest
+        self.need = need
+
+
 class ProtocolError(Exception):
     """The peer broke HTTP/2; the connection cannot go on. ``code`` goes into the GOAWAY."""
 
@@ -87,8 +118,7 @@ class Http2Connection:
         self._unacked = 0
         self._blocked: dict[int, H2Stream] = {}  # streams with a backlog, in the order they blocked
         self._header_block: tuple[int, int, bytearray] | None = None  # stream, flags, fragments
-        self._buf = bytearray()  # the start of a frame not yet whole
-        self._need = 0  # how many bytes _buf must hold for that frame to be whole
+        self._pieces = Pieces()  # a frame not yet whole
         self._need_preface = server
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -121,20 +151,15 @@ class Http2Connection:
 
     def feed(self, data: bytes) -> None:
         """Handle every whole frame received so far; raises ProtocolError."""
-        buf = self._buf
-        if buf:  # the rest of a frame that was cut short
-            buf += data
-            if len(buf) < self._need:
-                return  # a large frame arriving in pieces: no copy until it is whole
-            data = bytes(buf)
-            buf.clear()
+        data = self._pieces.add(data)
+        if data is None:
+            return
         pos = 0
         if self._need_preface:
             if data[: len(PREFACE)] != PREFACE[: len(data)]:
                 raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client (bad connection preface)")
             if len(data) < len(PREFACE):
-                buf += data
-                self._need = len(PREFACE)
+                self._pieces.hold(data, len(PREFACE))
                 return
             self._need_preface = False
             pos = len(PREFACE)
@@ -143,10 +168,7 @@ class Http2Connection:
         try:
             while size - pos >= 9:
                 hi, lo, kind, flags, stream_id = unpack(data, pos)
-                length = hi << 16 | lo
-                if length > MAX_FRAME:
-                    raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds the {MAX_FRAME} advertised")
-                end = pos + 9 + length
+                end = pos + 9 + (hi << 16 | lo)  # any 24-bit length is within the MAX_FRAME we advertise
                 if end > size:
                     break
                 payload = data[pos + 9 : end]
@@ -156,10 +178,8 @@ class Http2Connection:
                 else:
                     self._on_control_frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
         finally:
-            if pos < size:
-                buf += data[pos:]
-                # Bytes needed before parsing is worth trying again: the whole next frame.
-                self._need = 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]) if size - pos >= 9 else 9
+            if pos < size:  # keep the start of the next frame until the whole frame is here
+                self._pieces.hold(data[pos:], 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]) if size - pos >= 9 else 9)
 
     def _on_data_frame(self, stream_id: int, flags: int, payload: bytes) -> None:
         flow = len(payload)
@@ -344,10 +364,10 @@ class Http2Connection:
         stream.local_closed = stream.remote_closed = True
         stream.backlog.clear()
         stream.after_backlog = None
-        self._blocked.pop(stream.id, None)
-        self.streams.pop(stream.id, None)
+        self.forget(stream)
 
     def forget(self, stream: H2Stream) -> None:
+        """Drop a finished stream from the connection's tables."""
         self._blocked.pop(stream.id, None)
         self.streams.pop(stream.id, None)
 

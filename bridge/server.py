@@ -94,15 +94,15 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
 class ExtProcCall(StreamHandler):
     """One ``Process`` stream (one downstream connection): its Session, fed message by message."""
 
-    __slots__ = ("stream", "session", "listener")
+    __slots__ = ("stream", "session")
 
     def __init__(self, stream: Stream, runtimes: dict[str, ListenerRuntime], connection: str) -> None:
         self.stream = stream
-        self.listener = stream.headers.get(LISTENER_METADATA_KEY)
-        runtime = runtimes.get(self.listener)
+        listener = stream.headers.get(LISTENER_METADATA_KEY)
+        runtime = runtimes.get(listener)
         if runtime is None:
-            event(log, logging.ERROR, "unknown_listener", listener=self.listener, known=sorted(runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
-            raise GrpcError(NOT_FOUND, f"metabridge has no listener {self.listener!r}")
+            event(log, logging.ERROR, "unknown_listener", listener=listener, known=sorted(runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
+            raise GrpcError(NOT_FOUND, f"metabridge has no listener {listener!r}")
         self.session: Session | None = Session(runtime, self._send, connection=connection)
 
     def _send(self, responses: list[ProcessingResponse]) -> None:

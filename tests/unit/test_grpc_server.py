@@ -349,3 +349,77 @@ def test_raw_http2_client_edges():
         await server.stop()
 
     run(body())
+
+
+def _h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0)  # preface and empty SETTINGS
+
+
+@pytest.mark.parametrize(
+    "frames, code, reason",
+    [
+        (_h2_frame(0, 0, 1, b"x"), 1, "DATA on idle stream 1"),
+        (_h2_frame(4, 0, 0, b"\x00\x04\x00\x00"), 6, "multiple of 6"),
+        (_h2_frame(4, 0, 0, b"\x00\x05\x00\x00\x00\x01"), 1, "MAX_FRAME_SIZE 1 out of range"),
+        (_h2_frame(8, 0, 0, b"\x7f\xff\xff\xff"), 3, "connection window above"),
+        (_h2_frame(8, 0, 0, b"\x00\x01"), 6, "WINDOW_UPDATE must be 4 bytes"),
+        (_h2_frame(9, 4, 1, b""), 1, "unexpected CONTINUATION"),
+        (_h2_frame(5, 4, 1, b"\x00\x00\x00\x02"), 1, "push"),
+        (_h2_frame(1, 4, 2, b"\x82"), 1, "out of order"),  # a client opens odd streams only
+        (_h2_frame(1, 4 | 8, 1, b"\x09\x82"), 1, "padding longer than the frame"),
+        (_h2_frame(1, 4, 1, b"\xff\xff\xff\xff\xff"), 9, "bad HPACK block"),
+    ],
+)
+def test_http2_protocol_errors_get_goaway_with_their_code_and_close(frames, code, reason):
+    async def body():
+        server, address = await start()
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(_HELLO + frames)
+        received = await asyncio.wait_for(reader.read(), 2)  # until the server closes
+        writer.close()
+        goaway = received.rfind(b"\x07\x00\x00\x00\x00\x00")  # type GOAWAY, no flags, stream 0
+        assert goaway >= 3, received
+        payload = received[goaway + 6 :]
+        assert int.from_bytes(payload[4:8], "big") == code
+        assert reason in payload[8:].decode()
+        await server.stop()
+
+    run(body())
+
+
+def test_compressed_and_truncated_messages_end_only_their_call():
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import ResponseReceived, TrailersReceived
+
+    async def body():
+        server, address = await start()
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        h2.initiate_connection()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", ECHO), (":authority", "x"), ("content-type", "application/grpc")]
+        h2.send_headers(1, headers)
+        h2.send_data(1, b"\x01\x00\x00\x00\x01z")  # compressed flag set
+        h2.send_headers(3, headers)
+        h2.send_data(3, b"\x00\x00\x00\x00\x09abc", end_stream=True)  # ends 6 bytes short
+        writer.write(h2.data_to_send())
+        trailers: dict[int, dict] = {}
+        while len(trailers) < 2:
+            data = await asyncio.wait_for(reader.read(65536), 2)
+            assert data, "the server closed the connection"
+            for ev in h2.receive_data(data):
+                # A trailers-only answer is a response to h2; either way it carries grpc-status.
+                if isinstance(ev, (ResponseReceived, TrailersReceived)) and "grpc-status" in dict(ev.headers):
+                    trailers[ev.stream_id] = dict(ev.headers)
+            writer.write(h2.data_to_send())
+        assert trailers[1]["grpc-status"] == "12" and "compressed" in trailers[1]["grpc-message"]
+        assert trailers[3]["grpc-status"] == "13" and "inside a gRPC message" in trailers[3]["grpc-message"]
+        writer.close()
+        await server.stop()
+
+    run(body())

@@ -485,6 +485,18 @@ async def test_goaway_fails_everything_and_closes_after_the_replies():
     assert h.read(encode_frame(3, 1))[0].read_data.data == b""
 
 
+@in_loop
+async def test_broken_http2_from_hcm_fails_everything_and_closes():
+    h = Harness()
+    h.read(encode_frame(1, 1) + encode_frame(2, 2))
+    h.hcm.accept(1)
+    h.write()
+    bad_window_update = b"\x00\x00\x02\x08\x00\x00\x00\x00\x00\x00\x01"  # 2 bytes, not 4
+    answer = h._deliver(h.session.on_write(bad_window_update, False))
+    assert sorted(h.client_frames()) == [(1, 1, UNSPECIFIED, b""), (2, 2, UNSPECIFIED, b"")]
+    assert answer[-1].connection_status == CLOSE
+
+
 # ---- timers ----------------------------------------------------------------------------------------
 
 
