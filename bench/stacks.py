@@ -4,7 +4,7 @@
 - ``tcp_proxy``: Envoy forwarding TCP (bench.native).
 - ``generic_proxy``: Envoy's native generic_proxy with its Dubbo codec (bench.native).
 - ``metabridge``: Envoy + the bridge (``python -m bridge.cli run``), per-request routing with
-  the awesomerpc or Dubbo codec, the bootstrap rendered by bridge.envoy_config.
+  the awesomerpc or Dubbo codec, the bootstrap rendered by bridge.config.bootstrap.
 
 Every Envoy runs with ``--concurrency 1``.
 """
@@ -50,7 +50,7 @@ class PathSpec:
 
 
 def _envoy_bin() -> str:
-    from bridge.envoy_config import find_envoy
+    from bridge.config.bootstrap import find_envoy
 
     return find_envoy()
 
@@ -102,8 +102,8 @@ class Stack:
         envoy.wait_until(lambda: port_open(listen_port), 10, f"listening on port {listen_port}")
 
     def _start_bridge(self, admin_port: int, listen_port: int) -> str:
-        from bridge import envoy_config
-        from bridge.config import load
+        from bridge.config import bootstrap as envoy_config
+        from bridge.config.model import load
 
         protocol = self.spec.protocol
         socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"

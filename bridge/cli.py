@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bridge import logs
-from bridge.config import ConfigError, load
+from bridge.config.model import ConfigError, load
 from bridge.registry import CodecLoadError
 
 log = logging.getLogger("metabridge")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metabridge: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from bridge.envoy_config import EnvoyConfigError
+        from bridge.config.bootstrap import EnvoyConfigError
 
         if not isinstance(exc, EnvoyConfigError):
             raise
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _render(config, args) -> int:
-    from bridge import envoy_config
+    from bridge.config import bootstrap as envoy_config
 
     text = envoy_config.render_yaml(config, **_render_kwargs(args))
     if args.check:
@@ -122,8 +122,8 @@ def _render(config, args) -> int:
 
 
 def _validate(config, args) -> int:
-    from bridge import envoy_config
-    from bridge.server import build_runtimes
+    from bridge.config import bootstrap as envoy_config
+    from bridge.transport.ext_proc import build_runtimes
 
     build_runtimes(config)  # imports and checks every codec, compiles every route
     unknown = sorted(

@@ -21,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from bridge.codec import REQUIRED_METHODS, Codec
+from bridge.sdk.codec import REQUIRED_METHODS, Codec
 
 ENTRY_POINT_GROUP = "metabridge.codecs"
 

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from bridge import logs
-from bridge.config import Config
+from bridge.config.model import Config
 from bridge.logs import event
 from bridge.metrics import serve_metrics
-from bridge.server import build_runtimes, reload_routes, serve
+from bridge.transport.ext_proc import build_runtimes, reload_routes, serve
 
 log = logging.getLogger("metabridge.runner")
 
@@ -61,7 +61,7 @@ class EnvoySupervisor:
     """Starts Envoy with the rendered bootstrap and restarts it if it dies unexpectedly."""
 
     def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str) -> None:
-        from bridge import envoy_config
+        from bridge.config import bootstrap as envoy_config
 
         self._bin = envoy_bin or envoy_config.find_envoy()
         self._dir = tempfile.TemporaryDirectory(prefix="metabridge-envoy-")

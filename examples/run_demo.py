@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bridge.config import load
+from bridge.config.model import load
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "awesomerpc.yaml"

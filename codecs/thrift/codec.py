@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from bridge.codec import (
+from bridge.sdk.codec import (
     DEFAULT_MAX_FRAME_SIZE,
     Codec,
     CodecError,

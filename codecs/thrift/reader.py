@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import struct
 
-from bridge.codec import CodecError
+from bridge.sdk.codec import CodecError
 
 from .wire import (
     APPLICATION_EXCEPTION_MESSAGE_FIELD,

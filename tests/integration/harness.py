@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from bridge import envoy_config
-from bridge.config import load
+from bridge.config import bootstrap as envoy_config
+from bridge.config.model import load
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import urllib.request
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
-from bridge.config import load
+from bridge.config.model import load
 from tests.integration.harness import Stack, awesomerpc_config, free_port, wait_until
 
 

@@ -127,7 +127,7 @@ def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
     (tmp_path / "picky.py").write_text(
         textwrap.dedent(
             """\
-            from bridge.codec import Codec
+            from bridge.sdk.codec import Codec
 
 
             class Picky(Codec):

@@ -1,4 +1,4 @@
-"""bridge/config.py: the example configs load; every error names the file, the path and the problem."""
+"""bridge/config/model.py: the example configs load; every error names the file, the path and the problem."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.codec import DEFAULT_MAX_FRAME_SIZE
-from bridge.config import Config, ConfigError, HeaderMatch, WeightedCluster, load, parse, parse_duration, parse_size
+from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
+from bridge.config.model import Config, ConfigError, HeaderMatch, WeightedCluster, load, parse, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata, ResponseStatus
-from bridge.config import load
+from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata, ResponseStatus
+from bridge.config.model import load
 from bridge.registry import load_codec_class, load_codecs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

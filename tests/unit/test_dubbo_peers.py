@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import DecodeStatus, Error, ErrorType, MessageType, Metadata, ResponseStatus
+from bridge.sdk.codec import DecodeStatus, Error, ErrorType, MessageType, Metadata, ResponseStatus
 from bridge.registry import load_codec_class
 from dubbo.codec.hessian2 import DubboHeartBeatResponse, DubboResponse
 from tests.helpers import decode_frames

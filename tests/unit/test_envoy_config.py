@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.config import load, parse
-from bridge.envoy_config import (
+from bridge.config.model import load, parse
+from bridge.config.bootstrap import (
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
     LISTENER_METADATA_KEY,

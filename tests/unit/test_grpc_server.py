@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bridge.grpc_server import INTERNAL, GrpcError, GrpcServer, Stream, StreamHandler
-from bridge.server import HealthCall, SERVICE_NAME
+from bridge.transport.grpc_server import INTERNAL, GrpcError, GrpcServer, Stream, StreamHandler
+from bridge.transport.ext_proc import HealthCall, SERVICE_NAME
 
 ECHO = "/test.Echo/Chat"
 
@@ -252,8 +252,8 @@ def test_process_over_grpcio_reaches_a_session():
     from bench import wire
     from bridge._proto import network_ext_proc_pb2 as pb
     from bridge._proto.network_ext_proc_pb2_grpc import NetworkExternalProcessorStub
-    from bridge.config import parse
-    from bridge.server import build_runtimes, serve
+    from bridge.config.model import parse
+    from bridge.transport.ext_proc import build_runtimes, serve
     from bridge.wire import LISTENER_METADATA_KEY
 
     async def body():

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge.codec import Codec, DecodeStatus
-from bridge.config import parse
+from bridge.sdk.codec import Codec, DecodeStatus
+from bridge.config.model import parse
 from bridge.registry import ENTRY_POINT_GROUP, CodecLoadError, check_codec_class, load_codec_class, load_codecs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD_CODEC = '''
-from bridge.codec import Codec, DecodeStatus
+from bridge.sdk.codec import Codec, DecodeStatus
 
 
 class {cls}(Codec):
@@ -275,7 +275,7 @@ def test_methods_not_overridden(tmp_path, forget_modules):
     write(
         tmp_path / "lazy.py",
         """\
-        from bridge.codec import Codec
+        from bridge.sdk.codec import Codec
 
 
         class Lazy(Codec):

@@ -1,4 +1,4 @@
-"""bridge/router.py: first match wins, every matcher kind, weighted picks, the exact-match index."""
+"""bridge/core/router.py: first match wins, every matcher kind, weighted picks, the exact-match index."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-import bridge.router as router_module
-from bridge.codec import Headers
-from bridge.config import HeaderMatch, RouteConfig, WeightedCluster
-from bridge.router import Router
+import bridge.core.router as router_module
+from bridge.sdk.codec import Headers
+from bridge.config.model import HeaderMatch, RouteConfig, WeightedCluster
+from bridge.core.router import Router
 
 
 def route(name: str, *matchers: HeaderMatch, cluster: str | None = None, weighted=None, request_mutation=None, response_mutation=None) -> RouteConfig:

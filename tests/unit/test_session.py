@@ -1,4 +1,4 @@
-"""bridge/session.py driven directly: client bytes in, HTTP/2 to a fake HCM out, and back.
+"""bridge/core/connection.py driven directly: client bytes in, HTTP/2 to a fake HCM out, and back.
 
 The fake HCM is an ``h2`` server-side connection, as Envoy's HTTP connection manager is: it
 decodes the bridge's CONNECT streams and answers them (200 + DATA, 503 with response flags,
@@ -20,12 +20,12 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
-from bridge.codec import DecodeStatus, MalformedFrame
-from bridge.config import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
+from bridge.sdk.codec import DecodeStatus, MalformedFrame
+from bridge.config.model import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
 from bridge.registry import load_codec_class
-from bridge.router import Router
-from bridge.server import ListenerRuntime
-from bridge.session import Session
+from bridge.core.router import Router
+from bridge.transport.ext_proc import ListenerRuntime
+from bridge.core.connection import Session
 from bridge import wire
 
 # The test's HCM is h2 with raw (bytes) header names.

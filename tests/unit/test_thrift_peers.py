@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from bridge.codec import Error, ErrorType, Metadata, MessageType, ResponseStatus
+from bridge.sdk.codec import Error, ErrorType, Metadata, MessageType, ResponseStatus
 from bridge.registry import load_codec_class
 from tests.helpers import decode_frames
 from tests.peers.thrift_peers import (

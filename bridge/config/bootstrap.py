@@ -42,7 +42,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http_v3
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from bridge.config import ClusterConfig, Config, ListenerConfig
+from bridge.config.model import ClusterConfig, Config, ListenerConfig
 
 from bridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
     BRIDGE_CLUSTER,

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 
 from bridge import wire
-from bridge.http2 import CANCEL, PREFACE, H2Stream, Http2Connection, ProtocolError
+from bridge.transport.http2 import CANCEL, PREFACE, H2Stream, Http2Connection, ProtocolError
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
 UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER

@@ -1,8 +1,8 @@
 """HTTP/2 for the bridge's two kinds of connection, without I/O: frames in, frames out.
 
 The bridge speaks HTTP/2 twice per proxied request: as a gRPC server to Envoy's ext_proc client
-(bridge.grpc_server) and as a client to Envoy's HTTP connection manager through the tunnels
-(bridge.upstream). Both peers are Envoy, both hot paths are DATA frames on long-lived streams,
+(bridge.transport.grpc_server) and as a client to Envoy's HTTP connection manager through the tunnels
+(bridge.core.tunnels). Both peers are Envoy, both hot paths are DATA frames on long-lived streams,
 and a general-purpose HTTP/2 state machine costs more per frame than everything else the bridge
 does for a request. This module keeps what those two connections need and nothing else: frame
 parsing with ``struct``, HEADERS/CONTINUATION assembly with ``hpack``, SETTINGS, PING, RST_STREAM,

@@ -15,13 +15,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
-from bridge.codec import Codec
-from bridge.config import Config, ConfigError, ListenerConfig, load
-from bridge.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
+from bridge.sdk.codec import Codec
+from bridge.config.model import Config, ConfigError, ListenerConfig, load
+from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
 from bridge.logs import event
 from bridge.registry import CodecLoadError, load_codecs
-from bridge.router import Router
-from bridge.session import Session
+from bridge.core.router import Router
+from bridge.core.connection import Session
 from bridge.stats import ListenerStats
 from bridge.wire import LISTENER_METADATA_KEY
 

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from bridge.codec import DEFAULT_MAX_FRAME_SIZE
+from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 
 
 class ConfigError(Exception):

@@ -2,7 +2,7 @@
 
 Why not grpcio's server: every ext_proc message costs a round trip between grpcio's C core, its
 poller thread and the event loop (tens of µs each, four messages per proxied request), several
-times the bridge's own work. Here one asyncio Protocol per HTTP/2 connection (bridge.http2 does
+times the bridge's own work. Here one asyncio Protocol per HTTP/2 connection (bridge.transport.http2 does
 the framing) hands whole gRPC messages to the stream's handler in the same call, and everything
 a batch of received frames produces leaves in one socket write.
 
@@ -23,8 +23,8 @@ import os
 import struct
 from typing import Callable, Iterable
 
-from bridge import http2
-from bridge.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Stream, Http2Connection, Pieces, ProtocolError, frame, u32
+from bridge.transport import http2
+from bridge.transport.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Stream, Http2Connection, Pieces, ProtocolError, frame, u32
 from bridge.logs import event
 
 log = logging.getLogger("metabridge.grpc")

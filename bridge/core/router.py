@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from bridge.config import HeaderMatch, RouteConfig
+from bridge.config.model import HeaderMatch, RouteConfig
 
 Predicate = Callable[[Mapping[str, str]], bool]
 

@@ -15,10 +15,10 @@ from collections import deque
 from collections.abc import Callable
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
-from bridge.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
+from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
 from bridge.logs import event
-from bridge.router import Route
-from bridge.upstream import (
+from bridge.core.router import Route
+from bridge.core.tunnels import (
     ConnectionLost,
     Tunnel,
     TunnelClosed,
@@ -100,7 +100,7 @@ class _Link:
 
 class Session:
     def __init__(self, listener, emit: Callable[[list[ProcessingResponse]], None], connection: str = "") -> None:
-        self.listener = listener  # bridge.server.ListenerRuntime
+        self.listener = listener  # bridge.transport.ext_proc.ListenerRuntime
         self.stats = listener.stats
         self.connection = connection
         self._emit = emit

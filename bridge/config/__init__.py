@@ -1,0 +1,1 @@
+"""The config file (schema, model) and the Envoy bootstrap rendered from it."""

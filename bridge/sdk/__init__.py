@@ -1,0 +1,1 @@
+"""The codec and filter SDK: the contracts between metabridge and its plugins."""
