@@ -5,6 +5,7 @@ UPSTREAM_HOST_HEADER / RESPONSE_FLAGS_HEADER: response headers saying which endp
 reached and Envoy's response flags (why a 503 happened: NC, UF, UO, UH ...).
 LISTENER_METADATA_KEY: gRPC initial-metadata key naming the listener a stream belongs to.
 BRIDGE_CLUSTER: Envoy's cluster of bridge workers.
+HOST_OVERRIDE_HEADER: see below.
 HASH_KEY_HEADER: optional CONNECT header whose value is the hash key for RING_HASH / MAGLEV
 clusters (a tunnel without it gets a random host).
 """
@@ -15,3 +16,7 @@ RESPONSE_FLAGS_HEADER = "x-metabridge-response-flags"
 LISTENER_METADATA_KEY = "x-metabridge-listener"
 BRIDGE_CLUSTER = "metabridge_bridge"
 HASH_KEY_HEADER = "x-metabridge-hash-key"
+# CONNECT header naming the endpoint ("ip:port") a tunnel should reach; Envoy's override_host
+# load-balancing policy honours it when that host is in the cluster and healthy, and otherwise
+# falls back to the cluster's lb_policy.
+HOST_OVERRIDE_HEADER = "x-metabridge-host"
