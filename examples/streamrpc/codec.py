@@ -1,11 +1,13 @@
 """The streamrpc codec: metabridge's view of the frames in protocol.py.
 
-Load it as a codec package (the folder, so its relative import of protocol.py works):
-``ref: ../examples/streamrpc:StreamRpcCodec``.
+Load it as a codec package, the folder (so its relative import of protocol.py works):
+``ref: .:StreamRpcCodec`` from a config in this folder (streamrpc.yaml), ``streamrpc:StreamRpcCodec``
+from one in examples/. A single-file ref (``streamrpc/codec.py:StreamRpcCodec``) cannot import
+protocol.py and fails to load.
 
-One instance decodes one direction, and the bridge does not say which, so ``decode`` reads the
-direction from the frame type: REQUEST and RESPONSE are unary, the four stream types are the
-same either way. What ``decode`` reports:
+One instance decodes one direction, and ``decode`` does not need to know which: it reads the
+direction from the frame type (REQUEST and RESPONSE are unary; the four stream types look the
+same either way), so ``self.direction`` is not used. What ``decode`` reports:
 
     frame               message_type           request_id   stream_id   response_status
     INIT                STREAM_INIT            id           id          OK
