@@ -62,6 +62,8 @@ ERROR_STATUS: dict[ErrorType, Status] = {
 }
 
 _VALID_RESULT_TYPES = frozenset(int(t) for t in ResultType)
+# An attachments map's entries as Reader.read_map_entries gives them (offsets from the map's start).
+Entries = list[tuple[str | None, str | None, int, int, int]]
 _MEMO_LIMIT = 4096  # bytes: longer body fields or attachments are parsed every time
 
 
@@ -90,7 +92,7 @@ class DubboCodec(Codec):
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(max_frame_size=max_frame_size, options=options)
         self._last_prefix: tuple[bytes, tuple] | None = None  # body fields of the last request
-        self._last_attachments: tuple[bytes, list[tuple[str, str]]] | None = None
+        self._last_attachments: tuple[bytes, list[tuple[str, str]], Entries] | None = None
         raw = self.options.get("max_body_size", DEFAULT_MAX_BODY_SIZE)
         try:
             self.max_body_size = parse_size(raw)
@@ -185,9 +187,10 @@ class DubboCodec(Codec):
         attachments_start = reader.pos
         memo = self._last_attachments
         if memo is not None and len(frame) - attachments_start == len(memo[0]) and frame.endswith(memo[0]):
-            pairs, attachments_end = memo[1], len(frame)
+            _, pairs, entries = memo
+            attachments_end = len(frame)
         else:
-            pairs = self._read_attachments(reader, frame, attachments_start)
+            pairs, entries = self._read_attachments(reader, frame, attachments_start)
             attachments_end = reader.pos
 
         # What the provider sees: body fields first, attachments override them (Dubbo's
@@ -208,17 +211,19 @@ class DubboCodec(Codec):
         props["service_version"] = service_version
         props["parameter_types"] = parameter_types
         props["attachments_span"] = (attachments_start, attachments_end)
+        props["attachment_entries"] = entries
 
-    def _read_attachments(self, reader: Reader, frame: bytes, start: int) -> list[tuple[str, str]]:
-        """The attachments' string pairs (other keys and values are not routable)."""
+    def _read_attachments(self, reader: Reader, frame: bytes, start: int) -> tuple[list[tuple[str, str]], Entries]:
+        """The attachments' string pairs (other keys and values are not routable), and the
+        entries with their offsets for a later rewrite."""
         entries = [] if reader.at_end() else reader.read_map_entries()
         pairs = [(key, value) for key, value, *_ in entries if key is not None and value is not None]
         # Memoised only for a plain map of strings that ends the frame (as Dubbo writes it):
         # other values may depend on class definitions made earlier in the body.
         plain = len(pairs) == len(entries) and (not entries or frame[start] == 0x48)
         if plain and reader.at_end() and len(frame) - start <= _MEMO_LIMIT:
-            self._last_attachments = (frame[start:], pairs)
-        return pairs
+            self._last_attachments = (frame[start:], pairs, entries)
+        return pairs, entries
 
     @staticmethod
     def _decode_response(frame: bytes, status: int, metadata: Metadata) -> None:
@@ -247,31 +252,38 @@ class DubboCodec(Codec):
     def encode(self, metadata: Metadata, mutation: Mapping[str, str]) -> bytes:
         if not mutation:
             return metadata.frame
-        span = self._attachments_span(metadata)
-        if span is None:
+        found = self._attachments(metadata)
+        if found is None:
             return metadata.frame
-        return _rewrite_attachments(metadata.frame, span, mutation)
+        span, entries = found
+        return _rewrite_attachments(metadata.frame, span, entries, mutation)
 
     @staticmethod
-    def _attachments_span(metadata: Metadata) -> tuple[int, int] | None:
-        """Where the attachments map is, or None when the message has none to rewrite."""
+    def _attachments(metadata: Metadata) -> tuple[tuple[int, int], Entries] | None:
+        """Where the attachments map is and its entries, or None when the message has none to
+        rewrite."""
         props = metadata.properties
         span = props.get("attachments_span")
-        if span is not None or metadata.message_type not in (MessageType.RESPONSE, MessageType.ERROR):
-            return span
+        if span is not None:
+            return span, props["attachment_entries"]
+        if metadata.message_type not in (MessageType.RESPONSE, MessageType.ERROR):
+            return None
         result_type = props.get("result_type")
         if result_type not in RESULTS_WITH_ATTACHMENTS:
             return None  # no attachments slot: adding one would change the result type
+        # One reader from the value to the end, so the map is read knowing the class
+        # definitions the value made (its entries may use them).
         reader = Reader(metadata.frame, props["value_offset"])
         try:
             if result_type in RESULTS_WITH_VALUE:
                 reader.skip()
             start = reader.pos
-            reader.read_map_entries()
+            entries = reader.read_map_entries()
         except HessianError:
             return None  # a response we cannot walk is forwarded as it came
         span = props["attachments_span"] = (start, reader.pos)
-        return span
+        props["attachment_entries"] = entries
+        return span, entries
 
     # -- local replies -------------------------------------------------------------------------
 
@@ -285,7 +297,7 @@ class DubboCodec(Codec):
         return build_heartbeat(metadata.request_id or 0, response=True, serialization=serialization)
 
 
-def _rewrite_attachments(frame: bytes, span: tuple[int, int], mutation: Mapping[str, str]) -> bytes:
+def _rewrite_attachments(frame: bytes, span: tuple[int, int], entries: Entries, mutation: Mapping[str, str]) -> bytes:
     """The frame with ``mutation`` applied to its attachments map and the body length patched.
 
     Existing entries keep their bytes and order; a key the mutation names (matched without
@@ -296,17 +308,18 @@ def _rewrite_attachments(frame: bytes, span: tuple[int, int], mutation: Mapping[
     if start == end or frame[start] == 0x4E:  # no map, or a null one: write a fresh map
         new_map = encode_string_map((key, str(value)) for key, value in wanted.values())
     else:
-        reader = Reader(frame, start)
-        entries = reader.read_map_entries()
+        # Splice at the entry offsets decode found, not by reading the map again: on its own the
+        # map cannot be read, as its values may use class definitions (and type names and object
+        # slots) made by the arguments or result before it; Hessian2 numbers them per body.
         pieces = []
         cursor = start
         replaced = set()
         for key, _value, _key_start, value_start, value_end in entries:
             lowered = key.lower() if key is not None else None
             if lowered in wanted:
-                pieces.append(frame[cursor:value_start])
+                pieces.append(frame[cursor : start + value_start])
                 pieces.append(encode_string(str(wanted[lowered][1])))
-                cursor = value_end
+                cursor = start + value_end
                 replaced.add(lowered)
         pieces.append(frame[cursor : end - 1])  # up to the map's closing 'Z'
         for lowered, (key, value) in wanted.items():

@@ -251,8 +251,10 @@ class Reader:
 
         Each entry is ``(key, value, key_start, value_start, value_end)``: key and value are the
         strings they hold, or None when they are not strings (those values are skipped, not
-        built). Offsets let a caller rewrite entries in place.
+        built). Offsets, relative to the map's first byte, let a caller rewrite entries in place
+        (also in another body holding the same map bytes elsewhere).
         """
+        origin = self.pos
         tag = self.peek()
         if tag == 0x4E:
             self.pos += 1
@@ -282,7 +284,7 @@ class Reader:
                 value = self._read_string()
             else:
                 value = self._skip_value()
-            entries.append((key, value, key_start, value_start, self.pos))
+            entries.append((key, value, key_start - origin, value_start - origin, self.pos - origin))
         self.pos += 1
         return entries
 

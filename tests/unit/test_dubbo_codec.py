@@ -8,6 +8,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from dubbo_ssl.codec.decoder import Response as SslReader
+from dubbo_ssl.codec.encoder import Object as SslObject
+from dubbo_ssl.codec.encoder import Request as SslRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -421,6 +424,122 @@ def test_response_mutation_rewrites_response_attachments_only():
     assert codec.encode(error, {"k": "v"}) is error.frame
     heartbeat = decode_one(HEARTBEAT_REQUEST, codec)
     assert codec.encode(heartbeat, {"k": "v"}) is heartbeat.frame
+
+
+# -- mutation of attachments that use what the arguments (or the result) defined ---------------------
+#
+# Hessian2 numbers class definitions, type names and object slots per body, so an attachment value
+# may be an object of a class the arguments defined (0x60), a list naming its type by the number of
+# one the arguments wrote, or a back-reference to an argument object (Q).
+
+# Written by dubbo-ssl-python 0.9.6's request encoder (one Hessian2 writer for the whole body, as
+# Java's Hessian2Output is): save(User{name: ann, age: 3}, [1, 2, 3]) with attachments owner =
+# User{name: bob, age: 4} (class #0, defined by the first argument) and ids = [7, 8] (type '[int'
+# by number, written by the second); see test_peer_vectors_are_what_the_peer_writes.
+PEER_CROSSING_REQUEST_BODY = bytes.fromhex(
+    "05322e302e3213636f6d2e6578616d706c652e4772656574657205312e302e300473617665144c636f6d2f6578616d70"
+    "6c652f557365723b5b494310636f6d2e6578616d706c652e5573657292046e616d65036167656003616e6e9373045b69"
+    "6e7491929348047061746813636f6d2e6578616d706c652e4772656574657209696e7465726661636513636f6d2e6578"
+    "616d706c652e477265657465720776657273696f6e05312e302e300567726f7570026731056f776e65726003626f6294"
+    "036964737290979805782d74616704626c75655a"
+)
+# The same writer for an OK response with attachments (result type 4): the value User{name: ann,
+# ids: [1, 2]}, then attachments owner = User{name: bob, ids: [7, 8]} (class #0 and type '[int' by
+# number, both defined by the value) and x-tag = blue.
+PEER_CROSSING_RESPONSE_BODY = bytes.fromhex(
+    "944310636f6d2e6578616d706c652e5573657292046e616d65036964736003616e6e72045b696e74919248056f776e65"
+    "726003626f627290979805782d74616704626c75655a"
+)
+# Hand-built, with the forms that writer does not use: a class by number ('O'), a typed list
+# naming its type by number, and back-references. Object slots: #0 ann, #1 her tags list, #2 the
+# map argument, #3 cat, #4 cat's tags, #5 the attachments map, #6 bob, #7 bob's tags.
+HAND_CROSSING_REQUEST_BODY = (
+    s("2.0.2") + s(GREETER) + s("1.0.0") + s("save") + s("Lcom/example/U;Ljava/util/Map;")
+    + b"C" + s("com.example.U") + b"\x92" + s("name") + s("tags")
+    + b"\x60" + s("ann") + b"V" + s("[string") + b"\x91" + s("a")
+    + b"H" + s("k") + b"O\x90" + s("cat") + b"\x70\x90" + b"Z"
+    + b"H"
+    + s("owner") + b"\x60" + s("bob") + b"\x71\x90" + s("b")  # class #0, type #0 from the arguments
+    + s("same") + b"\x51\x90"  # the first argument itself
+    + s("x-tag") + s("blue")
+    + b"Z"
+)
+# An exception with attachments (result type 3): the cause is an object of the exception's class,
+# and "again" refers back to the exception (slot #0; the map is #1, the cause #2).
+HAND_CROSSING_RESPONSE_BODY = (
+    b"\x93" + b"C" + s("java.lang.RuntimeException") + b"\x91" + s("detailMessage") + b"\x60" + s("boom")
+    + b"H" + s("cause") + b"\x60" + s("inner") + s("again") + b"\x51\x90" + s("x-tag") + s("blue") + b"Z"
+)
+CROSSING_FRAMES = {
+    "peer request": request_frame(PEER_CROSSING_REQUEST_BODY),
+    "peer response": response_frame(PEER_CROSSING_RESPONSE_BODY),
+    "hand request": request_frame(HAND_CROSSING_REQUEST_BODY),
+    "hand response": response_frame(HAND_CROSSING_RESPONSE_BODY),
+}
+
+
+def read_body_independently(frame: bytes) -> list:
+    """Every value of the frame's body as dubbo-ssl-python's Hessian2 reader reads them (it keeps
+    class definitions, type names and object slots across the body, as Java does)."""
+    reader = SslReader(bytearray(frame[16:]))
+    values = []
+    while reader.length():
+        values.append(reader.read_next())
+    return values
+
+
+def test_peer_vectors_are_what_the_peer_writes():
+    request = SslRequest(
+        {
+            "dubbo_version": "2.0.2",
+            "path": GREETER,
+            "version": "1.0.0",
+            "method": "save",
+            "group": "g1",
+            "arguments": [SslObject("com.example.User", {"name": "ann", "age": 3}), [1, 2, 3]],
+            "context": {"owner": SslObject("com.example.User", {"name": "bob", "age": 4}), "ids": [7, 8], "x-tag": "blue"},
+        }
+    )
+    assert bytes(request.encode())[16:] == PEER_CROSSING_REQUEST_BODY
+    write = SslRequest({})._encode_single_value  # the same writer, for a response body
+    body = [0x94] + write(SslObject("com.example.User", {"name": "ann", "ids": [1, 2]})) + [0x48]
+    body += write("owner") + write(SslObject("com.example.User", {"name": "bob", "ids": [7, 8]})) + write("x-tag") + write("blue") + [0x5A]
+    assert bytes(b & 0xFF for b in body) == PEER_CROSSING_RESPONSE_BODY
+
+
+@pytest.mark.parametrize("frame", list(CROSSING_FRAMES.values()), ids=list(CROSSING_FRAMES))
+def test_mutation_round_trips_attachments_that_use_definitions_from_before_them(frame):
+    codec = DubboCodec()
+    first = decode_one(frame, codec)
+    mutation = {"X-TAG": "green", "x-routed-by": "metabridge"}
+    out = codec.encode(first, mutation)
+    again = decode_one(out, codec)
+    start = first.properties["attachments_span"][0]
+    assert out[16:start] == frame[16:start], "arguments (or result) are copied byte for byte"
+    before, after = read_body_independently(frame), read_body_independently(out)
+    assert after[:-1] == before[:-1]
+    # The replaced entry keeps its key's spelling; object and list values are carried intact.
+    assert after[-1] == {**before[-1], "x-tag": "green", "x-routed-by": "metabridge"}
+    assert any(isinstance(value, dict) for value in after[-1].values())
+    if first.message_type is MessageType.REQUEST:
+        assert again.headers["x-tag"] == "green" and again.headers["x-routed-by"] == "metabridge"
+        assert dict(again.headers) == {**dict(first.headers), "x-tag": "green", "x-routed-by": "metabridge"}
+    # The mutated frame can itself be mutated (its attachments are read again in context).
+    twice = codec.encode(again, {"x-tag": "red"})
+    assert read_body_independently(twice)[-1]["x-tag"] == "red"
+
+
+def test_mutation_of_repeated_requests_splices_at_each_frames_own_offsets():
+    """A connection's second request with the same attachments bytes reuses the first one's
+    parse; its arguments are longer, so the map sits further on: the rewrite must follow it."""
+    codec = DubboCodec()
+    short = frames.build_request(1, GREETER, "echo", ["a"], attachments={"x-tag": "blue", "k": "v"})
+    longer = frames.build_request(2, GREETER, "echo", ["a" * 40], attachments={"x-tag": "blue", "k": "v"})
+    decode_one(short, codec)
+    metadata = decode_one(longer, codec)
+    again = decode_one(codec.encode(metadata, {"x-tag": "green"}), DubboCodec())
+    assert again.headers["x-tag"] == "green" and again.headers["k"] == "v"
+    assert read_body_independently(codec.encode(metadata, {"x-tag": "green"}))[5] == "a" * 40
 
 
 # -- the codec's own writer against the reader -----------------------------------------------------
