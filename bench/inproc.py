@@ -27,7 +27,8 @@ from bridge._proto.network_ext_proc_pb2 import Data, ProcessingRequest, Processi
 from bridge.config.model import parse
 from bridge.transport.grpc_server import GrpcConnection
 from bridge.runner import install_event_loop
-from bridge.transport.ext_proc import SERVICE_NAME, build_runtimes, serve_methods
+from bridge.core.runtime import build_runtimes
+from bridge.transport.ext_proc import SERVICE_NAME, serve_methods
 from bridge.wire import LISTENER_METADATA_KEY
 
 

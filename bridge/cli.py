@@ -123,7 +123,7 @@ def _render(config, args) -> int:
 
 def _validate(config, args) -> int:
     from bridge.config import bootstrap as envoy_config
-    from bridge.transport.ext_proc import build_runtimes
+    from bridge.core.runtime import build_runtimes
 
     build_runtimes(config)  # imports and checks every codec, compiles every route
     unknown = sorted(

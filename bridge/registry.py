@@ -1,10 +1,11 @@
-"""Codec registry: turns a config's codec references into checked codec classes.
+"""Plugin registry: turns a config's codec and filter references into checked classes.
 
 A reference is one of:
   path/to/file.py:Class   a single-file codec (relative paths: to the config file's folder)
   path/to/dir:Class       a codec package (a folder with __init__.py; relative imports work)
   package.module:Class    an importable module
-  name                    an entry point in the ``metabridge.codecs`` group of an installed package
+  name                    an entry point in the ``metabridge.codecs`` (or ``metabridge.filters``)
+                          group of an installed package
 
 Files and folders are imported under a private module name (``_metabridge_codec_<stem>_<hash of the
 path>``), never as ``codecs``, which is a standard-library module.
@@ -22,12 +23,14 @@ import sys
 from pathlib import Path
 
 from bridge.sdk.codec import REQUIRED_METHODS, Codec
+from bridge.sdk.filter import FILTER_HOOKS, Filter
 
 ENTRY_POINT_GROUP = "metabridge.codecs"
+FILTER_ENTRY_POINT_GROUP = "metabridge.filters"
 
 
 class CodecLoadError(Exception):
-    """A codec reference that cannot be turned into a usable codec class."""
+    """A codec (or filter) reference that cannot be turned into a usable class."""
 
 
 def _module_name(path: Path) -> str:
@@ -61,20 +64,39 @@ def _import_path(path: Path, ref: str):
     return module
 
 
-def _from_entry_point(name: str):
-    for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+def _from_entry_point(name: str, group: str):
+    for entry in importlib.metadata.entry_points(group=group):
         if entry.name == name:
             try:
                 return entry.load()
             except Exception as exc:
                 raise CodecLoadError(f"entry point {name!r} ({entry.value}) failed to load: {type(exc).__name__}: {exc}") from exc
-    raise CodecLoadError(f"{name!r}: no installed package offers a codec of that name in the {ENTRY_POINT_GROUP!r} entry-point group; use 'file.py:Class' or 'package.module:Class'")
+    kind = "codec" if group == ENTRY_POINT_GROUP else "filter"
+    raise CodecLoadError(f"{name!r}: no installed package offers a {kind} of that name in the {group!r} entry-point group; use 'file.py:Class' or 'package.module:Class'")
 
 
 def load_codec_class(ref: str, base_dir: Path | str = ".") -> type[Codec]:
     """Resolve ``ref`` and check that the result honours the codec contract."""
+    cls = _resolve(ref, base_dir, ENTRY_POINT_GROUP)
+    check_codec_class(cls, ref)
+    return cls
+
+
+def load_filter_class(ref: str, base_dir: Path | str = ".") -> type[Filter]:
+    """Resolve a filter reference and check it is a Filter with callable hooks."""
+    cls = _resolve(ref, base_dir, FILTER_ENTRY_POINT_GROUP)
+    if not (inspect.isclass(cls) and issubclass(cls, Filter)):
+        raise CodecLoadError(f"{ref!r}: expected a subclass of bridge.sdk.filter.Filter, got {cls!r}")
+    missing = [h for h in FILTER_HOOKS if not callable(getattr(cls, h, None))]
+    if missing:
+        raise CodecLoadError(f"{ref!r}: {cls.__name__} hooks are not callable: {', '.join(missing)}")
+    return cls
+
+
+def _resolve(ref: str, base_dir: Path | str, group: str):
+    """The object a reference names: a file or folder's attribute, a module's, or an entry point."""
     if ":" not in ref:
-        cls = _from_entry_point(ref)
+        cls = _from_entry_point(ref, group)
     else:
         target, _, attr = ref.rpartition(":")
         if not attr:
@@ -94,7 +116,6 @@ def load_codec_class(ref: str, base_dir: Path | str = ".") -> type[Codec]:
             cls = getattr(module, attr)
         except AttributeError:
             raise CodecLoadError(f"{ref!r}: {target} has no attribute {attr!r}") from None
-    check_codec_class(cls, ref)
     return cls
 
 

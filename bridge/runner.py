@@ -22,7 +22,8 @@ from bridge import logs
 from bridge.config.model import Config
 from bridge.logs import event
 from bridge.metrics import serve_metrics
-from bridge.transport.ext_proc import build_runtimes, reload_routes, serve
+from bridge.core.runtime import build_runtimes, reload_routes
+from bridge.transport.ext_proc import serve
 
 log = logging.getLogger("metabridge.runner")
 

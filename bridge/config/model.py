@@ -93,7 +93,14 @@ _route = {
         },
         "request_mutation": _kv_list,
         "response_mutation": _kv_list,
+        "timeout": _duration,
     },
+}
+_filter = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {"name": _name, "ref": {"type": "string", "minLength": 1}, "config": {"type": "object"}},
 }
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -109,6 +116,7 @@ SCHEMA: dict[str, Any] = {
                 "metrics_port": _port,
                 "metrics_address": {"type": "string", "minLength": 1},
                 "log_level": {"enum": ["debug", "info", "warning", "error"]},
+                "max_buffered_bytes": _size,
             },
         },
         "envoy": {
@@ -145,7 +153,12 @@ SCHEMA: dict[str, Any] = {
                     "port": _port,
                     "codec": _name,
                     "routes": {"type": "array", "items": _route},
+                    "filters": {"type": "array", "items": _filter},
                     "max_frame_size": _size,
+                    "frame_timeout": _duration,
+                    "max_requests_in_flight": {"type": "integer", "minimum": 1},
+                    "max_client_buffer": _size,
+                    "max_upstream_queue": _size,
                     "request_timeout": _duration,
                     "idle_timeout": _duration,
                     "tunnel_setup_timeout": _duration,
@@ -239,6 +252,14 @@ class RouteConfig:
     clusters: tuple[WeightedCluster, ...]  # one entry with weight 1 for a plain `cluster`
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
+    timeout: float | None = None  # overrides the listener's request_timeout
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    name: str
+    ref: str | None = None  # None: a built-in filter
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,11 +269,22 @@ class ListenerConfig:
     port: int
     codec: str
     routes: tuple[RouteConfig, ...]
+    filters: tuple[FilterConfig, ...] = ()
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     request_timeout: float = 30.0
     idle_timeout: float = 3600.0
     tunnel_setup_timeout: float = 10.0
-    tunnels_per_cluster: int = 1
+    tunnels_per_cluster: int | None = None  # None: one per endpoint of the cluster
+    # A frame that has begun must be whole within this (a client trickling bytes is closed).
+    frame_timeout: float = 10.0
+    # Past this many requests in flight the connection stops decoding the client's bytes.
+    max_requests_in_flight: int = 1000
+    # Undecoded client bytes held back while decoding is paused; past it, requests are
+    # decoded and answered OVER_LIMIT instead of being held.
+    max_client_buffer: int = 2 * DEFAULT_MAX_FRAME_SIZE
+    # Bytes waiting in the bridge for one tunnel's flow-control window; past it the
+    # connection stops decoding until the upstream catches up.
+    max_upstream_queue: int = DEFAULT_MAX_FRAME_SIZE
 
 
 @dataclass(frozen=True)
@@ -298,6 +330,9 @@ class Config:
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     log_level: str = "info"
+    # Undecoded client bytes all connections of one bridge process may hold; a connection that
+    # would take the total past it is closed.
+    max_buffered_bytes: int = 256 * 1024 * 1024
     envoy_admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
     message_timeout: float = 5.0
@@ -368,6 +403,7 @@ def _route(raw: dict[str, Any], index: int) -> RouteConfig:
         clusters=clusters,
         request_mutation=_mutation(raw.get("request_mutation")),
         response_mutation=_mutation(raw.get("response_mutation")),
+        timeout=parse_duration(raw["timeout"]) if "timeout" in raw else None,
     )
 
 
@@ -433,6 +469,10 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
             if sum(w.weight for w in route.clusters) == 0:
                 problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
             routes.append(route)
+        max_frame_size = parse_size(entry.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE))
+        max_client_buffer = parse_size(entry.get("max_client_buffer", 2 * max_frame_size))
+        if max_client_buffer < max_frame_size:
+            problems.append(f"{where}.max_client_buffer: {max_client_buffer} bytes is less than max_frame_size ({max_frame_size}); a whole frame must fit")
         listeners.append(
             ListenerConfig(
                 name=entry["name"],
@@ -440,11 +480,16 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
                 port=entry["port"],
                 codec=entry["codec"],
                 routes=tuple(routes),
-                max_frame_size=parse_size(entry.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE)),
+                filters=tuple(FilterConfig(f["name"], f.get("ref"), dict(f.get("config") or {})) for f in entry.get("filters", ())),
+                max_frame_size=max_frame_size,
                 request_timeout=parse_duration(entry.get("request_timeout", "30s")),
                 idle_timeout=parse_duration(entry.get("idle_timeout", "1h")),
                 tunnel_setup_timeout=parse_duration(entry.get("tunnel_setup_timeout", "10s")),
-                tunnels_per_cluster=entry.get("tunnels_per_cluster", 1),
+                tunnels_per_cluster=entry.get("tunnels_per_cluster"),
+                frame_timeout=parse_duration(entry.get("frame_timeout", "10s")),
+                max_requests_in_flight=entry.get("max_requests_in_flight", 1000),
+                max_client_buffer=max_client_buffer,
+                max_upstream_queue=parse_size(entry.get("max_upstream_queue", max_frame_size)),
             )
         )
     bridge = raw.get("bridge") or {}
@@ -465,6 +510,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
         metrics_port=bridge.get("metrics_port"),
         metrics_address=bridge.get("metrics_address", "127.0.0.1"),
         log_level=bridge.get("log_level", "info"),
+        max_buffered_bytes=parse_size(bridge.get("max_buffered_bytes", "256MiB")),
         envoy_admin_address=envoy.get("admin_address", "127.0.0.1"),
         envoy_admin_port=envoy.get("admin_port", 9901),
         message_timeout=parse_duration(envoy.get("message_timeout", "5s")),

@@ -1,4 +1,6 @@
-"""Per-request routing with MetaProtocol's semantics: routes in order, first match wins.
+"""The router, the last step of every filter chain, and its route table.
+
+Per-request routing with MetaProtocol's semantics: routes in order, first match wins.
 
 A route matches when all its header matchers (exact, prefix, suffix, regex, present, each
 optionally inverted) hold on the message's routable headers. Its action is one cluster or a
@@ -21,6 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from bridge.config.model import HeaderMatch, RouteConfig
+from bridge.sdk.codec import ErrorType
 
 Predicate = Callable[[Mapping[str, str]], bool]
 
@@ -72,6 +75,7 @@ class Route:
     cumulative_weights: tuple[int, ...]
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
+    timeout: float | None = None  # seconds; None: the listener's request_timeout
 
     def pick_cluster(self, rand: Callable[[], float] = random.random) -> str:
         if len(self.clusters) == 1:
@@ -100,6 +104,7 @@ class Router:
                     cumulative_weights=tuple(itertools.accumulate(w.weight for w in weighted)),
                     request_mutation=dict(rc.request_mutation),
                     response_mutation=dict(rc.response_mutation),
+                    timeout=rc.timeout,
                 )
             )
             self._predicates.append(tuple(_compile_matcher(m) for m in rc.headers))
@@ -133,3 +138,23 @@ class Router:
             else:
                 return self._routes[i]
         return None
+
+
+def route_request(request) -> None:
+    """The terminal filter: match a route, pick its cluster, apply the request mutation and
+    hand the frame to the connection's upstream pool with the route's timeout."""
+    connection = request.connection
+    metadata = request.metadata
+    route = connection.listener.router.match(metadata.headers)
+    if route is None:
+        request.local_reply(ErrorType.ROUTE_NOT_FOUND, f"no route matches {metadata.operation_name or dict(metadata.headers)}")
+        return
+    request.route = route
+    request.cluster = route.pick_cluster()
+    frame = metadata.frame
+    if route.request_mutation:
+        frame = connection.encode_request(request, route.request_mutation)
+        if frame is None:
+            return  # answered: the mutation could not be applied
+    timeout = route.timeout if route.timeout is not None else connection.listener.config.request_timeout
+    connection.forward(request, frame, timeout)

@@ -14,9 +14,10 @@ import enum
 from dataclasses import dataclass
 
 from bridge import wire
-from bridge.transport.http2 import CANCEL, PREFACE, H2Stream, Http2Connection, ProtocolError
+from bridge.transport.http2 import CANCEL, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
+HOST_OVERRIDE_HEADER = wire.HOST_OVERRIDE_HEADER
 UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER
 RESPONSE_FLAGS_HEADER = wire.RESPONSE_FLAGS_HEADER
 
@@ -72,6 +73,15 @@ class TunnelClosed:
 
 
 @dataclass(slots=True)
+class ConnectionDraining:
+    """HCM sent a graceful GOAWAY: tunnels up to ``last_stream_id`` go on, no new one may open;
+    ``refused`` are the tunnels above it, which HCM will never serve."""
+
+    last_stream_id: int
+    refused: list[Tunnel]
+
+
+@dataclass(slots=True)
 class ConnectionLost:
     """HCM sent GOAWAY or the HTTP/2 connection broke: no tunnel can be opened any more."""
 
@@ -87,12 +97,14 @@ class Upstream(Http2Connection):
         self._events: list = []
         self._next_stream_id = 1
         self.lost = False
+        self.draining = False  # graceful GOAWAY received: open tunnels go on, no new ones
 
     def _write(self, data: bytes) -> None:
         if not self.lost:
             self._out.append(data)
 
-    def open_tunnel(self, cluster: str) -> Tunnel:
+    def open_tunnel(self, cluster: str, host: str = "") -> Tunnel:
+        """A CONNECT stream to ``cluster``; ``host`` ("ip:port") asks Envoy for that endpoint."""
         if self._next_stream_id == 1:
             self._out.append(PREFACE + self.settings_frames())
         stream_id = self._next_stream_id
@@ -100,7 +112,10 @@ class Upstream(Http2Connection):
         self.highest_stream_id = stream_id
         # :authority must be non-empty (an empty one kills the whole HTTP/2 connection); Envoy
         # does not connect to it, CLUSTER_HEADER picks the cluster.
-        self.send_headers(stream_id, [(":method", "CONNECT"), (":authority", cluster), (CLUSTER_HEADER, cluster)])
+        fields = [(":method", "CONNECT"), (":authority", cluster), (CLUSTER_HEADER, cluster)]
+        if host:
+            fields.append((HOST_OVERRIDE_HEADER, host))
+        self.send_headers(stream_id, fields)
         tunnel = Tunnel(stream_id, cluster, self.peer_initial_window)
         self.streams[stream_id] = tunnel
         return tunnel
@@ -168,11 +183,20 @@ class Upstream(Http2Connection):
         if tunnel.state is not TunnelState.CLOSED:
             self._ended(tunnel, f"upstream connection reset (HTTP/2 error code {code})", reset=True)
 
-    def on_goaway(self, code: int, debug: bytes) -> None:
-        # The session ends this connection once its replies are out; nothing more goes to HCM.
+    def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
+        if code == NO_ERROR:
+            # Graceful (a draining listener): streams up to last_stream_id still complete.
+            self.draining = True
+            refused = [t for sid, t in self.streams.items() if sid > last_stream_id and isinstance(t, Tunnel)]
+            for tunnel in refused:
+                tunnel.state = TunnelState.CLOSED
+                self.forget(tunnel)
+            self._events.append(ConnectionDraining(last_stream_id, refused))
+            return
+        # The connection ends once its replies are out; nothing more goes to HCM.
         self.lost = True
         self._out.clear()
-        self._events.append(ConnectionLost(f"Envoy sent GOAWAY (error {code})"))
+        self._events.append(ConnectionLost(f"Envoy sent GOAWAY (error {code}{': ' + debug.decode(errors='replace') if debug else ''})"))
 
     def on_stream_sent(self, tunnel: Tunnel) -> None:
         if tunnel.state is TunnelState.CLOSED:

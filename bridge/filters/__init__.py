@@ -1,1 +1,34 @@
-"""Built-in filters, registered by name."""
+"""Built-in filters, registered by name, and the building of a listener's filter chain.
+
+A listener's ``filters`` list names each filter: a built-in by ``name`` alone, or any filter
+class by ``ref`` (``file.py:Class``, ``package.module:Class`` or an entry point in the
+``metabridge.filters`` group), with its ``config`` mapping. The router always runs last.
+"""
+
+from __future__ import annotations
+
+from bridge.registry import CodecLoadError, load_filter_class
+from bridge.sdk.filter import Filter
+
+# name -> "module:Class" of the filters that ship with metabridge (imported when used).
+BUILTIN: dict[str, str] = {}
+
+
+def build_filters(listener, config) -> list[Filter]:
+    """One instance of each filter the listener lists, in order; errors name the config entry."""
+    built = []
+    for i, spec in enumerate(listener.filters):
+        where = f"{config.source}: listeners[{listener.name}].filters[{i}]"
+        ref = spec.ref or BUILTIN.get(spec.name)
+        if ref is None:
+            known = ", ".join(sorted(BUILTIN)) or "none"
+            raise CodecLoadError(f"{where}: unknown filter {spec.name!r} (built-in filters: {known}); give a 'ref' to load one from a file or package")
+        cls = load_filter_class(ref, config.base_dir)
+        try:
+            instance = cls(spec.config, listener=listener.name)
+        except Exception as exc:
+            raise CodecLoadError(f"{where}: {spec.name!r} rejects its config: {type(exc).__name__}: {exc}") from exc
+        if not instance.name:
+            instance.name = spec.name
+        built.append(instance)
+    return built

@@ -17,7 +17,11 @@ partial-parse state. Codecs are sans-IO: bytes in, bytes out.
     on_error(metadata, error) -> bytes
         A protocol-correct error reply to the request that ``metadata`` describes.
     heartbeat_reply(metadata) -> bytes
-        The reply to a HEARTBEAT request (answered locally, never forwarded).
+        Optional: the reply to a HEARTBEAT request (answered locally, never forwarded).
+
+``self.direction`` (set by the bridge before the first decode) says what an instance decodes:
+Direction.REQUEST for what clients send, Direction.RESPONSE for what upstreams send, so a
+protocol whose requests and responses look alike can label each frame correctly.
 
 See docs/writing-a-codec.md for a worked example.
 """
@@ -35,6 +39,11 @@ DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
 class DecodeStatus(enum.Enum):
     WAIT_FOR_DATA = 0
     DONE = 1
+
+
+class Direction(enum.Enum):
+    REQUEST = "request"  # frames from clients
+    RESPONSE = "response"  # frames from upstreams
 
 
 class MessageType(enum.Enum):
@@ -192,6 +201,7 @@ class Codec:
 
     name: ClassVar[str] = ""
     has_request_id: ClassVar[bool] = True
+    direction: Direction = Direction.REQUEST
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         self.max_frame_size = max_frame_size

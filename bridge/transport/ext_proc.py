@@ -1,7 +1,11 @@
-"""The bridge's gRPC service: Envoy's network ext_proc ``Process`` stream, one Session each.
+"""The ext_proc transport: Envoy's network ext_proc ``Process`` stream drives one core
+Connection per client connection.
 
 Envoy names the listener a stream belongs to in the gRPC initial metadata
 (LISTENER_METADATA_KEY, set by the rendered bootstrap), which selects the codec and routes.
+Only this module builds ProcessingRequest/ProcessingResponse messages. Each Envoy message gets
+one answer in its own direction (which also stops Envoy's message_timeout); bytes for HCM
+travel as read_data and bytes for the client as write_data, in the same batch when both exist.
 """
 
 from __future__ import annotations
@@ -9,20 +13,16 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
-from bridge.sdk.codec import Codec
-from bridge.config.model import Config, ConfigError, ListenerConfig, load
-from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
+from bridge.core.clock import LoopClock
+from bridge.core.connection import Connection
+from bridge.core.runtime import ListenerRuntime
 from bridge.logs import event
-from bridge.registry import CodecLoadError, load_codecs
-from bridge.core.router import Router
-from bridge.core.connection import Session
-from bridge.stats import ListenerStats
+from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
 from bridge.wire import LISTENER_METADATA_KEY
 
 log = logging.getLogger("metabridge.server")
@@ -30,71 +30,33 @@ log = logging.getLogger("metabridge.server")
 SERVICE_NAME = "envoy.service.network_ext_proc.v3.NetworkExternalProcessor"
 
 
-@dataclass
-class ListenerRuntime:
-    """What every session of one listener shares."""
-
-    config: ListenerConfig
-    codec_cls: type[Codec]
-    codec_options: dict
-    router: Router
-    stats: ListenerStats = field(default_factory=ListenerStats)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def new_codec(self) -> Codec:
-        return self.codec_cls(max_frame_size=self.config.max_frame_size, options=self.codec_options)
+_CLOSE = ProcessingResponse(connection_status=ProcessingResponse.CLOSE).SerializeToString()
+_EMPTY = b""
 
 
-def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
-    codecs = load_codecs(config)
-    runtimes = {}
-    for listener in config.listeners:
-        runtime = ListenerRuntime(
-            config=listener,
-            codec_cls=codecs[listener.codec],
-            codec_options=config.codecs[listener.codec].options,
-            router=Router(listener.routes),
-        )
-        try:
-            runtime.new_codec()  # a codec that rejects its options fails here, at start-up
-        except Exception as exc:
-            raise CodecLoadError(f"{config.source}: codecs.{listener.codec}.options: {type(exc).__name__}: {exc}") from exc
-        runtimes[listener.name] = runtime
-    return runtimes
+def _answer(direction: str, data: bytes, end_of_stream: bool = False) -> bytes:
+    """A serialized ProcessingResponse carrying ``data`` as ``direction`` ("read_data" or
+    "write_data").
 
-
-def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
-    """Re-read the config file and swap in each listener's new routes and timeouts.
-
-    Running sessions pick the new routes up on their next request; nothing is disconnected.
-    Changes that need Envoy's bootstrap re-rendered (listeners, ports, codecs, clusters) are
-    reported and left alone. A config that does not load leaves everything as it was.
+    Fields are set in place: ProcessingResponse(read_data=Data(data=x)) copies the sub-message
+    by serializing and re-parsing it (1.5 ms for 1 MiB, against 0.04 ms this way).
     """
-    try:
-        config = load(path)
-    except (ConfigError, OSError) as exc:
-        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
-        return
-    new = {listener.name: listener for listener in config.listeners}
-    for name, runtime in runtimes.items():
-        listener = new.pop(name, None)
-        if listener is None or listener.codec != runtime.config.codec or listener.port != runtime.config.port:
-            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its codec/port changed: re-render Envoy's bootstrap and restart")
-            continue
-        runtime.router = Router(listener.routes)
-        runtime.config = listener
-        event(log, logging.INFO, "routes_reloaded", listener=name, routes=len(listener.routes))
-    for name in new:
-        event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
+    answer = ProcessingResponse()
+    part = getattr(answer, direction)
+    part.data = data
+    if end_of_stream:
+        part.end_of_stream = True
+    return answer.SerializeToString()
+
+
+_EMPTY_READ = _answer("read_data", _EMPTY)
+_EMPTY_WRITE = _answer("write_data", _EMPTY)
 
 
 class ExtProcCall(StreamHandler):
-    """One ``Process`` stream (one downstream connection): its Session, fed message by message."""
+    """One ``Process`` stream (one downstream connection): its Connection, fed message by message."""
 
-    __slots__ = ("stream", "session")
+    __slots__ = ("stream", "connection")
 
     def __init__(self, stream: Stream, runtimes: dict[str, ListenerRuntime], connection: str) -> None:
         self.stream = stream
@@ -103,15 +65,11 @@ class ExtProcCall(StreamHandler):
         if runtime is None:
             event(log, logging.ERROR, "unknown_listener", listener=listener, known=sorted(runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
             raise GrpcError(NOT_FOUND, f"metabridge has no listener {listener!r}")
-        self.session: Session | None = Session(runtime, self._send, connection=connection)
-
-    def _send(self, responses: list[ProcessingResponse]) -> None:
-        if responses:
-            self.stream.send([r.SerializeToString() for r in responses])
+        self.connection: Connection | None = Connection(runtime, LoopClock(), connection, wake=self._flush)
 
     def on_message(self, message: bytes | memoryview) -> None:
-        session = self.session
-        if session is None:
+        connection = self.connection
+        if connection is None:
             return
         try:
             request = ProcessingRequest.FromString(message)
@@ -119,10 +77,35 @@ class ExtProcCall(StreamHandler):
             raise GrpcError(INVALID_ARGUMENT, f"not a ProcessingRequest: {exc}") from exc
         if request.HasField("read_data"):
             data = request.read_data
-            self._send(session.on_read(data.data, data.end_of_stream))
+            connection.receive_client(data.data, data.end_of_stream)
+            self._send(answer_read=True)
         if request.HasField("write_data"):
             data = request.write_data
-            self._send(session.on_write(data.data, data.end_of_stream))
+            connection.receive_upstream(data.data, data.end_of_stream)
+            self._send(answer_write=True)
+
+    def _flush(self) -> None:
+        """The connection has output of its own (a timer fired, a filter resumed)."""
+        if self.connection is not None:
+            self._send()
+
+    def _send(self, answer_read: bool = False, answer_write: bool = False) -> None:
+        to_hcm, to_client, close, end = self.connection.take()
+        out = []
+        if to_hcm:
+            out.append(_answer("read_data", to_hcm))
+        elif answer_read:
+            out.append(_EMPTY_READ)
+        if to_client:
+            out.append(_answer("write_data", to_client))
+        elif answer_write and not end:
+            out.append(_EMPTY_WRITE)
+        if end:
+            out.append(_answer("write_data", _EMPTY, end_of_stream=True))
+        if close:
+            out.append(_CLOSE)  # on its own: CLOSE in a message with bytes loses the bytes
+        if out:
+            self.stream.send(out)
 
     def on_end(self) -> None:
         self.on_reset()
@@ -130,9 +113,9 @@ class ExtProcCall(StreamHandler):
 
     def on_reset(self) -> None:
         # Envoy ended the stream: the downstream connection is gone.
-        session, self.session = self.session, None
-        if session is not None:
-            session.close()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.close()
 
 
 class HealthCall(StreamHandler):

@@ -196,7 +196,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
     def on_reset(self, stream: Stream, code: int) -> None:
         self._reset_handler(stream)
 
-    def on_goaway(self, code: int, debug: bytes) -> None:
+    def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
         self._going_away = True  # running calls go on; the client opens no new ones here
 
     def on_stream_sent(self, stream: Stream) -> None:

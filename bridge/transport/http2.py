@@ -39,6 +39,7 @@ _MAX_HEADER_BLOCK = 1 << 20
 
 _frame_header = struct.Struct(">BHBBL")  # length (24 bits, split 8 + 16), type, flags, stream id
 u32 = struct.Struct(">L")
+_goaway = struct.Struct(">LL")  # last stream id, error code
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -136,7 +137,7 @@ class Http2Connection:
     def on_reset(self, stream: H2Stream, code: int) -> None:
         """The peer reset the stream; it is already forgotten."""
 
-    def on_goaway(self, code: int, debug: bytes) -> None:
+    def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
         """The peer will accept no new streams."""
 
     def on_stream_sent(self, stream: H2Stream) -> None:
@@ -242,8 +243,10 @@ class Http2Connection:
                 stream.backlog.clear()
                 self.on_reset(stream, u32.unpack(payload[:4])[0] if len(payload) >= 4 else 0)
         elif kind == GOAWAY:
-            code = u32.unpack(payload[4:8])[0] if len(payload) >= 8 else 0
-            self.on_goaway(code, payload[8:])
+            if len(payload) < 8:
+                raise ProtocolError(FRAME_SIZE_ERROR, "GOAWAY must be at least 8 bytes")
+            last_stream_id, code = _goaway.unpack_from(payload)
+            self.on_goaway(last_stream_id & 0x7FFFFFFF, code, payload[8:])
         elif kind == PUSH_PROMISE:
             raise ProtocolError(PROTOCOL_ERROR, "push is disabled")
         # PRIORITY and unknown frame types are ignored, as HTTP/2 requires.

@@ -273,7 +273,7 @@ def test_client_half_close_ends_connection_and_frees_state(stack):
     data = read_until_closed(sock)
     sock.close()
     assert data in (b"", encode_frame(7, CMD_SLOW, b"v1|1000"))
-    wait_until(lambda: '"event": "session_closed"' in s.log("bridge"), 5, "session cleanup")
+    wait_until(lambda: '"event": "connection_closed"' in s.log("bridge"), 5, "session cleanup")
 
     async def main():
         async with await connect(s) as c:

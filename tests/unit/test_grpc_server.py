@@ -253,7 +253,8 @@ def test_process_over_grpcio_reaches_a_session():
     from bridge._proto import network_ext_proc_pb2 as pb
     from bridge._proto.network_ext_proc_pb2_grpc import NetworkExternalProcessorStub
     from bridge.config.model import parse
-    from bridge.transport.ext_proc import build_runtimes, serve
+    from bridge.core.runtime import build_runtimes
+    from bridge.transport.ext_proc import serve
     from bridge.wire import LISTENER_METADATA_KEY
 
     async def body():

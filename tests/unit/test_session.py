@@ -1,4 +1,8 @@
-"""bridge/core/connection.py driven directly: client bytes in, HTTP/2 to a fake HCM out, and back.
+"""bridge/core/connection.py through the ext_proc transport: client bytes in, HTTP/2 to a fake
+HCM out, and back.
+
+The transport (bridge/transport/ext_proc.py ExtProcCall) gets ProcessingRequests from a fake
+gRPC stream, as the bridge's gRPC server hands them over, and its answers are parsed back.
 
 The fake HCM is an ``h2`` server-side connection, as Envoy's HTTP connection manager is: it
 decodes the bridge's CONNECT streams and answers them (200 + DATA, 503 with response flags,
@@ -19,13 +23,13 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
-from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
+from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
 from bridge.sdk.codec import DecodeStatus, MalformedFrame
 from bridge.config.model import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
 from bridge.registry import load_codec_class
 from bridge.core.router import Router
-from bridge.transport.ext_proc import ListenerRuntime
-from bridge.core.connection import Session
+from bridge.core.runtime import ListenerRuntime
+from bridge.transport.ext_proc import ExtProcCall
 from bridge import wire
 
 # The test's HCM is h2 with raw (bytes) header names.
@@ -68,7 +72,7 @@ ROUTES = (
 
 
 def in_loop(test):
-    """Runs an async test in a fresh event loop (Session uses the running loop for its timers)."""
+    """Runs an async test in a fresh event loop (the connection uses the running loop for its timers)."""
 
     @functools.wraps(test)
     def run(*args, **kwargs):
@@ -133,16 +137,54 @@ class FakeHcm:
         return self.h2.data_to_send()
 
 
-class Harness:
-    """One Session with a fake HCM behind it and a record of what the client got."""
+class FakeStream:
+    """The gRPC stream ExtProcCall answers on: records what it sends."""
 
-    def __init__(self, routes=ROUTES, codec_cls=AwesomeRpcCodec, **listener_options) -> None:
+    headers = {wire.LISTENER_METADATA_KEY: "test"}
+
+    def __init__(self) -> None:
+        self.sink = None  # called with the answers of each send
+
+    def send(self, messages) -> None:
+        self.sink([ProcessingResponse.FromString(m) for m in messages])
+
+    def finish(self) -> None:
+        pass
+
+
+class Harness:
+    """One connection, through the ext_proc transport, with a fake HCM behind it and a record
+    of what the client got."""
+
+    def __init__(self, routes=ROUTES, codec_cls=AwesomeRpcCodec, clusters=None, **listener_options) -> None:
         config = ListenerConfig(name="test", address="127.0.0.1", port=0, codec="awesomerpc", routes=tuple(routes), **listener_options)
-        self.runtime = ListenerRuntime(config=config, codec_cls=codec_cls, codec_options={}, router=Router(config.routes))
+        self.runtime = ListenerRuntime(config=config, codec_cls=codec_cls, codec_options={}, router=Router(config.routes), clusters=clusters or {})
         self.emitted: list[ProcessingResponse] = []
-        self.session = Session(self.runtime, self._on_emit, connection="test-1")
+        self._answers: list[ProcessingResponse] | None = None
+        stream = FakeStream()
+        stream.sink = self._sink
+        self.call = ExtProcCall(stream, {"test": self.runtime}, "test-1")
+        self.session = self.call.connection
         self.hcm = FakeHcm()
         self.client = bytearray()  # every byte the client was sent
+
+    def _sink(self, messages: list[ProcessingResponse]) -> None:
+        if self._answers is not None:
+            self._answers.extend(messages)
+        else:
+            self._on_emit(messages)
+
+    def _message(self, direction: str, data: bytes, end_of_stream: bool) -> list[ProcessingResponse]:
+        request = ProcessingRequest()
+        part = getattr(request, direction)
+        part.data = data
+        part.end_of_stream = end_of_stream
+        self._answers = []
+        try:
+            self.call.on_message(request.SerializeToString())
+            return self._answers
+        finally:
+            self._answers = None
 
     @property
     def stats(self):
@@ -161,11 +203,14 @@ class Harness:
         self._deliver(messages)
 
     def read(self, data: bytes, end_of_stream: bool = False) -> list[ProcessingResponse]:
-        return self._deliver(self.session.on_read(data, end_of_stream))
+        return self._deliver(self._message("read_data", data, end_of_stream))
 
-    def write(self, end_of_stream: bool = False) -> list[ProcessingResponse]:
-        """Hand HCM's pending HTTP/2 bytes to the session as Envoy's write_data."""
-        return self._deliver(self.session.on_write(self.hcm.take(), end_of_stream))
+    def write(self, end_of_stream: bool = False, data: bytes | None = None) -> list[ProcessingResponse]:
+        """Hand HCM's pending HTTP/2 bytes (or ``data``) to the connection as Envoy's write_data."""
+        return self._deliver(self._message("write_data", self.hcm.take() if data is None else data, end_of_stream))
+
+    def close(self) -> None:
+        self.call.on_reset()
 
     def client_frames(self) -> list[tuple[int, int, int, bytes]]:
         return parse_frames(bytes(self.client))
@@ -201,7 +246,7 @@ async def test_frames_split_at_every_byte_boundary_give_the_same_output():
     expected = {sid: parse_frames(bytes(data)) for sid, data in whole.hcm.received.items()}
     assert expected == {1: [(1, 1, 0, b"hello"), (3, 1, 0, b"")], 3: [(2, 2, 0, b"x" * 40)]}
     assert whole.client_frames() == [(77, 0, 0, b"")]
-    whole.session.close()
+    whole.close()
 
     def tunnels_and_client(h: Harness):
         return {sid: parse_frames(bytes(data)) for sid, data in h.hcm.received.items()}, h.client_frames()
@@ -211,14 +256,14 @@ async def test_frames_split_at_every_byte_boundary_give_the_same_output():
         first, second = split.read(STREAM[:cut]), split.read(STREAM[cut:])
         assert [has_read(m) for m in first].count(True) == 1 and [has_read(m) for m in second].count(True) == 1
         assert tunnels_and_client(split) == (expected, [(77, 0, 0, b"")]), f"cut at byte {cut}"
-        split.session.close()
+        split.close()
 
     trickle = Harness()
     for i in range(len(STREAM)):
         answer = trickle.read(STREAM[i : i + 1])
         assert has_read(answer[0]), "every read gets a read_data answer"
     assert tunnels_and_client(trickle) == (expected, [(77, 0, 0, b"")])
-    trickle.session.close()
+    trickle.close()
 
 
 @in_loop
@@ -283,19 +328,25 @@ async def test_heartbeat_is_answered_locally_without_http2():
 
 
 @in_loop
-async def test_malformed_frame_is_answered_then_closed_in_a_separate_message():
+async def test_malformed_frame_stops_decoding_answers_what_is_in_flight_then_closes():
     h = Harness()
     bad = bytes.fromhex("01" "00000001" "00000005" "0001" "0000")  # len 5 < its 13-byte header
     answer = h.read(encode_frame(1, 1) + encode_frame(2, 0) + bad)
-    assert [m.connection_status for m in answer] == [ProcessingResponse.CONTINUE] * (len(answer) - 1) + [CLOSE]
-    close = answer[-1]
-    assert not has_read(close) and not has_write(close), "CLOSE must travel without data"
+    assert [m.connection_status for m in answer] == [ProcessingResponse.CONTINUE] * len(answer), "request 1 is still in flight"
     assert bytes(h.hcm.received[1]) == encode_frame(1, 1), "frames before the bad one are forwarded"
     assert h.client_frames() == [(2, 0, 0, b"")], "and the heartbeat before it answered"
     assert h.stats.request_decoding_error == 1 and h.stats.downstream_cx_closed_bad_request == 1
     # Whatever the client sends afterwards is swallowed.
     later = h.read(encode_frame(3, 1))
     assert len(later) == 1 and later[0].read_data.data == b""
+    assert 3 not in h.hcm.requests and bytes(h.hcm.received[1]) == encode_frame(1, 1)
+    # The request in flight gets its response; then the connection closes, CLOSE on its own.
+    h.hcm.accept(1)
+    h.hcm.send(1, encode_frame(1, 1, b"ok"))
+    answer = h.write()
+    assert h.client_frames() == [(2, 0, 0, b""), (1, 1, 0, b"ok")]
+    assert answer[-1].connection_status == CLOSE
+    assert not has_read(answer[-1]) and not has_write(answer[-1]), "CLOSE must travel without data"
 
 
 @in_loop
@@ -322,7 +373,7 @@ async def test_connect_then_response_reaches_the_client():
     assert any(has_write(m) for m in answer)
     assert h.client_frames() == [(7, 1, 0, b"pong")]
     assert (h.stats.response, h.stats.response_success, h.stats.request_active) == (1, 1, 0)
-    assert h.session._tunnels["c1"][0].upstream_host == "127.0.0.1:10001"
+    assert h.session.pool.links()[0].tunnel.upstream_host == "127.0.0.1:10001"
 
 
 @in_loop
@@ -478,11 +529,38 @@ async def test_goaway_fails_everything_and_closes_after_the_replies():
     h = Harness()
     h.read(encode_frame(1, 1) + encode_frame(2, 2))
     h.hcm.accept(1)
-    h.hcm.h2.close_connection()
+    h.hcm.h2.close_connection(error_code=ErrorCodes.INTERNAL_ERROR)
     answer = h.write()
     assert sorted(h.client_frames()) == [(1, 1, UNSPECIFIED, b""), (2, 2, UNSPECIFIED, b"")]
     assert answer[-1].connection_status == CLOSE and not has_write(answer[-1]) and not has_read(answer[-1])
     assert h.read(encode_frame(3, 1))[0].read_data.data == b""
+
+
+def goaway(last_stream_id: int, code: int = 0) -> bytes:
+    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + last_stream_id.to_bytes(4, "big") + code.to_bytes(4, "big")
+
+
+@in_loop
+async def test_graceful_goaway_lets_open_tunnels_finish_then_closes():
+    h = Harness()
+    h.read(encode_frame(1, 1) + encode_frame(2, 2))  # c1 on stream 1, c2 on stream 3
+    h.hcm.accept(1)
+    h.write()
+    answer = h.write(data=goaway(1))  # HCM drains: stream 1 goes on, stream 3 is refused
+    assert h.client_frames() == [(2, 2, UNSPECIFIED, b"")], "the refused tunnel's request fails at once"
+    assert all(m.connection_status == ProcessingResponse.CONTINUE for m in answer)
+    # A new request for c1 still travels on the open tunnel; one for c2 cannot get a tunnel.
+    h.read(encode_frame(3, 1) + encode_frame(4, 2))
+    assert 5 not in h.hcm.requests
+    assert parse_frames(bytes(h.hcm.received[1])) == [(1, 1, 0, b""), (3, 1, 0, b"")]
+    assert h.client_frames()[-1] == (4, 2, UNSPECIFIED, b"")
+    h.hcm.send(1, encode_frame(1, 1, b"a"))
+    assert all(m.connection_status == ProcessingResponse.CONTINUE for m in h.write()), "request 3 still in flight"
+    h.hcm.send(1, encode_frame(3, 1, b"b"))
+    answer = h.write()
+    assert h.client_frames()[-2:] == [(1, 1, 0, b"a"), (3, 1, 0, b"b")]
+    assert answer[-1].connection_status == CLOSE, "drained: the connection ends once nothing is in flight"
+    assert h.stats.downstream_cx_drained == 1
 
 
 @in_loop
@@ -492,7 +570,7 @@ async def test_broken_http2_from_hcm_fails_everything_and_closes():
     h.hcm.accept(1)
     h.write()
     bad_window_update = b"\x00\x00\x02\x08\x00\x00\x00\x00\x00\x00\x01"  # 2 bytes, not 4
-    answer = h._deliver(h.session.on_write(bad_window_update, False))
+    answer = h.write(data=bad_window_update)
     assert sorted(h.client_frames()) == [(1, 1, UNSPECIFIED, b""), (2, 2, UNSPECIFIED, b"")]
     assert answer[-1].connection_status == CLOSE
 
@@ -579,7 +657,7 @@ async def test_client_half_close_with_nothing_pending_closes_at_once():
 @in_loop
 async def test_hcm_end_of_stream_is_passed_to_the_client():
     h = Harness()
-    answer = h.session.on_write(b"", True)
+    answer = h.write(end_of_stream=True, data=b"")
     assert has_write(answer[-1]) and answer[-1].write_data.end_of_stream
 
 
@@ -588,7 +666,7 @@ async def test_close_settles_every_pending_request():
     h = Harness()
     h.read(encode_frame(1, 1) + encode_frame(2, 2))
     assert h.stats.request_active == 2 and h.stats.downstream_cx_active == 1
-    h.session.close()
+    h.close()
     assert h.stats.request_active == 0 and h.stats.downstream_cx_active == 0
 
 
