@@ -40,8 +40,9 @@ log = logging.getLogger("awesomerpc.server")
 class _Connection:
     """One client connection: decodes pipelined requests and answers each in its own task."""
 
-    def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float = 0.0) -> None:
         self.prefix = f"{name}|".encode()
+        self.delay = delay  # seconds every reply waits (a slow host)
         self.reader = reader
         self.writer = writer
         self.codec = AwesomeRpcCodec()
@@ -97,15 +98,18 @@ class _Connection:
                 message = f"cmd {DELAY_CMD} wants a body of ASCII milliseconds (a non-negative integer), got {body[:32]!r}"
                 return encode_frame(flow, cmd, message.encode(), rsp_code=BAD_REQUEST)
             await asyncio.sleep(delay_ms / 1000)
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return encode_frame(flow, cmd, self.prefix + body)
 
 
-async def serve(host: str, port: int, name: str) -> asyncio.Server:
-    """Start a backend called ``name`` on host:port (0 = any free port) and return its server."""
+async def serve(host: str, port: int, name: str, delay: float = 0.0) -> asyncio.Server:
+    """Start a backend called ``name`` on host:port (0 = any free port) and return its server;
+    ``delay``: seconds added before every reply."""
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _Connection(name, reader, writer).run()
+            await _Connection(name, reader, writer, delay).run()
         except asyncio.CancelledError:
             # Shutdown cancels open connections; run() has already closed the socket. Ending
             # normally keeps the stream machinery from logging the cancellation as an error.
@@ -114,8 +118,8 @@ async def serve(host: str, port: int, name: str) -> asyncio.Server:
     return await asyncio.start_server(on_connection, host, port)
 
 
-async def _main(host: str, port: int, name: str) -> None:
-    server = await serve(host, port, name)
+async def _main(host: str, port: int, name: str, delay: float) -> None:
+    server = await serve(host, port, name, delay)
     bound_host, bound_port = server.sockets[0].getsockname()[:2]
     log.info("awesomerpc backend %s listening on %s:%d", name, bound_host, bound_port)
     stop = asyncio.Event()
@@ -133,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on; 0 picks a free one")
     parser.add_argument("--name", required=True, help="this backend's name, echoed at the start of every reply body")
+    parser.add_argument("--delay-ms", type=int, default=0, help="milliseconds every reply waits (plays a slow host; default 0)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_main(args.host, args.port, args.name))
+    asyncio.run(_main(args.host, args.port, args.name, args.delay_ms / 1000))
 
 
 if __name__ == "__main__":
