@@ -14,6 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from bridge.config.schema import DURATION, SCHEMA
 from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 
 
@@ -21,199 +22,12 @@ class ConfigError(Exception):
     """A config file that cannot be used; the message says where and why."""
 
 
-# \Z, not $: the schema checks patterns with re.search, where $ also matches before a final
-# newline, so "5s\n" would pass the schema and then fail to parse. The size must not be 0.
-_DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)\Z"
-_SIZE = r"^0*[1-9][0-9]* ?(B|KiB|MiB|GiB)?\Z"
-
 _DEFAULT_LISTEN = "unix:/tmp/metabridge.sock"
-
-_duration = {"type": "string", "pattern": _DURATION}
-_size = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}]}
-_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
-_port = {"type": "integer", "minimum": 0, "maximum": 65535}
-_kv_list = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["key", "value"],
-        "properties": {"key": {"type": "string", "minLength": 1}, "value": {"type": "string"}},
-    },
-}
-_header_matcher = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name"],
-    "properties": {
-        "name": {"type": "string", "minLength": 1},
-        "exact": {"type": "string"},
-        "prefix": {"type": "string"},
-        "suffix": {"type": "string"},
-        "regex": {"type": "string"},
-        "present": {"type": "boolean"},
-        "invert": {"type": "boolean"},
-    },
-    "oneOf": [
-        {"required": ["exact"]},
-        {"required": ["prefix"]},
-        {"required": ["suffix"]},
-        {"required": ["regex"]},
-        {"required": ["present"]},
-    ],
-}
-_route = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["route"],
-    "properties": {
-        "name": {"type": "string"},
-        "match": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {"headers": {"type": "array", "items": _header_matcher}},
-        },
-        "route": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "cluster": _name,
-                "weighted_clusters": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": ["name", "weight"],
-                        "properties": {"name": _name, "weight": {"type": "integer", "minimum": 0}},
-                    },
-                },
-            },
-            "oneOf": [{"required": ["cluster"]}, {"required": ["weighted_clusters"]}],
-        },
-        "request_mutation": _kv_list,
-        "response_mutation": _kv_list,
-        "timeout": _duration,
-    },
-}
-_filter = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["name"],
-    "properties": {"name": _name, "ref": {"type": "string", "minLength": 1}, "config": {"type": "object"}},
-}
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "required": ["codecs", "listeners", "clusters"],
-    "properties": {
-        "bridge": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "listen": {"type": "string", "minLength": 1},
-                "workers": {"type": "integer", "minimum": 1, "maximum": 64},
-                "metrics_port": _port,
-                "metrics_address": {"type": "string", "minLength": 1},
-                "log_level": {"enum": ["debug", "info", "warning", "error"]},
-                "max_buffered_bytes": _size,
-            },
-        },
-        "envoy": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "admin_address": {"type": "string"},
-                "admin_port": _port,
-                "message_timeout": _duration,
-                "concurrency": {"type": "integer", "minimum": 1},
-            },
-        },
-        "codecs": {
-            "type": "object",
-            "minProperties": 1,
-            "propertyNames": _name,
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["ref"],
-                "properties": {"ref": {"type": "string", "minLength": 1}, "options": {"type": "object"}},
-            },
-        },
-        "listeners": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name", "port", "codec", "routes"],
-                "properties": {
-                    "name": _name,
-                    "address": {"type": "string"},
-                    "port": _port,
-                    "codec": _name,
-                    "routes": {"type": "array", "items": _route},
-                    "filters": {"type": "array", "items": _filter},
-                    "max_frame_size": _size,
-                    "frame_timeout": _duration,
-                    "max_requests_in_flight": {"type": "integer", "minimum": 1},
-                    "max_client_buffer": _size,
-                    "max_upstream_queue": _size,
-                    "request_timeout": _duration,
-                    "idle_timeout": _duration,
-                    "tunnel_setup_timeout": _duration,
-                    "tunnels_per_cluster": {"type": "integer", "minimum": 1, "maximum": 64},
-                },
-            },
-        },
-        "clusters": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name", "endpoints"],
-                "properties": {
-                    "name": _name,
-                    "connect_timeout": _duration,
-                    "lb_policy": {"enum": ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]},
-                    "endpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["address", "port"],
-                            "properties": {"address": {"type": "string"}, "port": _port},
-                        },
-                    },
-                    "circuit_breakers": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "max_connections": {"type": "integer", "minimum": 1},
-                            "max_pending_requests": {"type": "integer", "minimum": 1},
-                        },
-                    },
-                    "health_check": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "interval": _duration,
-                            "timeout": _duration,
-                            "unhealthy_threshold": {"type": "integer", "minimum": 1},
-                            "healthy_threshold": {"type": "integer", "minimum": 1},
-                        },
-                    },
-                },
-            },
-        },
-    },
-}
 
 
 def parse_duration(text: str) -> float:
     """'250ms' / '5s' / '2m' / '1h' -> seconds."""
-    m = re.fullmatch(_DURATION, text)
+    m = re.fullmatch(DURATION, text)
     if not m:
         raise ValueError(f"not a duration: {text!r}")
     unit = m.group(2)
