@@ -20,6 +20,7 @@ from collections.abc import Callable
 from bridge.core.clock import Clock, Deadlines
 from bridge.core.pool import Link, UpstreamPool
 from bridge.core.request import ActiveRequest
+from bridge.core.router import route_request
 from bridge.core.tunnels import (
     ConnectionDraining,
     ConnectionLost,
@@ -83,6 +84,7 @@ class Connection:
         # order, even when tunnels to different clusters or local replies answer out of order.
         self._reply_order: deque[ActiveRequest] | None = None if self._by_id else deque()
         self._streams: dict[object, ActiveRequest] = {}
+        self._paused: set[ActiveRequest] = set()  # held by a filter (answered or resumed later)
         self.active = 0  # two-way requests and streams in flight
         self._holding = False  # decoding paused: bytes wait in _inbuf (in-flight or upstream limit)
         self._upstream_full = False  # some tunnel's queue is over max_upstream_queue
@@ -176,11 +178,12 @@ class Connection:
             self._frame_timer.cancel()
         self._release_buffer()
         event(log, logging.DEBUG, "connection_closed", listener=self.listener.name, connection=self.id, requests_in_flight=self.active)
+        waiting = [*self._paused, *(r for link in self.pool.links() for r in link.pending())]
         for link in self.pool.links():
             self._cancel_setup_timer(link)
-            for request in link.pending():
-                self._settle(request)
-                self._complete(request)
+        for request in waiting:
+            self._settle(request)
+            self._complete(request)
         self.stats.downstream_cx_active -= 1
         self._finished = True
 
@@ -215,7 +218,10 @@ class Connection:
             self._on_request(metadata)
             if self._finished or self._stopped_reading:
                 return
-        self._track_buffer()
+        if inbuf or self._buffered:
+            self._track_buffer()
+        else:
+            self._partial_since = 0.0
 
     def _on_request(self, metadata: Metadata) -> None:
         stats = self.stats
@@ -252,13 +258,24 @@ class Connection:
                 problem = "is already open on this connection" if self._by_id else "cannot be matched: streams need a codec with request ids"
                 self.fail(request, ErrorType.UNSPECIFIED, f"stream {metadata.stream_id} {problem}")
                 return
-        self.listener.chain.start(request)
+        chain = self.listener.chain
+        if chain.filters:
+            chain.start(request)
+            if request.paused:
+                self._paused.add(request)
+        else:
+            route_request(request)
+
+    def answer(self, request: ActiveRequest, kind: ErrorType, message: str) -> None:
+        """A filter's local reply, now or later (from a timer or a callback)."""
+        self._event(self.fail, request, kind, message)
 
     def resume(self, request: ActiveRequest) -> None:
         """A paused request goes on with the next filter (called by the filter that paused it)."""
         if request.done or not request.paused:
             return
         request.paused = False
+        self._paused.discard(request)
         self._event(self.listener.chain.start, request)
 
     def encode_request(self, request: ActiveRequest, mutation) -> bytes | None:
@@ -287,7 +304,12 @@ class Connection:
             self._send(link, frame)
             self._complete(request)
             return
-        if not self._register(request, link):
+        by_id = link.by_id
+        if self._by_id and not request.is_stream and metadata.request_id not in by_id:
+            by_id[metadata.request_id] = request  # the common case of _register, inline
+            request.link = link
+            link.active += 1
+        elif not self._register(request, link):
             return
         if not request.is_stream:
             request.deadline = self._last_activity + timeout
@@ -464,16 +486,20 @@ class Connection:
         link = request.link
         if link is not None:
             link.active -= 1
-        self.active -= 1
+        active = self.active = self.active - 1
         self.stats.request_active -= 1
-        self._deadlines.compact(self.active, _is_done)
-        if self.active == 0:
+        if active == 0:
             self._finish_if_drained()
+        elif self._deadlines.size > 2 * active + 64:
+            self._deadlines.compact(_is_done)
 
     def fail(self, request: ActiveRequest, kind: ErrorType, message: str) -> None:
         """Answer a request with a local reply (once; a request already answered is left alone)."""
         if request.done:
             return
+        if request.paused:
+            request.paused = False
+            self._paused.discard(request)
         link = request.link
         if link is not None:
             metadata = request.metadata
@@ -519,14 +545,14 @@ class Connection:
             request.reply = data
             while order and order[0].reply is not None:
                 self._to_client.append(order.popleft().reply)
-        if request is not None:
+        if request is not None and request.next_filter > 0:
             self._complete(request)
 
     def _complete(self, request: ActiveRequest) -> None:
-        """The chain's on_complete, once per request that entered it."""
-        if request.next_filter >= 0 and self.listener.chain.filters:
+        """The chain's on_complete, once per request that reached a filter."""
+        if request.next_filter > 0:
             self.listener.chain.on_complete(request)
-        request.next_filter = -1
+            request.next_filter = -1
 
     # ---- failures ---------------------------------------------------------------------------
 

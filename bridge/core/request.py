@@ -83,7 +83,7 @@ class ActiveRequest:
 
     def local_reply(self, kind: ErrorType, message: str) -> None:
         """Answer this request with the codec's error reply (a filter's way to say no)."""
-        self.connection.fail(self, kind, message)
+        self.connection.answer(self, kind, message)
 
     def resume(self) -> None:
         """Continue a request a filter paused with STOP, with the next filter."""
