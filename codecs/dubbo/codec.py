@@ -29,7 +29,7 @@ from bridge.sdk.codec import (
 from bridge.config.model import parse_size
 
 from .frames import build_error_response, build_heartbeat
-from .hessian2 import HessianError, Reader, encode_string, encode_string_map
+from .hessian2 import HessianError, HessianLimitError, Reader, encode_string, encode_string_map
 from .protocol import (
     EXCEPTION_RESULTS,
     FLAG_EVENT,
@@ -49,6 +49,9 @@ from .protocol import (
 )
 
 DEFAULT_MAX_BODY_SIZE = 8 * 1024 * 1024
+# Caps on stepping over a request's arguments and attachments (and, for a response mutation, a
+# result): without them a valid 4 MiB list of nulls took 0.6 s of the bridge's one event loop.
+LIMIT_DEFAULTS = {"max_nesting_depth": 128, "max_elements": 65_536, "max_attachments": 1024}
 
 # How each local-reply reason reaches a Dubbo consumer (see docs/codecs/dubbo.md).
 ERROR_STATUS: dict[ErrorType, Status] = {
@@ -83,7 +86,9 @@ class DubboCodec(Codec):
     """Dubbo2 protocol with Hessian2 serialization.
 
     Options: ``max_body_size`` (bytes or a size such as "8MiB"; default 8 MiB), checked against
-    each frame's header together with the listener's ``max_frame_size``.
+    each frame's header together with the listener's ``max_frame_size``; ``max_elements``,
+    ``max_nesting_depth`` and ``max_attachments``, caps on the Hessian2 values stepped over and
+    the attachments read per message (LIMIT_DEFAULTS).
     """
 
     name = "dubbo"
@@ -100,6 +105,7 @@ class DubboCodec(Codec):
             raise ValueError(f"dubbo codec option max_body_size: {raw!r} is not a size (use bytes or e.g. '8MiB')") from None
         if isinstance(raw, bool) or self.max_body_size < 1:
             raise ValueError(f"dubbo codec option max_body_size: {raw!r} must be a positive size")
+        self.max_nesting_depth, self.max_elements, self.max_attachments = (_limit(self.options, key) for key in LIMIT_DEFAULTS)
 
     # -- decode --------------------------------------------------------------------------------
 
@@ -151,6 +157,8 @@ class DubboCodec(Codec):
                 self._decode_request(frame, flag, metadata)
             else:
                 self._decode_response(frame, status, metadata)
+        except HessianLimitError as exc:
+            raise DubboBodyError(f"dubbo: request {request_id} is over a limit: {exc}; raise it if such requests are expected", request_id, is_request) from None
         except (HessianError, ValueError) as exc:
             kind = "request" if is_request else "response"
             raise DubboBodyError(f"dubbo: malformed {kind} body in frame {request_id}: {exc}", request_id, is_request) from None
@@ -172,9 +180,9 @@ class DubboCodec(Codec):
         prefix = self._last_prefix
         if prefix is not None and frame.startswith(prefix[0], HEADER_SIZE):
             dubbo_version, path, service_version, method, parameter_types = prefix[1]
-            reader = Reader(frame, HEADER_SIZE + len(prefix[0]))
+            reader = self._reader(frame, HEADER_SIZE + len(prefix[0]))
         else:
-            reader = Reader(frame, HEADER_SIZE)
+            reader = self._reader(frame, HEADER_SIZE)
             dubbo_version = reader.read_string_or_null()
             path = reader.read_string()
             service_version = reader.read_string_or_null()
@@ -216,7 +224,7 @@ class DubboCodec(Codec):
     def _read_attachments(self, reader: Reader, frame: bytes, start: int) -> tuple[list[tuple[str, str]], Entries]:
         """The attachments' string pairs (other keys and values are not routable), and the
         entries with their offsets for a later rewrite."""
-        entries = [] if reader.at_end() else reader.read_map_entries()
+        entries = [] if reader.at_end() else reader.read_map_entries(self.max_attachments)
         pairs = [(key, value) for key, value, *_ in entries if key is not None and value is not None]
         # Memoised only for a plain map of strings that ends the frame (as Dubbo writes it):
         # other values may depend on class definitions made earlier in the body.
@@ -258,8 +266,10 @@ class DubboCodec(Codec):
         span, entries = found
         return _rewrite_attachments(metadata.frame, span, entries, mutation)
 
-    @staticmethod
-    def _attachments(metadata: Metadata) -> tuple[tuple[int, int], Entries] | None:
+    def _reader(self, frame: bytes, pos: int) -> Reader:
+        return Reader(frame, pos, max_elements=self.max_elements, max_depth=self.max_nesting_depth)
+
+    def _attachments(self, metadata: Metadata) -> tuple[tuple[int, int], Entries] | None:
         """Where the attachments map is and its entries, or None when the message has none to
         rewrite."""
         props = metadata.properties
@@ -273,14 +283,14 @@ class DubboCodec(Codec):
             return None  # no attachments slot: adding one would change the result type
         # One reader from the value to the end, so the map is read knowing the class
         # definitions the value made (its entries may use them).
-        reader = Reader(metadata.frame, props["value_offset"])
+        reader = self._reader(metadata.frame, props["value_offset"])
         try:
             if result_type in RESULTS_WITH_VALUE:
                 reader.skip()
             start = reader.pos
-            entries = reader.read_map_entries()
+            entries = reader.read_map_entries(self.max_attachments)
         except HessianError:
-            return None  # a response we cannot walk is forwarded as it came
+            return None  # a response we cannot walk (or not within the caps) is forwarded as it came
         span = props["attachments_span"] = (start, reader.pos)
         props["attachment_entries"] = entries
         return span, entries
@@ -295,6 +305,13 @@ class DubboCodec(Codec):
     def heartbeat_reply(self, metadata: Metadata) -> bytes:
         serialization = metadata.properties.get("serialization", HESSIAN2)
         return build_heartbeat(metadata.request_id or 0, response=True, serialization=serialization)
+
+
+def _limit(options: Mapping[str, Any], key: str) -> int:
+    value = options.get(key, LIMIT_DEFAULTS[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"dubbo codec option {key}: {value!r} is not a positive integer (default {LIMIT_DEFAULTS[key]})")
+    return value
 
 
 def _rewrite_attachments(frame: bytes, span: tuple[int, int], entries: Entries, mutation: Mapping[str, str]) -> bytes:
@@ -331,4 +348,4 @@ def _rewrite_attachments(frame: bytes, span: tuple[int, int], entries: Entries, 
     return frame[:12] + len(body).to_bytes(4, "big", signed=True) + body
 
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "ERROR_STATUS", "DubboBodyError", "DubboCodec"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "ERROR_STATUS", "LIMIT_DEFAULTS", "DubboBodyError", "DubboCodec"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,10 @@ from typing import Any
 
 class HessianError(ValueError):
     """The bytes are not a well-formed Hessian2 value (or end too early)."""
+
+
+class HessianLimitError(HessianError):
+    """Stepping over the bytes would take more work than the Reader's caps allow."""
 
 
 _I16 = struct.Struct(">h")
@@ -99,15 +104,25 @@ class Reader:
     ``pos`` is the offset of the next value. Class definitions are remembered across values,
     as they are within one Dubbo message. Methods raise HessianError for malformed or truncated
     input and nothing else.
+
+    Caps (None: none): ``max_elements`` values stepped over or read as map entries in all (each
+    nested value counts; the few strings read with ``read_string`` do not), and
+    ``max_depth`` lists, maps and objects open at once. Going over raises HessianLimitError.
     """
 
-    __slots__ = ("data", "pos", "end", "_class_fields")
+    __slots__ = ("data", "pos", "end", "_class_fields", "budget", "max_elements", "max_depth")
 
-    def __init__(self, data: bytes, pos: int = 0) -> None:
+    def __init__(self, data: bytes, pos: int = 0, *, max_elements: int | None = None, max_depth: int | None = None) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data)
         self._class_fields: list[int] = []
+        self.max_elements = max_elements
+        self.budget = sys.maxsize if max_elements is None else max_elements  # values still allowed
+        self.max_depth = sys.maxsize if max_depth is None else max_depth
+
+    def _over_elements(self) -> HessianLimitError:
+        return HessianLimitError(f"more than {self.max_elements} Hessian2 values to step over (codec option max_elements)")
 
     def at_end(self) -> bool:
         return self.pos >= self.end
@@ -246,8 +261,9 @@ class Reader:
             raise HessianError(f"Hessian2 string truncated at offset {end}")
         return pos
 
-    def read_map_entries(self) -> list[tuple[str | None, str | None, int, int, int]]:
-        """Read a map (untyped 'H', typed 'M', or null) and return its entries in order.
+    def read_map_entries(self, max_entries: int | None = None) -> list[tuple[str | None, str | None, int, int, int]]:
+        """Read a map (untyped 'H', typed 'M', or null) and return its entries in order; more
+        than ``max_entries`` of them raise HessianLimitError.
 
         Each entry is ``(key, value, key_start, value_start, value_end)``: key and value are the
         strings they hold, or None when they are not strings (those values are skipped, not
@@ -271,6 +287,7 @@ class Reader:
             raise HessianError(f"expected a Hessian2 map at offset {self.pos}, found tag 0x{tag:02x}")
         entries = []
         data, end = self.data, self.end
+        room = sys.maxsize if max_entries is None else max_entries
         while True:
             key_start = self.pos
             if key_start >= end:
@@ -278,9 +295,16 @@ class Reader:
             tag = data[key_start]
             if tag == _TAG_LIST_END:
                 break
-            key = self._read_string() if tag in _STRING_TAGS else self._skip_value()
+            if len(entries) == room:
+                raise HessianLimitError(f"more than {max_entries} attachments (codec option max_attachments)")
+            if tag in _STRING_TAGS:
+                self._spend()
+                key = self._read_string()
+            else:
+                key = self._skip_value()
             value_start = self.pos
             if value_start < end and data[value_start] in _STRING_TAGS:
+                self._spend()
                 value = self._read_string()
             else:
                 value = self._skip_value()
@@ -292,18 +316,24 @@ class Reader:
         self.skip()
         return None
 
+    def _spend(self) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            raise self._over_elements()
+
     # -- skipping ----------------------------------------------------------------------------
 
     def skip(self) -> None:
         """Step over one whole value, however deeply nested, without building it.
 
         Iterative (an explicit stack of 'values left' counters), so hostile nesting cannot hit
-        Python's recursion limit; every value costs at least one byte, so work is bounded by
-        the input size.
+        Python's recursion limit; each value stepped over spends one unit of ``budget``, so the
+        work is bounded by ``max_elements`` (and by the input size: every value is a byte at least).
         """
         if self.pos < self.end:  # a short or medium ASCII string, the usual argument: no stack needed
             span = _plain_string(self.data, self.pos, self.end)
             if span is not None:
+                self._spend()
                 self.pos = span[1]
                 return
         try:
@@ -318,6 +348,8 @@ class Reader:
         data, end = self.data, self.end
         pos = self.pos
         stack = [1]
+        budget = self.budget
+        max_depth = self.max_depth
         try:
             while stack:
                 left = stack[-1]
@@ -331,6 +363,9 @@ class Reader:
                     continue
                 else:
                     stack[-1] = left - 1
+                budget -= 1
+                if budget < 0:
+                    raise self._over_elements()
                 tag = data[pos]
                 size = fixed[tag]
                 if size is not None:
@@ -344,9 +379,14 @@ class Reader:
                 children = self._skip_compound(tag)
                 pos = self.pos
                 if children:
+                    if len(stack) > max_depth:
+                        raise HessianLimitError(f"Hessian2 value nested deeper than {max_depth} levels at offset {pos} (codec option max_nesting_depth)")
+                    if children > budget:  # a list or object announcing more values than may follow
+                        raise self._over_elements()
                     stack.append(children)
         finally:
             self.pos = max(pos, self.pos)
+            self.budget = budget
 
     def _skip_compound(self, tag: int) -> int:
         """Skip a value whose size depends on its content. Returns how many child values follow

@@ -1,9 +1,10 @@
 """ThriftCodec: Apache Thrift messages (binary or compact protocol, framed or unframed transport).
 
-Framing: with the framed transport a message is a 4-byte big-endian length and that many bytes;
-with the unframed ("buffered") transport nothing marks a message's end, so the codec walks the
-whole message (every field, nested structs and containers included) to find it. See
-docs/codecs/thrift.md for options, detection, metadata and the error-reply table.
+Framing: with the framed transport a message is a 4-byte big-endian length and that many bytes,
+so only the message header (and a reply's first field) is read; with the unframed ("buffered")
+transport nothing marks a message's end, so the codec walks the whole message (every field,
+nested structs and containers included) to find it, within the caps of the ``max_*`` options.
+See docs/codecs/thrift.md for options, detection, metadata and the error-reply table.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from bridge.sdk.codec import (
     take_frame,
 )
 
-from .reader import BinaryReader, CompactReader, MessageHeader, NeedMoreData, Reader, Walk
+from .reader import BinaryReader, CompactReader, Limits, MessageHeader, NeedMoreData, Reader, Walk
 from .wire import (
     BINARY_FIRST_BYTE,
     CALL,
     COMPACT_PROTOCOL_ID,
     EXCEPTION,
     FRAME_HEADER_SIZE,
+    MAX_NESTING_DEPTH,
     MESSAGE_TYPE_NAMES,
     MULTIPLEX_SEPARATOR,
     ONEWAY,
@@ -45,6 +47,13 @@ from .writer import APPLICATION_EXCEPTION_WRITERS, frame
 TRANSPORTS = ("auto", "framed", "buffered")
 PROTOCOLS = ("auto", "binary", "compact")
 OPTION_CHOICES = {"transport": TRANSPORTS, "protocol": PROTOCOLS}
+# Caps on walking an unframed message (framed ones are not walked); see docs/codecs/thrift.md.
+LIMIT_DEFAULTS = {
+    "max_nesting_depth": MAX_NESTING_DEPTH,
+    "max_container_size": 65_536,
+    "max_elements": 65_536,
+}
+OPTIONS = (*OPTION_CHOICES, *LIMIT_DEFAULTS)
 
 # Used by on_error when the request's metadata does not say (it always does when this codec
 # decoded it): the Apache Thrift defaults.
@@ -95,6 +104,13 @@ def _choice(options: Mapping[str, Any], key: str) -> str:
     return value
 
 
+def _limit(options: Mapping[str, Any], key: str) -> int:
+    value = options.get(key, LIMIT_DEFAULTS[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"thrift codec option {key}: {value!r} is not a positive integer (default {LIMIT_DEFAULTS[key]})")
+    return value
+
+
 def _as_i32(value: int) -> int:
     return (value + 0x80000000) % (1 << 32) - 0x80000000
 
@@ -113,11 +129,14 @@ class ThriftCodec(Codec):
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(max_frame_size=max_frame_size, options=options)
-        unknown = sorted(set(self.options) - set(OPTION_CHOICES))
+        unknown = sorted(set(self.options) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"thrift codec: unknown option(s) {', '.join(unknown)}; known options: {', '.join(OPTION_CHOICES)}")
+            raise ValueError(f"thrift codec: unknown option(s) {', '.join(unknown)}; known options: {', '.join(OPTIONS)}")
         self.transport = _choice(self.options, "transport")
         self.protocol = _choice(self.options, "protocol")
+        self.limits = Limits(
+            _limit(self.options, "max_nesting_depth"), _limit(self.options, "max_container_size"), _limit(self.options, "max_elements")
+        )
         # The old non-strict binary encoding has no magic bytes to detect, so it is accepted only
         # when the protocol is configured explicitly.
         self._allow_non_strict = self.protocol == "binary"
@@ -168,8 +187,8 @@ class ThriftCodec(Codec):
 
     def _reader(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> Reader:
         if self.protocol == "binary":
-            return BinaryReader(buffer, start, end, complete=complete, allow_non_strict=self._allow_non_strict)
-        return CompactReader(buffer, start, end, complete=complete)
+            return BinaryReader(buffer, start, end, complete=complete, limits=self.limits, allow_non_strict=self._allow_non_strict)
+        return CompactReader(buffer, start, end, complete=complete, limits=self.limits)
 
     def _start(self, buffer: bytearray, start: int, end: int, *, complete: bool) -> tuple[Reader, _Message]:
         """A reader positioned after the header of the message at ``start``, and the message."""
@@ -177,7 +196,8 @@ class ThriftCodec(Codec):
             self._detect_protocol(buffer[start])
         reader = self._reader(buffer, start, end, complete=complete)
         header = reader.message_begin()
-        return reader, _Message(header, reader.pos, Walk(reader.pos, capture=header.message_type == EXCEPTION))
+        walk = Walk(reader.pos, capture=header.message_type == EXCEPTION, budget=self.limits.elements)
+        return reader, _Message(header, reader.pos, walk)
 
     def _parse_framed(self, buffer: bytearray) -> _Message | None:
         if len(buffer) < FRAME_HEADER_SIZE:
@@ -193,9 +213,12 @@ class ThriftCodec(Codec):
         if len(buffer) < total:
             return None
         reader, message = self._start(buffer, FRAME_HEADER_SIZE, total, complete=True)
-        reader.walk(message.walk)
-        if message.walk.pos != total:
-            raise CodecError(f"Thrift frame of {length} bytes holds a {message.walk.pos - FRAME_HEADER_SIZE}-byte message and {total - message.walk.pos} trailing byte(s)")
+        # The frame length says where the message ends, so its struct is not walked (that cost
+        # up to seconds for a hostile 4 MiB frame): a body that is not valid Thrift is for the
+        # backend to refuse. Only a reply's first field is read, for its status.
+        if message.header.message_type in (REPLY, EXCEPTION):
+            reader.peek_fields(message.walk)
+        message.walk.pos = total
         return message
 
     def _parse_unframed(self, buffer: bytearray) -> _Message | None:

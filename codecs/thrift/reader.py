@@ -2,7 +2,12 @@
 
 A reader works in place on the caller's buffer from ``pos`` up to ``end``. It decodes the message
 header and *walks* the message's struct without a schema: every type, nested structs and
-containers included, so it finds where an unframed message ends.
+containers included, so it finds where an unframed message ends. A framed message needs no walk:
+``peek_fields`` reads just the first field or two, which say whether a reply is a success.
+
+The walk's work is capped (``Limits``): nesting depth, elements per container and fields plus
+elements per message, counting only what is walked one step at a time (a list of numbers is
+stepped over at once and costs no more than its bytes).
 
 The walk is resumable. Its state (``Walk``: a position and an explicit stack of open structs and
 containers) only ever advances by whole steps (a field header with its value, or one container
@@ -31,7 +36,6 @@ from .wire import (
     COMPACT_TYPE_SHIFT,
     COMPACT_VERSION,
     COMPACT_VERSION_MASK,
-    MAX_NESTING_DEPTH,
     MESSAGE_TYPE_NAMES,
     BinaryType,
     CompactType,
@@ -41,6 +45,7 @@ _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _MAX_LENGTH = 0x7FFFFFFF  # lengths and sizes are i32 on the wire
 _STOP = 0  # the STOP field type, in both protocols
+_STRUCT = 12  # the struct type id, the same in both protocols
 
 
 class NeedMoreData(Exception):
@@ -70,25 +75,38 @@ class _StructFrame:
 
 
 class _ContainerFrame:
-    __slots__ = ("remaining", "types", "index")
+    __slots__ = ("remaining", "types", "index", "last")
 
     def __init__(self, count: int, types: tuple[int, ...]) -> None:
         self.remaining = count  # elements (map: key/value pairs) still to walk
         self.types = types  # (element,) or (key, value)
         self.index = 0  # which of ``types`` comes next
+        self.last = len(types) - 1
+
+
+class Limits:
+    """Caps on the work of walking one message; each names the codec option that sets it."""
+
+    __slots__ = ("nesting_depth", "container_size", "elements")
+
+    def __init__(self, nesting_depth: int, container_size: int, elements: int) -> None:
+        self.nesting_depth = nesting_depth  # open structs and containers, the message struct included
+        self.container_size = container_size  # elements of one walked list/set (map: entries)
+        self.elements = elements  # fields and walked container elements in one message
 
 
 class Walk:
     """The resumable state of walking one message struct.
 
     With ``capture`` (EXCEPTION messages) the TApplicationException's message and type fields are
-    read on the way.
+    read on the way. ``budget`` is how many more fields and elements the walk may take.
     """
 
-    __slots__ = ("pos", "stack", "first_field_id", "capture", "exception_message", "exception_type")
+    __slots__ = ("pos", "stack", "first_field_id", "capture", "exception_message", "exception_type", "budget")
 
-    def __init__(self, pos: int, *, capture: bool = False) -> None:
+    def __init__(self, pos: int, *, capture: bool = False, budget: int = 0) -> None:
         self.pos = pos  # the last step boundary
+        self.budget = budget  # as of that boundary
         self.stack: list[_StructFrame | _ContainerFrame] = [_StructFrame()]
         self.first_field_id: int | None = None  # of the message struct (REPLY: 0 = success)
         self.capture = capture
@@ -105,15 +123,16 @@ class Reader:
     ELEMENT_TYPES: frozenset[int] = frozenset()  # the type ids a container element may have
     ELEMENT_SIZES: dict[int, int] = {}  # bytes of each fixed-width type as a container element
 
-    __slots__ = ("data", "pos", "end", "complete")
+    __slots__ = ("data", "pos", "end", "complete", "limits")
 
-    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool) -> None:
+    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool, limits: Limits) -> None:
         self.data = data
         self.pos = pos
         self.end = end
         # True when data[pos:end] is the whole message (framed transport): running short is then
         # an error, not a reason to wait.
         self.complete = complete
+        self.limits = limits
 
     # -- protocol specific -------------------------------------------------------------------
     def message_begin(self) -> MessageHeader:
@@ -198,43 +217,95 @@ class Reader:
             return None
         if self._skip_elements(count, types):
             return None
+        cap = self.limits.container_size
+        if count > cap:
+            raise CodecError(
+                f"Thrift {self.protocol} container of {count} elements to walk one by one is over the codec option "
+                f"max_container_size ({cap}); raise it if such messages are expected"
+            )
         self._require(count * len(types))  # every element takes at least one byte
         return _ContainerFrame(count, types)
 
     def walk(self, walk: Walk) -> None:
-        """Advance ``walk`` to the end of the message struct (``walk.pos`` is then its end)."""
+        """Advance ``walk`` to the end of the message struct (``walk.pos`` is then its end).
+
+        Every field and every element stepped over one at a time spends one unit of
+        ``walk.budget``; raises CodecError when it runs out or nesting goes too deep."""
         stack = walk.stack
-        self.pos = walk.pos
-        while stack:
-            frame = stack[-1]
-            if frame.__class__ is _StructFrame:
-                field_type, field_id = self.field_header(frame.last_field_id)
-                if field_type == _STOP:
-                    stack.pop()
-                    walk.pos = self.pos
-                    continue
-                if len(stack) == 1 and walk.capture and self._capture(walk, field_type, field_id):
-                    child = None
+        self.pos = committed = walk.pos
+        budget = walk.budget
+        max_depth = self.limits.nesting_depth
+        root = stack[0] if stack else None
+        field_header, value_step = self.field_header, self.value_step
+        try:
+            while stack:
+                frame = stack[-1]
+                if frame.__class__ is _StructFrame:
+                    field_type, field_id = field_header(frame.last_field_id)
+                    if field_type == _STOP:
+                        stack.pop()
+                        committed = self.pos
+                        continue
+                    if frame is root and walk.capture and self._capture(walk, field_type, field_id):
+                        child = None
+                    elif field_type == _STRUCT:
+                        child = _StructFrame()
+                    else:
+                        child = value_step(field_type, False)
+                    # The step is complete: commit it.
+                    frame.last_field_id = field_id
+                    if frame is root and walk.first_field_id is None:
+                        walk.first_field_id = field_id
                 else:
-                    child = self.value_step(field_type, False)
-                # The step is complete: commit it.
-                frame.last_field_id = field_id
-                if len(stack) == 1 and walk.first_field_id is None:
-                    walk.first_field_id = field_id
-            else:
-                if frame.remaining == 0:
-                    stack.pop()
-                    continue
-                child = self.value_step(frame.types[frame.index], True)
-                frame.index += 1
-                if frame.index == len(frame.types):
-                    frame.index = 0
-                    frame.remaining -= 1
-            if child is not None:
-                if len(stack) >= MAX_NESTING_DEPTH:
-                    raise CodecError(f"Thrift value nested deeper than {MAX_NESTING_DEPTH} levels")
-                stack.append(child)
-            walk.pos = self.pos
+                    if frame.remaining == 0:
+                        stack.pop()
+                        continue
+                    element_type = frame.types[frame.index]
+                    # Structs are the usual walked element: pushed without a call.
+                    child = _StructFrame() if element_type == _STRUCT else value_step(element_type, True)
+                    if frame.index == frame.last:
+                        frame.index = 0
+                        frame.remaining -= 1
+                    else:
+                        frame.index += 1
+                budget -= 1
+                if budget < 0:
+                    raise self._over_elements()
+                if child is not None:
+                    if len(stack) >= max_depth:
+                        raise CodecError(
+                            f"Thrift value nested deeper than {max_depth} levels (codec option max_nesting_depth); "
+                            "raise it if such messages are expected"
+                        )
+                    if child.__class__ is _ContainerFrame and child.remaining * len(child.types) > budget:
+                        raise self._over_elements()  # known from the container's header: no need to walk it
+                    stack.append(child)
+                committed = self.pos
+                walk.budget = budget
+        finally:
+            walk.pos = committed  # the last step boundary, also when the bytes ran out mid-step
+
+    def _over_elements(self) -> CodecError:
+        return CodecError(
+            f"Thrift {self.protocol} message has more than {self.limits.elements} fields and container elements to walk "
+            "one by one (codec option max_elements); raise it if such messages are expected"
+        )
+
+    def peek_fields(self, walk: Walk) -> None:
+        """Read what the metadata needs from the start of the message struct without walking it:
+        the first field's id (a REPLY's outcome) and, with ``walk.capture``, the
+        TApplicationException's message and type when they come first, as Thrift libraries write
+        them. At most two field headers and their string or i32 values: constant work."""
+        last_field_id = 0
+        for _ in range(2 if walk.capture else 1):
+            field_type, field_id = self.field_header(last_field_id)
+            if field_type == _STOP:
+                return
+            if walk.first_field_id is None:
+                walk.first_field_id = field_id
+            if not (walk.capture and self._capture(walk, field_type, field_id)):
+                return
+            last_field_id = field_id
 
     def _capture(self, walk: Walk, field_type: int, field_id: int) -> bool:
         """Read a TApplicationException field of interest; False for any other field."""
@@ -271,8 +342,8 @@ class BinaryReader(Reader):
 
     __slots__ = ("allow_non_strict",)
 
-    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool, allow_non_strict: bool = False) -> None:
-        super().__init__(data, pos, end, complete=complete)
+    def __init__(self, data: bytes | bytearray, pos: int, end: int, *, complete: bool, limits: Limits, allow_non_strict: bool = False) -> None:
+        super().__init__(data, pos, end, complete=complete, limits=limits)
         self.allow_non_strict = allow_non_strict
 
     def i32(self) -> int:
@@ -308,10 +379,17 @@ class BinaryReader(Reader):
         return MessageHeader(name, message_type, self.i32(), strict)
 
     def field_header(self, last_field_id: int) -> tuple[int, int]:
-        field_type = self.u8()
+        pos = self.pos  # u8 and _advance inlined: this runs once per field
+        if pos >= self.end:
+            self._short(pos + 1)
+        field_type = self.data[pos]
         if field_type == _STOP:
+            self.pos = pos + 1
             return _STOP, 0
-        return field_type, _I16.unpack_from(self.data, self._advance(2))[0]
+        if pos + 3 > self.end:
+            self._short(pos + 3)
+        self.pos = pos + 3
+        return field_type, _I16.unpack_from(self.data, pos + 1)[0]
 
     def value_step(self, value_type: int, in_container: bool) -> _StructFrame | _ContainerFrame | None:
         size = _BINARY_FIXED.get(value_type)
@@ -427,7 +505,11 @@ class CompactReader(Reader):
         return MessageHeader(name, message_type, seqid, True)
 
     def field_header(self, last_field_id: int) -> tuple[int, int]:
-        byte = self.u8()
+        pos = self.pos  # u8 inlined: this runs once per field
+        if pos >= self.end:
+            self._short(pos + 1)
+        byte = self.data[pos]
+        self.pos = pos + 1
         field_type = byte & 0x0F
         if field_type == _STOP:
             return _STOP, 0

@@ -542,6 +542,81 @@ def test_mutation_of_repeated_requests_splices_at_each_frames_own_offsets():
     assert read_body_independently(codec.encode(metadata, {"x-tag": "green"}))[5] == "a" * 40
 
 
+# -- caps on the work of stepping over a body ------------------------------------------------------
+
+
+def request_with_arguments(*arguments: bytes, attachments: bytes = b"HZ", request_id: int = 7) -> bytes:
+    body = s("2.0.2") + s(GREETER) + s("1.0.0") + s("save") + s("LA;" * len(arguments)) + b"".join(arguments) + attachments
+    return request_frame(body, request_id=request_id)
+
+
+def list_header(count: int) -> bytes:
+    return b"X" + (bytes([0x90 + count]) if count <= 0x2F else b"I" + struct.pack(">i", count))
+
+
+def nulls(count: int) -> bytes:
+    return list_header(count) + b"N" * count
+
+
+def assert_over_limit(frame: bytes, message: str, **options) -> None:
+    buffer = bytearray(frame + REQUEST)
+    with pytest.raises(DubboBodyError, match=f"request 7 is over a limit: .*{message}.*; raise it if such requests are expected") as info:
+        DubboCodec(options=options).decode(buffer, Metadata())
+    assert info.value.request_id == 7 and info.value.is_request
+    assert bytes(buffer) == REQUEST, "the frame is consumed: the stream stays in step"
+
+
+def test_values_cap_counts_every_value_stepped_over():
+    # A list of 8 nulls is 9 values; with the map's string pair, 11 in all.
+    frame = request_with_arguments(nulls(8), attachments=b"H" + s("k") + s("v") + b"Z")
+    assert decode_one(frame, DubboCodec(options={"max_elements": 11})).headers["k"] == "v"
+    assert_over_limit(frame, r"more than 10 Hessian2 values to step over \(codec option max_elements\)", max_elements=10)
+
+
+def test_values_cap_refuses_a_list_from_its_announced_length():
+    announced = request_with_arguments(list_header(1_000_000))  # no elements follow: none are needed to refuse it
+    assert_over_limit(announced, r"more than 1000 Hessian2 values", max_elements=1000)
+    assert_over_limit(request_with_arguments(nulls(70_000)), r"more than 65536 .*max_elements")  # the default
+
+
+def test_values_cap_covers_objects_and_their_fields():
+    objects = b"C" + s("A") + b"\x92" + s("a") + s("b") + b"\x60NN" + b"\x60NN"  # 2 objects of 2 fields: 6 values
+    assert decode_one(request_with_arguments(objects[:-3], objects[-3:]), DubboCodec(options={"max_elements": 6}))
+    assert_over_limit(request_with_arguments(objects[:-3], objects[-3:]), r"more than 5 .*max_elements", max_elements=5)
+
+
+def test_nesting_cap():
+    def nested(depth: int) -> bytes:
+        return b"\x79" * depth + b"N"  # lists of one element, ``depth`` open at once
+
+    assert decode_one(request_with_arguments(nested(128)))  # the default
+    assert_over_limit(request_with_arguments(nested(129)), r"nested deeper than 128 levels .*max_nesting_depth")
+    assert_over_limit(request_with_arguments(nested(4)), r"nested deeper than 3 levels .*max_nesting_depth", max_nesting_depth=3)
+
+
+def test_attachments_cap():
+    entries = b"".join(s(f"k{i}") + s("v") for i in range(5))
+    frame = request_with_arguments(attachments=b"H" + entries + b"Z")
+    assert len(decode_one(frame, DubboCodec(options={"max_attachments": 5})).headers) == 9
+    assert_over_limit(frame, r"more than 4 attachments \(codec option max_attachments\)", max_attachments=4)
+
+
+def test_response_mutation_over_a_cap_forwards_the_response_as_it_came():
+    response = response_frame(b"\x94" + nulls(20) + b"H" + s("a") + s("b") + b"Z")
+    codec = DubboCodec(options={"max_elements": 10})
+    metadata = decode_one(response, codec)  # decoding a response steps over nothing
+    assert codec.encode(metadata, {"k": "v"}) is metadata.frame
+    unlimited = DubboCodec()
+    assert read_body_independently(unlimited.encode(decode_one(response, unlimited), {"k": "v"}))[-1] == {"a": "b", "k": "v"}
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, "100", 2.5])
+@pytest.mark.parametrize("option", ["max_elements", "max_nesting_depth", "max_attachments"])
+def test_bad_cap_options_are_refused(option, bad):
+    with pytest.raises(ValueError, match=f"dubbo codec option {option}: .* is not a positive integer"):
+        DubboCodec(options={option: bad})
+
+
 # -- the codec's own writer against the reader -----------------------------------------------------
 
 

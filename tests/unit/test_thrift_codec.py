@@ -330,51 +330,153 @@ def compact_struct_message(body: bytes) -> bytes:
     return bytes.fromhex("8221" "00" "01") + b"m" + body + b"\x00"
 
 
-GARBAGE = {
+# Wrong in the message header: refused whatever the transport.
+HEADER_GARBAGE = {
     "binary bad version": (bytes.fromhex("80020001") + b"\x00" * 12, "bad Thrift binary protocol version 0x80020001"),
     "binary unknown message type": (bytes.fromhex("80010005") + b"\x00" * 12, "unknown Thrift message type 5"),
-    "binary unknown field type": (binary_struct_message(bytes.fromhex("07" "0001")), "unknown Thrift binary type id 7"),
-    "binary negative string": (binary_struct_message(bytes.fromhex("0b" "0001" "ffffffff")), "negative length"),
-    "binary negative list": (binary_struct_message(bytes.fromhex("0f" "0001" "08" "80000000")), "negative length"),
     "binary negative name": (bytes.fromhex("80010001" "fffffff0"), "negative length"),
-    "binary unknown element type": (binary_struct_message(bytes.fromhex("0f" "0001" "01" "00000002")), "type id 1 in a container"),
-    "binary too deep": (binary_struct_message(bytes.fromhex("0f0001") + bytes.fromhex("0f00000001") * 70 + b"\x00" * 300), "nested deeper than 64"),
-    "binary struct too deep": (binary_struct_message(bytes.fromhex("0c0001") * 70 + b"\x00" * 70), "nested deeper than 64"),
     "binary name not utf-8": (bytes.fromhex("80010001" "00000002" "c328" "00000000" "00"), "not valid UTF-8"),
     "compact bad version": (bytes.fromhex("8222") + b"\x00" * 4, "unsupported Thrift compact protocol version 2"),
     "compact unknown message type": (bytes.fromhex("82a1") + b"\x00" * 4, "unknown Thrift message type 5"),
-    "compact unknown field type": (compact_struct_message(b"\x1e"), "unknown Thrift compact type id 14"),
     "compact long varint": (bytes.fromhex("8221") + b"\xff" * 6, "varint longer than 5 bytes"),
+}
+# Wrong in a call's struct: found by the walk of an unframed message; a framed one is not walked.
+BODY_GARBAGE = {
+    "binary unknown field type": (binary_struct_message(bytes.fromhex("07" "0001")), "unknown Thrift binary type id 7"),
+    "binary negative string": (binary_struct_message(bytes.fromhex("0b" "0001" "ffffffff")), "negative length"),
+    "binary negative list": (binary_struct_message(bytes.fromhex("0f" "0001" "08" "80000000")), "negative length"),
+    "binary unknown element type": (binary_struct_message(bytes.fromhex("0f" "0001" "01" "00000002")), "type id 1 in a container"),
+    "binary too deep": (binary_struct_message(bytes.fromhex("0f0001") + bytes.fromhex("0f00000001") * 70 + b"\x00" * 300), "nested deeper than 64"),
+    "binary struct too deep": (binary_struct_message(bytes.fromhex("0c0001") * 70 + b"\x00" * 70), "nested deeper than 64"),
+    "compact unknown field type": (compact_struct_message(b"\x1e"), "unknown Thrift compact type id 14"),
     "compact negative string": (compact_struct_message(bytes.fromhex("18" "ffffffff0f")), "does not fit an i32"),
     "compact field id out of range": (compact_struct_message(bytes.fromhex("08" "feff07") + b"\x00"), "does not fit an i16"),
     "compact overlong varint in a list": (compact_struct_message(bytes.fromhex("19" "35") + b"\xff" * 6 + b"\x01" * 3), "varint longer than 5 bytes"),
     "compact too deep": (compact_struct_message(bytes.fromhex("19") + b"\x19" * 70 + b"\x00" * 10), "nested deeper than 64"),
     "compact unknown element type": (compact_struct_message(bytes.fromhex("19" "2e")), "type id 14 in a container"),
-    "neither protocol": (b"GET / HTTP/1.1\r\n\r\n", "cannot detect the Thrift transport"),
 }
 
 
-@pytest.mark.parametrize("name", list(GARBAGE))
-@pytest.mark.parametrize("transport", ["buffered", "framed"])
-def test_garbage_raises_codec_error(name, transport):
-    data, message = GARBAGE[name]
-    if transport == "framed":
-        if name == "neither protocol":
-            return  # has no frame to put it in
-        data = framed(data)
+def assert_refused(data: bytes, message: str, **options) -> None:
     buffer = bytearray(data)
     with pytest.raises(CodecError, match=message):
-        ThriftCodec().decode(buffer, Metadata())
+        ThriftCodec(options=options).decode(buffer, Metadata())
     assert buffer == data
 
 
-def test_framed_message_shorter_or_longer_than_its_frame():
-    with pytest.raises(CodecError, match="1 trailing byte"):
-        decode_all(framed(BINARY_CALL + b"\x00"))
+@pytest.mark.parametrize("name", list(HEADER_GARBAGE))
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
+def test_header_garbage_raises_codec_error(name, transport):
+    data, message = HEADER_GARBAGE[name]
+    assert_refused(framed(data) if transport == "framed" else data, message)
+
+
+@pytest.mark.parametrize("name", list(BODY_GARBAGE))
+def test_body_garbage_raises_codec_error_when_unframed_and_is_not_read_when_framed(name):
+    data, message = BODY_GARBAGE[name]
+    assert_refused(data, message)
+    metadata = decode_one(framed(data))
+    assert (metadata.operation_name, metadata.frame) == ("m", framed(data))
+
+
+def test_neither_protocol_is_refused():
+    assert_refused(b"GET / HTTP/1.1\r\n\r\n", "cannot detect the Thrift transport")
+
+
+def test_framed_message_header_must_fit_its_frame_but_the_body_is_not_walked():
     with pytest.raises(CodecError, match="past the end of its frame"):
-        decode_all(framed(BINARY_CALL[:-1]))
+        decode_all(framed(BINARY_CALL[:10]))  # the name runs past the frame
     with pytest.raises(CodecError, match="frame length 0 is not positive"):
         decode_all(b"\x00\x00\x00\x00\x80", transport="framed")
+    # A struct cut short, or followed by more bytes, is the frame's length all the same.
+    for data in (BINARY_CALL[:-1], BINARY_CALL + b"\x00"):
+        assert decode_one(framed(data)).frame == framed(data)
+
+
+# -- caps on walking an unframed message ---------------------------------------------------------
+
+
+def binary_list_of_empty_structs(count: int) -> bytes:
+    return binary_struct_message(bytes.fromhex("0f0001" "0c") + struct.pack(">i", count) + b"\x00" * count)
+
+
+def compact_list_of_empty_structs(count: int) -> bytes:
+    return compact_struct_message(b"\x19" + bytes([0xFC]) + _varint(count) + b"\x00" * count)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+LISTS_OF_STRUCTS = {"binary": binary_list_of_empty_structs, "compact": compact_list_of_empty_structs}
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_container_size_cap_is_checked_on_the_containers_header(protocol):
+    build = LISTS_OF_STRUCTS[protocol]
+    assert decode_one(build(100), max_container_size=100).frame == build(100)
+    message = build(101)
+    header_only = message[: len(message) - 101 - 1]  # the list's header arrived, none of its elements
+    assert_refused(header_only, r"container of 101 elements .* codec option max_container_size \(100\)", max_container_size=100)
+    assert_refused(build(70_000), r"max_container_size \(65536\)")  # the default
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_elements_cap_counts_every_field_and_element_of_the_message(protocol):
+    build = LISTS_OF_STRUCTS[protocol]
+    # The list's field, then one step per struct: 1 + 99 fits 100.
+    assert decode_one(build(99), max_elements=100).frame == build(99)
+    assert_refused(build(100), r"more than 100 fields and container elements .*\(codec option max_elements\)", max_elements=100)
+    # Many small lists, each under the container cap, are counted together.
+    body = b"".join((bytes.fromhex("0f") + struct.pack(">h", i) + bytes.fromhex("0c00000030") + b"\x00" * 48) for i in range(1, 4))
+    assert_refused(binary_struct_message(body), "codec option max_elements", max_elements=100, protocol="binary")
+    assert decode_one(binary_struct_message(body), max_elements=147, protocol="binary")
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_elements_cap_holds_across_a_message_arriving_in_pieces(protocol):
+    """The walk resumes where it stopped; what it spent before the pause still counts."""
+    build = LISTS_OF_STRUCTS[protocol]
+    for count, fits in ((99, True), (100, False)):
+        data, codec, buffer = build(count), ThriftCodec(options={"max_elements": 100, "max_container_size": 1000}), bytearray()
+        for start in range(0, len(data) - 20, 7):
+            buffer += data[start : start + 7]
+            assert codec.decode(buffer, Metadata()) is DecodeStatus.WAIT_FOR_DATA
+        buffer += data[len(buffer) :]
+        if fits:
+            assert codec.decode(buffer, Metadata()) is DecodeStatus.DONE
+        else:
+            with pytest.raises(CodecError, match="max_elements"):
+                codec.decode(buffer, Metadata())
+
+
+def test_nesting_cap_is_an_option():
+    nested = binary_struct_message(bytes.fromhex("0c0001") * 9 + b"\x00" * 9)  # 10 levels with the message struct
+    assert decode_one(nested, max_nesting_depth=10)
+    assert_refused(nested, r"nested deeper than 9 levels \(codec option max_nesting_depth\)", max_nesting_depth=9)
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_framed_messages_are_not_walked_so_the_caps_do_not_apply(protocol):
+    data = framed(LISTS_OF_STRUCTS[protocol](5000))
+    metadata = decode_one(data, max_elements=1, max_container_size=1, max_nesting_depth=1)
+    assert metadata.frame == data and metadata.body_size == len(data) - metadata.header_size
+
+
+def test_numbers_are_stepped_over_whole_and_do_not_count():
+    numbers = binary_struct_message(bytes.fromhex("0f0001" "08") + struct.pack(">i", 10_000) + bytes(40_000))
+    assert decode_one(numbers, max_elements=1, max_container_size=1).frame == numbers
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, "64", 1.5])
+@pytest.mark.parametrize("option", ["max_nesting_depth", "max_container_size", "max_elements"])
+def test_bad_cap_options_are_refused(option, bad):
+    with pytest.raises(ValueError, match=f"option {option}: .* is not a positive integer"):
+        ThriftCodec(options={option: bad})
 
 
 @pytest.mark.parametrize("protocol", ["binary", "compact"])
