@@ -73,12 +73,15 @@ class Deadlines:
             self._arm(heap[0][0])
         return out
 
-    def compact(self, live: int, is_done: Callable[[object], bool]) -> None:
-        """Drop done items once they outnumber the ``live`` ones: a slow request at the head
-        must not let every fast one behind it stay referenced until it expires."""
-        if len(self._heap) > 2 * live + 64:
-            self._heap = [entry for entry in self._heap if not is_done(entry[2])]
-            heapq.heapify(self._heap)
+    @property
+    def size(self) -> int:
+        return len(self._heap)
+
+    def compact(self, is_done: Callable[[object], bool]) -> None:
+        """Drop done items (called once they outnumber the live ones: a slow request at the
+        head must not keep every fast one behind it referenced until it expires)."""
+        self._heap = [entry for entry in self._heap if not is_done(entry[2])]
+        heapq.heapify(self._heap)
 
     def cancel(self) -> None:
         if self._timer is not None:

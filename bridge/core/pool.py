@@ -82,12 +82,11 @@ class UpstreamPool:
             hosts, policy = self._connection.listener.cluster_plan(cluster)
             slots = self._clusters[cluster] = ClusterSlots(hosts, policy)
         members = slots.slots
+        if len(members) == 1 and avoid is None and members[0].link is not None:
+            return members[0].link
         upstream = self._connection.upstream
         can_open = not (upstream.draining or upstream.lost)
         if len(members) == 1 and avoid is None:
-            link = members[0].link
-            if link is not None:
-                return link
             return self._open(cluster, members[0]) if can_open else None
         now = self._connection.clock.now()
         n = len(members)
