@@ -66,10 +66,20 @@ def port_open(port: int) -> bool:
 class Stack:
     """One test's Envoy + bridge + backends. ``config`` is the metabridge config as a dict."""
 
-    def __init__(self, tmp: Path, config: dict, backends: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: dict,
+        backends: dict[str, int] | None = None,
+        *,
+        backend_args: dict[str, list[str]] | None = None,
+        envoy_args: list[str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.config = config
         self.backends = backends or {}  # name -> port of example awesomerpc servers to run
+        self.backend_args = backend_args or {}  # name -> extra server arguments, e.g. ["--delay-ms", "200"]
+        self.envoy_args = list(envoy_args or ())  # extra Envoy arguments, e.g. ["--drain-time-s", "1"]
         self.admin_port = free_port()
         self.bridge_address = f"unix:{tmp}/bridge.sock"
         config.setdefault("bridge", {})["listen"] = self.bridge_address
@@ -86,8 +96,11 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def start_backend(self, name: str, port: int) -> None:
-        proc = self._spawn(f"backend-{name}", [sys.executable, "-m", "examples.awesomerpc.server", "--host", "127.0.0.1", "--port", str(port), "--name", name])
+    def start_backend(self, name: str, port: int, extra_args: list[str] | None = None) -> None:
+        """An example awesomerpc server; ``extra_args`` (default: ``backend_args[name]``) are
+        added to its command line, e.g. ``["--delay-ms", "200"]`` for a slow host."""
+        extra = list(self.backend_args.get(name, ()) if extra_args is None else extra_args)
+        proc = self._spawn(f"backend-{name}", [sys.executable, "-m", "examples.awesomerpc.server", "--host", "127.0.0.1", "--port", str(port), "--name", name, *extra])
         wait_until(lambda: port_open(port), 10, f"backend {name}", proc)
 
     def start_bridge(self) -> None:
@@ -99,7 +112,7 @@ class Stack:
     def start_envoy(self) -> None:
         bootstrap = self.tmp / "bootstrap.yaml"
         bootstrap.write_text(envoy_config.render_yaml(load(self.config_path)))
-        proc = self._spawn("envoy", [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"])
+        proc = self._spawn("envoy", [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id", *self.envoy_args])
         url = f"http://127.0.0.1:{self.admin_port}/ready"
         wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 20, "envoy", proc)
         for listener in self.config["listeners"]:
@@ -140,6 +153,11 @@ class Stack:
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+
+def multi_endpoint_cluster(name: str, ports: list[int], **options) -> dict:
+    """A cluster entry with one 127.0.0.1 endpoint per port (``options``: lb_policy, ...)."""
+    return {"name": name, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": p} for p in ports], **options}
 
 
 def awesomerpc_config(listen_port: int, clusters: dict[str, int], routes: list[dict], **listener_options) -> dict:

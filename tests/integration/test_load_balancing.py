@@ -1,0 +1,254 @@
+"""Per-request load balancing through a real Envoy and the bridge, over clusters of several hosts.
+
+Every test runs example awesomerpc backends h0, h1 and h2 as the endpoints of one cluster
+("pool"); a reply's body starts with the name of the backend that answered ("h1|..."), so the
+client can count where its requests went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import pytest
+
+from examples.awesomerpc.client import AwesomeRpcClient, Reply
+from bridge.sdk.codec import ErrorType
+from examples.awesomerpc.protocol import ERROR_CODES
+from tests.integration.harness import Stack, awesomerpc_config, free_port, multi_endpoint_cluster
+
+HOSTS = ("h0", "h1", "h2")
+CMD = 1
+CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
+ROUTES = [{"name": f"cmd{cmd}", "match": {"headers": [{"name": "cmd", "exact": str(cmd)}]}, "route": {"cluster": "pool"}} for cmd in (CMD, CMD_SLOW)]
+TOLERANCE = 0.05  # each host's share within 1/3 +- 5 percentage points
+ERROR_RSP_CODES = frozenset(ERROR_CODES.values())
+
+
+def start_pool_stack(tmp, lb_policy: str, backend_args: dict[str, list[str]] | None = None, **listener_options) -> Stack:
+    ports = {name: free_port() for name in HOSTS}
+    cfg = awesomerpc_config(free_port(), {}, ROUTES, request_timeout="5s", **listener_options)
+    cfg["clusters"] = [multi_endpoint_cluster("pool", [ports[h] for h in HOSTS], lb_policy=lb_policy)]
+    stack = Stack(tmp, cfg, ports, backend_args=backend_args)
+    stack.listen_port = cfg["listeners"][0]["port"]
+    try:
+        return stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def round_robin(tmp_path_factory):
+    """One ROUND_ROBIN stack shared by the tests that only read distributions from it."""
+    stack = start_pool_stack(tmp_path_factory.mktemp("rr"), "ROUND_ROBIN")
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def pool_stack(tmp_path):
+    started: list[Stack] = []
+
+    def make(lb_policy: str, **kwargs) -> Stack:
+        stack = start_pool_stack(tmp_path, lb_policy, **kwargs)
+        started.append(stack)
+        return stack
+
+    yield make
+    for stack in started:
+        stack.stop()
+
+
+def run(coro, timeout: float = 45):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def connect(stack: Stack) -> AwesomeRpcClient:
+    return await AwesomeRpcClient.connect("127.0.0.1", stack.listen_port)
+
+
+def host_of(reply: Reply) -> str:
+    assert reply.rsp_code == 0, reply
+    name, sep, _ = reply.body.partition(b"|")
+    assert sep, reply
+    return name.decode()
+
+
+def assert_balanced(seen: Counter, total: int, what: str) -> None:
+    assert sum(seen.values()) == total, (what, seen)
+    assert set(seen) <= set(HOSTS), (what, seen)
+    for host in HOSTS:
+        share = seen[host] / total
+        assert abs(share - 1 / 3) <= TOLERANCE, f"{what}: {host} got {seen[host]} of {total} ({share:.1%}); all: {dict(seen)}"
+
+
+async def pipelined(client: AwesomeRpcClient, total: int, batch: int, tag: str) -> list[Reply]:
+    replies: list[Reply] = []
+    for start in range(0, total, batch):
+        calls = [client.call(CMD, f"{tag}-{i}".encode()) for i in range(start, min(start + batch, total))]
+        replies += await asyncio.gather(*calls)
+    return replies
+
+
+def test_round_robin_spreads_one_connection_evenly(round_robin):
+    n = 3000
+
+    async def main():
+        async with await connect(round_robin) as c:
+            replies = await pipelined(c, n, 50, "rr")
+        return replies
+
+    replies = run(main())
+    assert [r.body.partition(b"|")[2] for r in replies] == [f"rr-{i}".encode() for i in range(n)]
+    assert_balanced(Counter(host_of(r) for r in replies), n, "one connection, ROUND_ROBIN")
+
+
+def test_round_robin_per_request_across_eight_connections(round_robin):
+    connections, per_connection = 8, 300
+
+    async def one(i: int) -> list[Reply]:
+        async with await connect(round_robin) as c:
+            return await pipelined(c, per_connection, 50, f"c{i}")
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(connections)))
+
+    results = run(main())
+    total = Counter()
+    for i, replies in enumerate(results):
+        seen = Counter(host_of(r) for r in replies)
+        # Balancing is per request on each connection, not per connection: every connection
+        # spreads its own requests over the three hosts.
+        assert_balanced(seen, per_connection, f"connection {i}")
+        total += seen
+    assert_balanced(total, connections * per_connection, f"{connections} connections together")
+
+
+def test_each_tunnel_slot_reaches_its_own_host(round_robin):
+    """Three connections take turns, one request at a time, so the tunnels they open reach
+    Envoy interleaved (A, B, C, A, B, C, ...). Each connection's three slots ask Envoy for their
+    own endpoints (x-metabridge-host), so each connection's three requests reach three different
+    hosts. Were the header ignored, Envoy's own round robin over the interleaved CONNECTs would
+    hand every tunnel of one connection the same host."""
+
+    async def main():
+        clients = [await connect(round_robin) for _ in range(3)]
+        try:
+            seen: list[list[str]] = [[] for _ in clients]
+            for turn in range(3):
+                for i, c in enumerate(clients):
+                    seen[i].append(host_of(await c.call(CMD, f"turn{turn}".encode())))
+            return seen
+        finally:
+            for c in clients:
+                c.close()
+                await c.wait_closed()
+
+    seen = run(main())
+    for i, hosts in enumerate(seen):
+        assert sorted(hosts) == sorted(HOSTS), f"connection {i}'s three round-robin requests reached {hosts} (all: {seen})"
+
+
+def test_least_request_avoids_the_slow_host(pool_stack):
+    stack = pool_stack("LEAST_REQUEST", backend_args={"h2": ["--delay-ms", "200"]})
+    workers, per_worker = 8, 75  # 600 requests, 8 in flight at a time on one connection
+
+    async def main():
+        async with await connect(stack) as c:
+
+            async def worker(w: int) -> list[Reply]:
+                return [await c.call(CMD, f"w{w}-{k}".encode()) for k in range(per_worker)]
+
+            return [r for replies in await asyncio.gather(*(worker(w) for w in range(workers))) for r in replies]
+
+    replies = run(main())
+    n = workers * per_worker
+    seen = Counter(host_of(r) for r in replies)
+    assert sum(seen.values()) == n
+    assert seen["h2"] / n < 0.15, f"the slow host h2 got {seen['h2']} of {n} requests: {dict(seen)}"
+    # (How h0 and h1 share the rest depends on which host each fast slot's tunnel reaches: see
+    # test_each_tunnel_slot_reaches_its_own_host.)
+    assert seen["h0"] + seen["h1"] > 0.85 * n, seen
+
+
+def test_killed_host_leaves_traffic_to_the_others(pool_stack):
+    """Eight callers keep one connection busy; nine slow requests (three per host) are in flight
+    when h2 is stopped. Every request gets exactly one reply: the slow ones on h2 an error reply,
+    the rest their responses; what is sent after the kill is answered by h0 and h1."""
+    stack = pool_stack("ROUND_ROBIN")
+    workers, total = 8, 2400
+    warm_up = 300  # replies before the slow requests are sent
+    slow_count, slow_ms = 9, 1500
+
+    async def main():
+        log: list[tuple[float, Reply | BaseException]] = []  # (when the request was sent, outcome)
+        killed_at = float("inf")
+        sent = 0
+        async with await connect(stack) as c:
+
+            async def call(body: bytes, cmd: int = CMD) -> Reply | BaseException:
+                try:
+                    return await c.call(cmd, body, timeout=10)
+                except Exception as exc:  # noqa: BLE001 - a request without a reply, counted
+                    return exc
+
+            async def worker(w: int) -> None:
+                nonlocal sent
+                while sent < total:
+                    sent += 1
+                    started = time.monotonic()
+                    log.append((started, await call(f"w{w}".encode())))
+
+            async def wait_for(condition, what: str, timeout: float = 20) -> None:
+                deadline = time.monotonic() + timeout
+                while not condition():
+                    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+                    await asyncio.sleep(0.005)
+
+            async def killer() -> list[Reply | BaseException]:
+                nonlocal killed_at
+                await wait_for(lambda: len(log) >= warm_up, f"{warm_up} replies")
+                # Created in one step, so nothing else is sent between them: round robin puts
+                # three on each slot.
+                slow = asyncio.gather(*(call(str(slow_ms).encode(), CMD_SLOW) for _ in range(slow_count)))
+                slow_sent = time.monotonic()
+                # Once 60 requests sent after them are answered (about 20 per tunnel, each tunnel
+                # in order), the slow requests have reached their backends.
+                await wait_for(lambda: sum(1 for t, _ in log if t > slow_sent) >= 60, "replies to requests sent after the slow ones")
+                await asyncio.to_thread(stack.stop_process, "backend-h2")
+                killed_at = time.monotonic()
+                return await slow
+
+            slow_replies, *_ = await asyncio.gather(killer(), *(worker(w) for w in range(workers)))
+            still_open = not c.closed
+            last = await call(b"last")
+        return sent, log, killed_at, slow_replies, still_open, last
+
+    sent, log, killed_at, slow_replies, still_open, last = run(main())
+    outcomes = [o for _, o in log] + slow_replies
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not failures, f"{len(failures)} of {sent + slow_count} requests got no reply, e.g. {failures[:3]}"
+    assert len(log) == sent == total
+    errors = Counter(r.rsp_code for r in outcomes if r.rsp_code != 0)
+    assert set(errors) <= ERROR_RSP_CODES, errors
+
+    # The slow requests: the three h2 held get one error reply each, the others their response.
+    slow_ok = Counter(host_of(r) for r in slow_replies if r.rsp_code == 0)
+    slow_failed = [r.rsp_code for r in slow_replies if r.rsp_code != 0]
+    assert slow_ok == {"h0": 3, "h1": 3} and slow_failed == [ERROR_CODES[ErrorType.UNSPECIFIED]] * 3, (slow_ok, slow_replies)
+
+    before = Counter(host_of(r) for t, r in log if t < killed_at and r.rsp_code == 0)
+    after = [r for t, r in log if t > killed_at]
+    after_hosts = Counter(host_of(r) for r in after if r.rsp_code == 0)
+    assert before["h2"] > 0, before  # h2 did serve before it was stopped
+    assert len(after) >= total // 2, (len(after), total)  # most of the traffic came after the kill
+    assert set(after_hosts) <= {"h0", "h1"}, after_hosts
+    assert min(after_hosts["h0"], after_hosts["h1"]) > 0.2 * len(after), after_hosts  # both take traffic
+    # Requests sent after the kill find h2's tunnel gone: a new tunnel, or a failed connect to h2
+    # that moves them to another slot, so they are answered by h0 or h1.
+    after_errors = Counter(r.rsp_code for r in after if r.rsp_code != 0)
+    assert not after_errors, f"{sum(after_errors.values())} of {len(after)} requests sent after the kill got error replies: {dict(after_errors)}"
+    assert still_open and not isinstance(last, BaseException) and host_of(last) in {"h0", "h1"}, (still_open, last)
+    print(f"before the kill: {dict(before)}; after: {dict(after_hosts)} of {len(after)}; error replies: {dict(errors)}")
