@@ -11,9 +11,9 @@ Every message, request or response, is one frame: a 13-byte big-endian header, t
     13     ...  body      len - 13 opaque bytes
 
 Requests and responses share this layout and the protocol has no direction bit, so ``decode``
-cannot tell them apart: it reports every frame as REQUEST (or HEARTBEAT for cmd 0) and sets
-``response_status`` ERROR when rsp_code != 0. The bridge knows which side the bytes came from
-and treats whatever it decodes from an upstream tunnel as a response.
+labels frames by ``self.direction`` (set by the bridge): REQUEST (or HEARTBEAT for cmd 0) for
+what clients send, RESPONSE for what upstreams send, with ``response_status`` ERROR when
+rsp_code != 0.
 
 Routable headers: ``cmd`` (the decimal command). It is also the only field a mutation can change:
 the protocol has nowhere else to put headers, so other mutation keys are ignored.
@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from bridge.sdk.codec import Codec, CodecError, DecodeStatus, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
+from bridge.sdk.codec import Codec, CodecError, DecodeStatus, Direction, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
 
 HEADER = struct.Struct("!BIIhh")
 """version u8, flow u32, len u32, cmd i16, rsp_code i16: the whole header, 13 bytes."""
@@ -82,7 +82,10 @@ class AwesomeRpcCodec(Codec):
             return DecodeStatus.WAIT_FOR_DATA
         frame = take_frame(buffer, length)
 
-        metadata.message_type = MessageType.HEARTBEAT if cmd == HEARTBEAT_CMD else MessageType.REQUEST
+        if cmd == HEARTBEAT_CMD:
+            metadata.message_type = MessageType.HEARTBEAT
+        else:
+            metadata.message_type = MessageType.RESPONSE if self.direction is Direction.RESPONSE else MessageType.REQUEST
         metadata.request_id = flow
         metadata.response_status = ResponseStatus.OK if rsp_code == 0 else ResponseStatus.ERROR
         metadata.operation_name = f"cmd{cmd}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from bridge.config.model import ClusterConfig, Endpoint, HeaderMatch, RouteConfig, WeightedCluster
 from bridge.core.chain import FilterChain
 from bridge.core.runtime import ByteBudget
-from bridge.sdk.codec import Direction, ErrorType
+from bridge.sdk.codec import Direction, ErrorType, Metadata
 from bridge.sdk.filter import Filter, FilterStatus
 from tests.unit.connection_harness import (
     CLOSE,
@@ -331,3 +331,13 @@ async def test_response_codecs_know_their_direction():
     h.read(encode_frame(1, 1))
     assert h.session.codec.direction is Direction.REQUEST
     assert h.session.pool.links()[0].codec.direction is Direction.RESPONSE
+
+
+def test_awesomerpc_labels_frames_by_the_direction_it_decodes():
+    frame = encode_frame(4, 5, b"x")
+    for direction, kind in ((Direction.REQUEST, "request"), (Direction.RESPONSE, "response")):
+        codec = AwesomeRpcCodec()
+        codec.direction = direction
+        metadata = Metadata()
+        codec.decode(bytearray(frame), metadata)
+        assert metadata.message_type.value == kind
