@@ -318,18 +318,30 @@ class Result:
         return self.seconds * 1e6 / (self.size / MiB)
 
 
-def measure(target: Target, shape: str, size: int, repeat: int, uncapped: bool) -> Result:
+def codec_for(target: Target, size: int) -> Codec:
+    """A fresh codec of the target's, with room for a whole message of ``size`` bytes."""
     codec_class = load_codec_class(target.ref, REPO)
+    body_room = {"max_body_size": size} if "dubbo" in target.ref else {}  # Dubbo's own body cap
+    return codec_class(max_frame_size=size, options={**target.options, **body_room})
 
-    def fresh() -> Codec:
-        # Big enough for the frame and for a Dubbo body of the whole size.
-        return codec_class(max_frame_size=size, options={**target.options, **({"max_body_size": size} if "dubbo" in target.ref else {})})
 
-    caps = Caps() if uncapped else caps_of(fresh())
-    data = target.shapes[shape](size, caps)
+def build(target: Target, shape: str, size: int, *, uncapped: bool = False) -> bytes:
+    """The target's ``shape`` message of ``size`` bytes, within the caps of its default codec."""
+    return target.shapes[shape](size, Caps() if uncapped else caps_of(codec_for(target, size)))
+
+
+def find_target(name: str) -> Target:
+    for candidate in targets():
+        if candidate.name == name:
+            return candidate
+    raise KeyError(f"no target {name!r}; known: {', '.join(t.name for t in targets())}")
+
+
+def measure(target: Target, shape: str, size: int, repeat: int, uncapped: bool) -> Result:
+    data = build(target, shape, size, uncapped=uncapped)
     best, outcome = float("inf"), "decoded"
     for _ in range(repeat):
-        codec, buffer, metadata = fresh(), bytearray(data), Metadata()
+        codec, buffer, metadata = codec_for(target, size), bytearray(data), Metadata()
         start = time.process_time()
         try:
             status = codec.decode(buffer, metadata)
