@@ -28,6 +28,7 @@ from bench import worstcase
 from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 from examples.awesomerpc.client import encode_frame
 from tests.integration.harness import Stack, awesomerpc_config, free_port, proxy_factory
+from tests.peers.dubbo_peers import _recv_exactly as recv_exactly  # raises ConnectionError if the proxy closes
 from tests.peers.dubbo_peers import decode_with_dubbo_py, start_provider
 from tests.peers.thrift_peers import EchoServer, Variant, client_for
 
@@ -39,16 +40,6 @@ GREETER = "com.example.Greeter"
 HEALTHY_TIMEOUT = 3.0
 AWESOMERPC_HEADER = struct.Struct("!BIIhh")
 AWESOMERPC_NOT_FOUND = 404
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError(f"the proxy closed the connection after {len(data)} of {size} bytes")
-        data += chunk
-    return bytes(data)
 
 
 @dataclass
