@@ -39,6 +39,11 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router_v3
     from envoy_data_plane.envoy.extensions.filters.network.ext_proc import v3 as ext_proc_v3
     from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm_v3
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.least_request import v3 as least_request_v3
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.override_host import v3 as override_host_v3
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.random import v3 as random_v3
+    from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin import v3 as round_robin_v3
+    from envoy_data_plane.envoy.extensions.retry.host.previous_hosts import v3 as previous_hosts_v3
     from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http_v3
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
@@ -48,6 +53,7 @@ from bridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
     HASH_KEY_HEADER,
+    HOST_OVERRIDE_HEADER,
     LISTENER_METADATA_KEY,
     RESPONSE_FLAGS_HEADER,
     UPSTREAM_HOST_HEADER,
@@ -69,6 +75,29 @@ BRIDGE_CIRCUIT_BREAKER_LIMIT = 1_000_000
 # this means it is down, and the client connection should fail fast rather than hang.
 BRIDGE_CONNECT_TIMEOUT = timedelta(seconds=1)
 BRIDGE_HEALTH_CHECK_INTERVAL = timedelta(seconds=1)
+# One gRPC stream, so one client connection, per HTTP/2 connection to the bridge. Envoy resets a
+# whole connection when its outbound-frame flood limit trips, and with every client's stream on
+# one connection (Envoy's default) one client writing 60 x 4 MiB, or 44 clients each holding a
+# 4 MiB partial frame, made Envoy reset it and close every client on the listener; a shared
+# connection also queues every client behind the biggest writer (5 such writers: a healthy
+# client's call waited past message_timeout and was closed). A connection per stream confines
+# both to the client that caused them. Cost, measured: Envoy CPU per request +60-80 % at 16x8
+# and 256x1, 256x1 requests/s -35-45 %, short-lived connections/s -25 % (docs/envoy-config.md).
+BRIDGE_MAX_REQUESTS_PER_CONNECTION = 1
+# Envoy's own default, written down because it is now a per-client bound: Envoy sends the bridge
+# 16 KiB DATA frames, so a client's connection is reset once about 156 MiB of its bytes wait
+# unread by the bridge. Raising it would only let one client make Envoy buffer more (network
+# ext_proc never stops reading a client), so it stays.
+BRIDGE_MAX_OUTBOUND_FRAMES = 10_000
+# lb_policy -> the typed policy that does the same; the override_host policy falls back to it.
+# RING_HASH and MAGLEV are not here: the hash decides their host, so they keep plain lb_policy.
+_FALLBACK_POLICIES: dict[str, tuple[str, type[betterproto2.Message]]] = {
+    "ROUND_ROBIN": ("envoy.load_balancing_policies.round_robin", round_robin_v3.RoundRobin),
+    "LEAST_REQUEST": ("envoy.load_balancing_policies.least_request", least_request_v3.LeastRequest),
+    "RANDOM": ("envoy.load_balancing_policies.random", random_v3.Random),
+}
+# How often the retry's host selection may re-pick when it lands on the host that just failed.
+RETRY_HOST_SELECTION_ATTEMPTS = 5
 
 _UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ZERO = timedelta(0)  # 0s disables an Envoy timeout
@@ -141,12 +170,13 @@ def _load_assignment(cluster_name: str, targets: list[_Target]) -> endpoint_v3.C
     )
 
 
-def _http2_options(*, allow_connect: bool) -> core_v3.Http2ProtocolOptions:
+def _http2_options(*, allow_connect: bool, max_outbound_frames: int | None = None) -> core_v3.Http2ProtocolOptions:
     return core_v3.Http2ProtocolOptions(
         allow_connect=allow_connect,
         max_concurrent_streams=H2_MAX_CONCURRENT_STREAMS,
         initial_stream_window_size=H2_STREAM_WINDOW,
         initial_connection_window_size=H2_CONNECTION_WINDOW,
+        max_outbound_frames=max_outbound_frames,
     )
 
 
@@ -167,8 +197,12 @@ def _bridge_cluster(addresses: list[str]) -> cluster_v3.Cluster:
         # No HTTP/2 keepalive PINGs: a gRPC server answers frequent pings with GOAWAY
         # ("too_many_pings"), and a dead local bridge is seen as a closed socket anyway.
         explicit_http_config=upstream_http_v3.HttpProtocolOptionsExplicitHttpConfig(
-            http2_protocol_options=_http2_options(allow_connect=False)
-        )
+            http2_protocol_options=_http2_options(allow_connect=False, max_outbound_frames=BRIDGE_MAX_OUTBOUND_FRAMES)
+        ),
+        # Isolates clients from each other's floods (see BRIDGE_MAX_REQUESTS_PER_CONNECTION).
+        common_http_protocol_options=core_v3.HttpProtocolOptions(
+            max_requests_per_connection=BRIDGE_MAX_REQUESTS_PER_CONNECTION
+        ),
     )
     return _with_dns_family(
         cluster_v3.Cluster(
@@ -204,6 +238,30 @@ def _bridge_cluster(addresses: list[str]) -> cluster_v3.Cluster:
     )
 
 
+def _policy(name: str, config: betterproto2.Message) -> cluster_v3.LoadBalancingPolicy:
+    return cluster_v3.LoadBalancingPolicy(
+        policies=[
+            cluster_v3.LoadBalancingPolicyPolicy(
+                typed_extension_config=core_v3.TypedExtensionConfig(name=name, typed_config=AnyProto.pack(config))
+            )
+        ]
+    )
+
+
+def _override_host_policy(lb_policy: str) -> cluster_v3.LoadBalancingPolicy:
+    """The tunnel goes to the endpoint named in HOST_OVERRIDE_HEADER when it is in the cluster;
+    without the header, or for an endpoint not in the cluster, `lb_policy` picks. Envoy 1.40's
+    policy does not look at health (nor at common_lb_config.override_host_status): an unhealthy
+    endpoint is still picked, and the tunnel route's connect-failure retry then takes the
+    fallback's pick."""
+    name, message = _FALLBACK_POLICIES[lb_policy]
+    override = override_host_v3.OverrideHost(
+        override_host_sources=[override_host_v3.OverrideHostOverrideHostSource(header=HOST_OVERRIDE_HEADER)],
+        fallback_policy=_policy(name, message()),
+    )
+    return _policy("envoy.load_balancing_policies.override_host", override)
+
+
 def _service_cluster(cluster: ClusterConfig, overrides: dict[str, str], used: set[str]) -> cluster_v3.Cluster:
     targets = []
     for endpoint in cluster.endpoints:
@@ -217,9 +275,13 @@ def _service_cluster(cluster: ClusterConfig, overrides: dict[str, str], used: se
         name=cluster.name,
         type=_discovery_type(cluster.name, targets),
         connect_timeout=timedelta(seconds=cluster.connect_timeout),
-        lb_policy=cluster_v3.ClusterLbPolicy[cluster.lb_policy],
         load_assignment=_load_assignment(cluster.name, targets),
     )
+    if cluster.lb_policy in _FALLBACK_POLICIES:
+        # The bridge balances per request by naming each tunnel's endpoint (HOST_OVERRIDE_HEADER).
+        result.load_balancing_policy = _override_host_policy(cluster.lb_policy)
+    else:
+        result.lb_policy = cluster_v3.ClusterLbPolicy[cluster.lb_policy]
     if cluster.max_connections is not None or cluster.max_pending_requests is not None:
         # Each tunnel is one upstream TCP connection: max_connections caps tunnels, and tunnels
         # beyond it wait in the pending queue (an overflow there is an immediate 503 "UO").
@@ -288,6 +350,24 @@ def _tunnel_route() -> route_v3.Route:
             hash_policy=[
                 route_v3.RouteActionHashPolicy(header=route_v3.RouteActionHashPolicyHeader(header_name=HASH_KEY_HEADER))
             ],
+            # One more try, on another host, when the connect fails. This is how a tunnel asked
+            # for an unhealthy endpoint falls back: the override_host policy picks it anyway, the
+            # connect fails (the rendered health check is a TCP connect) and the retry gets the
+            # cluster's own lb_policy choice, which skips unhealthy hosts. The tunnel's bytes
+            # are replayed; nothing has reached a backend yet.
+            retry_policy=route_v3.RetryPolicy(
+                retry_on="connect-failure",
+                num_retries=1,
+                retry_host_predicate=[
+                    route_v3.RetryPolicyRetryHostPredicate(
+                        name="envoy.retry_host_predicates.previous_hosts",
+                        typed_config=AnyProto.pack(previous_hosts_v3.PreviousHostsPredicate()),
+                    )
+                ],
+                host_selection_retry_max_attempts=RETRY_HOST_SELECTION_ATTEMPTS,
+                # The retry goes to another host: no reason to wait Envoy's default 25 ms.
+                retry_back_off=route_v3.RetryPolicyRetryBackOff(base_interval=timedelta(milliseconds=1)),
+            ),
             # A tunnel lives as long as the bridge keeps it; the bridge runs per-request timeouts.
             timeout=_ZERO,
             idle_timeout=_ZERO,
@@ -352,7 +432,7 @@ def _make_explicit(bootstrap: dict[str, Any]) -> dict[str, Any]:
     """Proto3 JSON leaves out fields at their default value; write the ones a reader must see."""
     clusters = bootstrap["static_resources"]["clusters"]
     for i, cluster in enumerate(clusters):
-        if "lb_policy" not in cluster:  # ROUND_ROBIN, placed where a reader looks for it
+        if "lb_policy" not in cluster and "load_balancing_policy" not in cluster:  # ROUND_ROBIN, placed where a reader looks for it
             items = list(cluster.items())
             at = [key for key, _ in items].index("connect_timeout") + 1
             clusters[i] = dict(items[:at] + [("lb_policy", "ROUND_ROBIN")] + items[at:])

@@ -13,6 +13,7 @@ from bridge.config.model import load, parse
 from bridge.config.bootstrap import (
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
+    HOST_OVERRIDE_HEADER,
     LISTENER_METADATA_KEY,
     RESPONSE_FLAGS_HEADER,
     UPSTREAM_HOST_HEADER,
@@ -59,8 +60,12 @@ RICH_CONFIG = {
         },
         {"name": "named", "endpoints": [{"address": "localhost", "port": 16003}]},
         {"name": "hashed", "lb_policy": "RING_HASH", "endpoints": [{"address": "127.0.0.1", "port": 16004}]},
+        {"name": "random", "lb_policy": "RANDOM", "endpoints": [{"address": "127.0.0.1", "port": 16005}]},
+        {"name": "maglev", "lb_policy": "MAGLEV", "endpoints": [{"address": "127.0.0.1", "port": 16006}]},
     ],
 }
+OVERRIDE_HOST = "envoy.load_balancing_policies.override_host"
+OVERRIDE_HOST_TYPE = "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost"
 
 
 def rich_config(**changes):
@@ -128,11 +133,15 @@ def test_rich_config_structure():
         assert route["route"]["cluster_header"] == CLUSTER_HEADER
         assert route["route"]["upgrade_configs"] == [{"upgrade_type": "CONNECT", "connect_config": {}}]
         assert route["route"]["timeout"] == "0s"
+        retry = route["route"]["retry_policy"]
+        assert retry["retry_on"] == "connect-failure"  # only before any byte reached a backend
+        assert retry["num_retries"] == 1
+        assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
         added = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
         assert added == {UPSTREAM_HOST_HEADER: "%UPSTREAM_HOST%", RESPONSE_FLAGS_HEADER: "%RESPONSE_FLAGS%"}
 
     clusters = clusters_by_name(bootstrap)
-    assert list(clusters) == [BRIDGE_CLUSTER, "ips", "named", "hashed"]
+    assert list(clusters) == [BRIDGE_CLUSTER, "ips", "named", "hashed", "random", "maglev"]
     bridge = clusters[BRIDGE_CLUSTER]
     assert bridge["type"] == "STATIC"
     assert endpoint_addresses(bridge) == [
@@ -144,7 +153,7 @@ def test_rich_config_structure():
     assert "http2_protocol_options" in options["explicit_http_config"]
 
     ips = clusters["ips"]
-    assert (ips["type"], ips["lb_policy"], ips["connect_timeout"]) == ("STATIC", "LEAST_REQUEST", "0.250s")
+    assert (ips["type"], ips["connect_timeout"]) == ("STATIC", "0.250s")
     assert ips["circuit_breakers"] == {"thresholds": [{"max_connections": 64, "max_pending_requests": 16}]}
     (check,) = ips["health_checks"]
     assert check["tcp_health_check"] == {}
@@ -156,6 +165,53 @@ def test_rich_config_structure():
     assert endpoint_addresses(named) == [{"socket_address": {"address": "localhost", "port_value": 16003}}]
     assert "health_checks" not in named and "circuit_breakers" not in named
     assert clusters["hashed"]["lb_policy"] == "RING_HASH"
+
+
+def override_host_config(cluster: dict) -> dict:
+    (policy,) = cluster["load_balancing_policy"]["policies"]
+    assert policy["typed_extension_config"]["name"] == OVERRIDE_HOST
+    config = policy["typed_extension_config"]["typed_config"]
+    assert config["@type"] == OVERRIDE_HOST_TYPE
+    return config
+
+
+@pytest.mark.parametrize(
+    ("cluster", "fallback"),
+    [("named", "round_robin.v3.RoundRobin"), ("ips", "least_request.v3.LeastRequest"), ("random", "random.v3.Random")],
+)
+def test_per_request_policies_render_override_host_with_their_own_fallback(cluster, fallback):
+    rendered = clusters_by_name(build_bootstrap(rich_config()))[cluster]
+    config = override_host_config(rendered)
+    assert config["override_host_sources"] == [{"header": HOST_OVERRIDE_HEADER}]
+    (fallback_policy,) = config["fallback_policy"]["policies"]
+    name = fallback.split(".")[0]
+    assert fallback_policy["typed_extension_config"] == {
+        "name": f"envoy.load_balancing_policies.{name}",
+        "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.load_balancing_policies.{fallback}"},
+    }
+    # The typed policy replaces lb_policy; writing both would leave a reader guessing which wins.
+    assert "lb_policy" not in rendered
+
+
+@pytest.mark.parametrize(("cluster", "lb_policy"), [("hashed", "RING_HASH"), ("maglev", "MAGLEV")])
+def test_hash_policies_keep_plain_lb_policy(cluster, lb_policy):
+    rendered = clusters_by_name(build_bootstrap(rich_config()))[cluster]
+    assert rendered["lb_policy"] == lb_policy
+    assert "load_balancing_policy" not in rendered
+
+
+def test_bridge_cluster_gives_each_client_connection_its_own_http2_connection():
+    bridge = clusters_by_name(build_bootstrap(rich_config()))[BRIDGE_CLUSTER]
+    options = bridge["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    # One ext_proc stream per connection: a flood reset closes only the client that caused it.
+    assert options["common_http_protocol_options"] == {"max_requests_per_connection": 1}
+    assert options["explicit_http_config"]["http2_protocol_options"]["max_outbound_frames"] == 10_000
+    assert bridge["lb_policy"] == "ROUND_ROBIN"  # workers are picked per stream, not overridden
+    # The listeners' HCM keeps its limits: a GOAWAY or cap there ends every tunnel of a client.
+    for listener in build_bootstrap(rich_config())["static_resources"]["listeners"]:
+        manager = network_filters(listener)[1]["typed_config"]
+        assert "max_requests_per_connection" not in str(manager)
+        assert "max_outbound_frames" not in manager["http2_protocol_options"]
 
 
 def test_rich_config_envoy_accepts_it():
