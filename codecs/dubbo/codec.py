@@ -267,7 +267,7 @@ class DubboCodec(Codec):
         return _rewrite_attachments(metadata.frame, span, entries, mutation)
 
     def _reader(self, frame: bytes, pos: int) -> Reader:
-        return Reader(frame, pos, max_elements=self.max_elements, max_depth=self.max_nesting_depth)
+        return Reader(frame, pos, self.max_elements, self.max_nesting_depth)
 
     def _attachments(self, metadata: Metadata) -> tuple[tuple[int, int], Entries] | None:
         """Where the attachments map is and its entries, or None when the message has none to

@@ -112,14 +112,14 @@ class Reader:
 
     __slots__ = ("data", "pos", "end", "_class_fields", "budget", "max_elements", "max_depth")
 
-    def __init__(self, data: bytes, pos: int = 0, *, max_elements: int | None = None, max_depth: int | None = None) -> None:
+    def __init__(self, data: bytes, pos: int = 0, max_elements: int | None = None, max_depth: int | None = None) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data)
         self._class_fields: list[int] = []
         self.max_elements = max_elements
-        self.budget = sys.maxsize if max_elements is None else max_elements  # values still allowed
-        self.max_depth = sys.maxsize if max_depth is None else max_depth
+        self.budget = max_elements or sys.maxsize  # values still allowed (caps are positive)
+        self.max_depth = max_depth or sys.maxsize
 
     def _over_elements(self) -> HessianLimitError:
         return HessianLimitError(f"more than {self.max_elements} Hessian2 values to step over (codec option max_elements)")
@@ -333,7 +333,9 @@ class Reader:
         if self.pos < self.end:  # a short or medium ASCII string, the usual argument: no stack needed
             span = _plain_string(self.data, self.pos, self.end)
             if span is not None:
-                self._spend()
+                self.budget -= 1  # _spend, inlined on the hot path
+                if self.budget < 0:
+                    raise self._over_elements()
                 self.pos = span[1]
                 return
         try:
