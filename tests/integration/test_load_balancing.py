@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections import Counter
 
 import pytest
@@ -69,6 +70,19 @@ async def connect(stack: Stack) -> AwesomeRpcClient:
     return await AwesomeRpcClient.connect("127.0.0.1", stack.listen_port)
 
 
+def tunnels_per_host(stack: Stack) -> dict[str, int]:
+    """Envoy's count of upstream connections (one per tunnel) to each host of "pool", by name."""
+    names = {f"127.0.0.1:{port}": name for name, port in stack.backends.items()}
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/clusters", timeout=2) as r:
+        text = r.read().decode()
+    counts = {}
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "pool" and parts[2] == "cx_total":
+            counts[names.get(parts[1], parts[1])] = int(parts[3])
+    return counts
+
+
 def host_of(reply: Reply) -> str:
     assert reply.rsp_code == 0, reply
     name, sep, _ = reply.body.partition(b"|")
@@ -120,7 +134,7 @@ def test_round_robin_per_request_across_eight_connections(round_robin):
     for i, replies in enumerate(results):
         seen = Counter(host_of(r) for r in replies)
         # Balancing is per request on each connection, not per connection: every connection
-        # spreads its own requests over the three hosts.
+        # spreads its own requests over the three hosts (its three slots reach three hosts).
         assert_balanced(seen, per_connection, f"connection {i}")
         total += seen
     assert_balanced(total, connections * per_connection, f"{connections} connections together")
@@ -167,16 +181,16 @@ def test_least_request_avoids_the_slow_host(pool_stack):
     n = workers * per_worker
     seen = Counter(host_of(r) for r in replies)
     assert sum(seen.values()) == n
-    assert seen["h2"] / n < 0.15, f"the slow host h2 got {seen['h2']} of {n} requests: {dict(seen)}"
-    # (How h0 and h1 share the rest depends on which host each fast slot's tunnel reaches: see
-    # test_each_tunnel_slot_reaches_its_own_host.)
-    assert seen["h0"] + seen["h1"] > 0.85 * n, seen
+    assert seen["h2"] / n < 0.15, f"the slow host h2 got {seen['h2']} of {n} requests: {dict(seen)}; tunnels per host (Envoy): {tunnels_per_host(stack)}"
+    # The two fast hosts share the rest (each slot's tunnel reaches its own host).
+    assert seen["h0"] > 0.3 * n and seen["h1"] > 0.3 * n, f"{dict(seen)}; tunnels per host (Envoy): {tunnels_per_host(stack)}"
 
 
 def test_killed_host_leaves_traffic_to_the_others(pool_stack):
     """Eight callers keep one connection busy; nine slow requests (three per host) are in flight
     when h2 is stopped. Every request gets exactly one reply: the slow ones on h2 an error reply,
-    the rest their responses; what is sent after the kill is answered by h0 and h1."""
+    the rest their responses; what is sent once h2's tunnel is gone is answered by h0 and h1, and
+    the client connection stays open."""
     stack = pool_stack("ROUND_ROBIN")
     workers, total = 8, 2400
     warm_up = 300  # replies before the slow requests are sent
@@ -212,14 +226,18 @@ def test_killed_host_leaves_traffic_to_the_others(pool_stack):
                 await wait_for(lambda: len(log) >= warm_up, f"{warm_up} replies")
                 # Created in one step, so nothing else is sent between them: round robin puts
                 # three on each slot.
-                slow = asyncio.gather(*(call(str(slow_ms).encode(), CMD_SLOW) for _ in range(slow_count)))
+                slow = [asyncio.ensure_future(call(str(slow_ms).encode(), CMD_SLOW)) for _ in range(slow_count)]
                 slow_sent = time.monotonic()
                 # Once 60 requests sent after them are answered (about 20 per tunnel, each tunnel
                 # in order), the slow requests have reached their backends.
                 await wait_for(lambda: sum(1 for t, _ in log if t > slow_sent) >= 60, "replies to requests sent after the slow ones")
                 await asyncio.to_thread(stack.stop_process, "backend-h2")
+                # The bridge has dropped h2's tunnel once the slow requests it held are answered
+                # (with error replies, long before the others' 1.5 s): what is sent from then on
+                # cannot be on that tunnel.
+                await wait_for(lambda: sum(f.done() for f in slow) >= slow_count // 3, "the error replies of the slow requests on h2")
                 killed_at = time.monotonic()
-                return await slow
+                return await asyncio.gather(*slow)
 
             slow_replies, *_ = await asyncio.gather(killer(), *(worker(w) for w in range(workers)))
             still_open = not c.closed
@@ -246,9 +264,9 @@ def test_killed_host_leaves_traffic_to_the_others(pool_stack):
     assert len(after) >= total // 2, (len(after), total)  # most of the traffic came after the kill
     assert set(after_hosts) <= {"h0", "h1"}, after_hosts
     assert min(after_hosts["h0"], after_hosts["h1"]) > 0.2 * len(after), after_hosts  # both take traffic
-    # Requests sent after the kill find h2's tunnel gone: a new tunnel, or a failed connect to h2
-    # that moves them to another slot, so they are answered by h0 or h1.
+    # Requests sent after h2's tunnel was dropped go to a new tunnel for its slot (or, when that
+    # one fails to connect to h2, are moved to another slot), so h0 or h1 answers them.
     after_errors = Counter(r.rsp_code for r in after if r.rsp_code != 0)
-    assert not after_errors, f"{sum(after_errors.values())} of {len(after)} requests sent after the kill got error replies: {dict(after_errors)}"
+    assert not after_errors, f"{sum(after_errors.values())} of {len(after)} requests sent after h2's tunnel was dropped got error replies: {dict(after_errors)}"
     assert still_open and not isinstance(last, BaseException) and host_of(last) in {"h0", "h1"}, (still_open, last)
     print(f"before the kill: {dict(before)}; after: {dict(after_hosts)} of {len(after)}; error replies: {dict(errors)}")
