@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,66 +28,77 @@ class Clock(Protocol):
 class LoopClock:
     """The running asyncio loop's monotonic clock."""
 
-    __slots__ = ("_loop",)
+    __slots__ = ("now", "call_at")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
-
-    def now(self) -> float:
-        return self._loop.time()
-
-    def call_at(self, when: float, callback: Callable[[], None]) -> Timer:
-        return self._loop.call_at(when, callback)
+        loop = loop or asyncio.get_running_loop()
+        # The loop's own methods, not wrappers: the core reads the clock on every message.
+        self.now = loop.time
+        self.call_at = loop.call_at
 
 
 class Deadlines:
-    """Items that each expire at their own time, on one armed timer (the earliest deadline).
+    """Items (with ``deadline`` and ``done`` attributes) that each expire at their own time, on
+    one armed timer for the earliest deadline.
 
-    An item is dropped lazily: ``expired`` skips items for which ``is_done(item)`` holds, so
-    settling a request costs nothing here.
+    Most items arrive in deadline order (one timeout for all): those go to a FIFO, the others to
+    a heap; ``expired`` takes from both. A done item is dropped lazily, so settling a request
+    costs nothing here.
     """
 
-    __slots__ = ("_clock", "_heap", "_seq", "_timer", "_armed_at", "_on_fire")
+    __slots__ = ("_clock", "_fifo", "_heap", "_seq", "_timer", "_armed_at", "_on_fire")
 
     def __init__(self, clock: Clock, on_fire: Callable[[], None]) -> None:
         self._clock = clock
+        self._fifo: deque = deque()
         self._heap: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
         self._timer: Timer | None = None
         self._armed_at = 0.0
         self._on_fire = on_fire
 
-    def add(self, deadline: float, item: object) -> None:
-        heapq.heappush(self._heap, (deadline, next(self._seq), item))
+    def add(self, item) -> None:
+        deadline = item.deadline
+        fifo = self._fifo
+        if not fifo or deadline >= fifo[-1].deadline:
+            fifo.append(item)
+        else:
+            heapq.heappush(self._heap, (deadline, next(self._seq), item))
         if self._timer is None or deadline < self._armed_at:
             self._arm(deadline)
 
-    def expired(self, is_done: Callable[[object], bool]) -> list:
+    def expired(self) -> list:
         """Items past their deadline and not done; re-arms for the next one."""
         self._timer = None
-        heap, now, out = self._heap, self._clock.now(), []
-        while heap and (heap[0][0] <= now or is_done(heap[0][2])):
-            _, _, item = heapq.heappop(heap)
-            if not is_done(item):
+        fifo, heap, now, out = self._fifo, self._heap, self._clock.now(), []
+        while fifo and (fifo[0].done or fifo[0].deadline <= now):
+            item = fifo.popleft()
+            if not item.done:
                 out.append(item)
-        if heap:
-            self._arm(heap[0][0])
+        while heap and (heap[0][2].done or heap[0][0] <= now):
+            item = heapq.heappop(heap)[2]
+            if not item.done:
+                out.append(item)
+        if fifo or heap:
+            self._arm(min(fifo[0].deadline if fifo else heap[0][0], heap[0][0] if heap else fifo[0].deadline))
         return out
 
     @property
     def size(self) -> int:
-        return len(self._heap)
+        return len(self._fifo) + len(self._heap)
 
-    def compact(self, is_done: Callable[[object], bool]) -> None:
+    def compact(self) -> None:
         """Drop done items (called once they outnumber the live ones: a slow request at the
         head must not keep every fast one behind it referenced until it expires)."""
-        self._heap = [entry for entry in self._heap if not is_done(entry[2])]
+        self._fifo = deque(item for item in self._fifo if not item.done)
+        self._heap = [entry for entry in self._heap if not entry[2].done]
         heapq.heapify(self._heap)
 
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._fifo.clear()
         self._heap.clear()
 
     def _arm(self, when: float) -> None:

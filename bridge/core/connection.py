@@ -54,10 +54,6 @@ _FLAG_ERRORS = {
 _UNKNOWN_FAILURE = (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}", True)
 
 
-def _is_done(request: ActiveRequest) -> bool:
-    return request.done
-
-
 class Connection:
     def __init__(self, listener, clock: Clock, connection_id: str = "", wake: Callable[[], None] | None = None) -> None:
         self.listener = listener  # bridge.core.runtime.ListenerRuntime
@@ -119,7 +115,8 @@ class Connection:
             if end_of_stream:
                 self._half_closed = True
                 self._finish_if_drained()
-            self._flush_links()
+            if self._to_links:
+                self._flush_links()
         finally:
             self._in_event = False
 
@@ -154,7 +151,8 @@ class Connection:
                     self._drop_link(link, ErrorType.UNSPECIFIED, "Envoy closed the connection's upstream side")
                 self._finished = True
                 self._end_client = True
-            self._after_event()
+            if self._holding or self._to_links:
+                self._after_event()
         finally:
             self._in_event = False
 
@@ -313,11 +311,15 @@ class Connection:
             return
         if not request.is_stream:
             request.deadline = self._last_activity + timeout
-            self._deadlines.add(request.deadline, request)
+            self._deadlines.add(request)
             request.frame = frame
         else:
             self._streams[metadata.stream_id] = request
-        self._send(link, frame)
+        frames = self._to_links.get(link)
+        if frames is None:
+            self._to_links[link] = [frame]
+        else:
+            frames.append(frame)
 
     def _register(self, request: ActiveRequest, link: Link) -> bool:
         metadata = request.metadata
@@ -432,6 +434,12 @@ class Connection:
         mutation = request.route.response_mutation
         if request.response_mutation:
             mutation = {**mutation, **request.response_mutation}
+        elif not mutation and self._reply_order is None:
+            request.replied = self._last_activity
+            self._to_client.append(metadata.frame)  # the common case of _queue_reply, inline
+            if request.next_filter > 0:
+                self._complete(request)
+            return
         frame = metadata.frame
         if mutation:
             try:
@@ -489,9 +497,10 @@ class Connection:
         active = self.active = self.active - 1
         self.stats.request_active -= 1
         if active == 0:
-            self._finish_if_drained()
+            if self._half_closed or self._stopped_reading or self.upstream.draining:
+                self._finish_if_drained()
         elif self._deadlines.size > 2 * active + 64:
-            self._deadlines.compact(_is_done)
+            self._deadlines.compact()
 
     def fail(self, request: ActiveRequest, kind: ErrorType, message: str) -> None:
         """Answer a request with a local reply (once; a request already answered is left alone)."""
@@ -560,7 +569,7 @@ class Connection:
         self._event(self._expire_requests)
 
     def _expire_requests(self) -> None:
-        for request in self._deadlines.expired(_is_done):
+        for request in self._deadlines.expired():
             timeout = request.deadline - request.forwarded
             self.fail(request, ErrorType.TIMEOUT, f"no response within {timeout:g}s from cluster {request.cluster!r}")
 
