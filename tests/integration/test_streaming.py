@@ -14,7 +14,6 @@ client connections, and the backends are in-process servers the tests can stop a
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 
 import pytest
