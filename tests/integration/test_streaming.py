@@ -24,18 +24,20 @@ from examples.streamrpc.server import StreamRpcServer, serve
 from tests.integration.harness import REPO, Stack, example_config, free_port, port_open, wait_until
 
 LISTENER = "streamrpc"
+PAIR_LISTENER = "streamrpc-pair"
 
 
 class StreamProxy:
-    def __init__(self, stack: Stack, port: int, metrics_port: int, servers: dict[str, StreamRpcServer]) -> None:
+    def __init__(self, stack: Stack, port: int, pair_port: int, metrics_port: int, servers: dict[str, StreamRpcServer]) -> None:
         self.stack = stack
         self.port = port
+        self.pair_port = pair_port  # listener PAIR_LISTENER: every method to the two hosts of streamrpc-pair
         self.metrics_port = metrics_port
-        self.servers = servers  # "v1" / "v2" -> the backend of streamrpc-v1 / streamrpc-v2
+        self.servers = servers  # "v1" / "v2" -> the backend of streamrpc-v1 / streamrpc-v2; "a" / "b" -> streamrpc-pair's
         self.stopped: set[str] = set()
 
-    def client(self, timeout: float = 5.0) -> StreamRpcClient:
-        return StreamRpcClient("127.0.0.1", self.port, timeout=timeout)
+    def client(self, timeout: float = 5.0, port: int | None = None) -> StreamRpcClient:
+        return StreamRpcClient("127.0.0.1", port or self.port, timeout=timeout)
 
     def metric(self, name: str) -> float:
         """metabridge_<name>{listener="streamrpc"} from the bridge's /metrics."""
@@ -61,17 +63,20 @@ class StreamProxy:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory):
-    servers = {"v1": serve("127.0.0.1", 0, "v1"), "v2": serve("127.0.0.1", 0, "v2")}
-    port, metrics_port = free_port(), free_port()
+    servers = {name: serve("127.0.0.1", 0, name) for name in ("v1", "v2", "a", "b")}
+    port, pair_port, metrics_port = free_port(), free_port(), free_port()
     cfg = example_config("examples/streamrpc/streamrpc.yaml", {LISTENER: port}, {"streamrpc-v1": servers["v1"].port, "streamrpc-v2": servers["v2"].port})
     # The example's ref is ".:StreamRpcCodec" (its own folder); Stack writes the config elsewhere.
     cfg["codecs"]["streamrpc"]["ref"] = f"{REPO / 'examples' / 'streamrpc'}:StreamRpcCodec"
     cfg["bridge"]["metrics_port"] = metrics_port
+    # Beside the example: a listener whose one cluster has two hosts, balanced per request.
+    cfg["listeners"].append({**cfg["listeners"][0], "name": PAIR_LISTENER, "port": pair_port, "routes": [{"route": {"cluster": "streamrpc-pair"}}]})
+    cfg["clusters"].append({"name": "streamrpc-pair", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN", "endpoints": [{"address": "127.0.0.1", "port": servers[n].port} for n in ("a", "b")]})
     stack = Stack(tmp_path_factory.mktemp("streaming"), cfg)
     try:
         stack.start()
         wait_until(lambda: port_open(metrics_port), 10, "bridge metrics", stack.procs["bridge"])
-        yield StreamProxy(stack, port, metrics_port, servers)
+        yield StreamProxy(stack, port, pair_port, metrics_port, servers)
     finally:
         stack.stop()
         for server in servers.values():
@@ -159,6 +164,38 @@ def test_client_server_and_bidi_streams_interleaved_with_unary_calls(p):
     assert all(f.headers.get("x-routed-by") == "metabridge" and f.headers["method"] == "echo" for f in echo_inits), echo_inits
     assert not any("x-routed-by" in f.headers for f in p.servers["v1"].seen)
     p.wait_active(0, "every stream ended")
+
+
+def test_each_stream_stays_on_the_host_its_init_was_routed_to(p):
+    """Two hosts behind one cluster, requests balanced over them: each stream's INIT picks a host
+    once and every later frame of the stream goes the same way (a DATA balanced on its own would
+    reach a host that never saw the INIT: an unknown_stream error, or a wrong sum)."""
+    with p.client(port=p.pair_port) as c:
+        streams = [c.open_stream("sum") for _ in range(6)]
+        echoes = [c.open_stream("echo") for _ in range(2)]
+        whoami = []
+        for k in range(1, 6):
+            for i, stream in enumerate(streams):
+                stream.send(str(k * (i + 1)).encode())
+            for echo in echoes:
+                echo.send(f"{echo.id}:{k}".encode())
+            whoami.append(c.call("whoami").body)
+            for echo in echoes:
+                assert echo.recv().body == f"{echo.id}:{k}".encode()
+        for stream in streams + echoes:
+            stream.half_close()
+        results = [stream.recv_until_closed() for stream in streams]
+        echo_ends = [echo.recv_until_closed() for echo in echoes]
+    hosts = set()
+    for i, frames in enumerate(results):
+        assert data_bodies(frames) == [str(15 * (i + 1)).encode()], frames
+        assert frames[-1].type is FrameType.CLOSE and not frames[-1].error, frames
+        [host] = {f.headers["server"] for f in frames}
+        hosts.add(host)
+    for frames in echo_ends:
+        assert [f.type for f in frames] == [FrameType.HALF_CLOSE] and not frames[0].error, frames
+    assert hosts == {"a", "b"}, "the streams were not spread over both hosts: the binding was not exercised"
+    assert set(whoami) <= {b"a", b"b"}
 
 
 def test_stream_whose_upstream_dies_gets_an_error_and_the_connection_goes_on(p):
