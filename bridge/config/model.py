@@ -99,6 +99,8 @@ class ListenerConfig:
     # Bytes waiting in the bridge for one tunnel's flow-control window; past it the
     # connection stops decoding until the upstream catches up.
     max_upstream_queue: int = DEFAULT_MAX_FRAME_SIZE
+    # How often a connection with open tunnels asks HCM whether Envoy is draining (0: never).
+    drain_probe_interval: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
                 max_requests_in_flight=entry.get("max_requests_in_flight", 1000),
                 max_client_buffer=max_client_buffer,
                 max_upstream_queue=parse_size(entry.get("max_upstream_queue", max_frame_size)),
+                drain_probe_interval=parse_duration(entry.get("drain_probe_interval", "5s")),
             )
         )
     bridge = raw.get("bridge") or {}

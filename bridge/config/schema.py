@@ -141,6 +141,7 @@ SCHEMA: dict[str, Any] = {
                     "max_requests_in_flight": {"type": "integer", "minimum": 1},
                     "max_client_buffer": _size,
                     "max_upstream_queue": _size,
+                    "drain_probe_interval": _duration,
                     "request_timeout": _duration,
                     "idle_timeout": _duration,
                     "tunnel_setup_timeout": _duration,

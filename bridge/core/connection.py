@@ -97,6 +97,8 @@ class Connection:
         self._last_activity = now
         self._deadlines = Deadlines(clock, self._on_deadlines)
         self._idle_timer = clock.call_at(now + config.idle_timeout, self._check_idle)
+        self._probe_interval = config.drain_probe_interval
+        self._probe_timer = clock.call_at(now + self._probe_interval, self._probe_drain) if self._probe_interval else None
         stats.downstream_cx_total += 1
         stats.downstream_cx_active += 1
 
@@ -171,6 +173,8 @@ class Connection:
     def close(self) -> None:
         """The transport is gone (the client connection closed): free everything."""
         self._idle_timer.cancel()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         self._deadlines.cancel()
         if self._frame_timer is not None:
             self._frame_timer.cancel()
@@ -766,6 +770,15 @@ class Connection:
             return
         self.stats.downstream_cx_frame_timeout += 1
         self._event(self._close_now, f"a frame begun {self.clock.now() - since:.1f}s ago is still not whole (frame_timeout {self._frame_timeout:g}s)")
+
+    def _probe_drain(self) -> None:
+        """Ask HCM, now and then, whether Envoy is draining (see Upstream.send_drain_probe)."""
+        self._probe_timer = None
+        if self._finished or self.upstream.draining or self.upstream.lost:
+            return
+        self._probe_timer = self.clock.call_at(self.clock.now() + self._probe_interval, self._probe_drain)
+        if self.pool.links():  # without tunnels the next CONNECT's answer carries any GOAWAY
+            self._event(self.upstream.send_drain_probe)
 
     def _check_idle(self) -> None:
         idle_for = self.clock.now() - self._last_activity

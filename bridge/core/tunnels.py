@@ -120,6 +120,22 @@ class Upstream(Http2Connection):
         self.streams[stream_id] = tunnel
         return tunnel
 
+    def send_drain_probe(self) -> None:
+        """A header-only GET that HCM answers 404 itself. Envoy's HCM checks whether its listener
+        is draining only when it sends response headers, so a connection whose tunnels are all
+        open would never hear of a drain; the probe's answer carries the GOAWAY when it is."""
+        if self.lost or self.draining:
+            return
+        if self._next_stream_id == 1:
+            self._out.append(PREFACE + self.settings_frames())
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        self.highest_stream_id = stream_id
+        self.send_headers(stream_id, [(":method", "GET"), (":scheme", "http"), (":authority", "metabridge"), (":path", "/drain-probe")], end_stream=True)
+        probe = H2Stream(stream_id, self.peer_initial_window)
+        probe.local_closed = True
+        self.streams[stream_id] = probe
+
     def send(self, tunnel: Tunnel, data: bytes) -> None:
         """Queue bytes for the tunnel; what the flow-control window allows goes out now."""
         if not tunnel.local_closed:
@@ -158,7 +174,11 @@ class Upstream(Http2Connection):
 
     def on_headers(self, stream_id: int, headers: dict[str, str], end_stream: bool) -> None:
         tunnel = self.streams.get(stream_id)
-        if tunnel is None or tunnel.state is TunnelState.CLOSED:
+        if type(tunnel) is not Tunnel:  # a drain probe's answer (or a stream already gone)
+            if tunnel is not None and end_stream:
+                self.forget(tunnel)
+            return
+        if tunnel.state is TunnelState.CLOSED:
             return
         if tunnel.state is TunnelState.OPENING:
             status = headers.get(":status", "0")
@@ -174,23 +194,29 @@ class Upstream(Http2Connection):
             self._ended(tunnel, "upstream closed the connection", reset=False)
 
     def on_data(self, tunnel: Tunnel, data: bytes, end_stream: bool) -> None:
+        if type(tunnel) is not Tunnel:  # a drain probe's 404 body
+            if end_stream:
+                self.forget(tunnel)
+            return
         if data and tunnel.state is TunnelState.OPEN:
             self._events.append(TunnelData(tunnel, data))
         if end_stream and tunnel.state is not TunnelState.CLOSED:
             self._ended(tunnel, "upstream closed the connection", reset=False)
 
     def on_reset(self, tunnel: Tunnel, code: int) -> None:
-        if tunnel.state is not TunnelState.CLOSED:
+        if type(tunnel) is Tunnel and tunnel.state is not TunnelState.CLOSED:
             self._ended(tunnel, f"upstream connection reset (HTTP/2 error code {code})", reset=True)
 
     def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
         if code == NO_ERROR:
             # Graceful (a draining listener): streams up to last_stream_id still complete.
             self.draining = True
-            refused = [t for sid, t in self.streams.items() if sid > last_stream_id and isinstance(t, Tunnel)]
-            for tunnel in refused:
-                tunnel.state = TunnelState.CLOSED
-                self.forget(tunnel)
+            beyond = [stream for sid, stream in self.streams.items() if sid > last_stream_id]
+            refused = [t for t in beyond if type(t) is Tunnel]
+            for stream in beyond:
+                if type(stream) is Tunnel:
+                    stream.state = TunnelState.CLOSED
+                self.forget(stream)
             self._events.append(ConnectionDraining(last_stream_id, refused))
             return
         # The connection ends once its replies are out; nothing more goes to HCM.

@@ -161,8 +161,9 @@ def assert_all_answered(clients: list[RecordingClient], replies) -> None:
 def test_graceful_drain_closes_connections_after_their_in_flight_requests(stack):
     """The drain as a client sees it: requests in flight on open tunnels, then
     /drain_listeners?graceful, and nothing else. Every request gets its response, then every
-    connection ends (EOF, no error reply)."""
-    s = stack([cmd_route(CMD_SLOW, "v1")], request_timeout="5s", envoy_args=DRAIN_ENVOY_ARGS)
+    connection ends (EOF, no error reply). The bridge hears of the drain through its drain probe
+    (a header-only request whose answer carries HCM's GOAWAY), here every 500 ms."""
+    s = stack([cmd_route(CMD_SLOW, "v1")], request_timeout="5s", drain_probe_interval="500ms", envoy_args=DRAIN_ENVOY_ARGS)
 
     async def main():
         clients, calls = await slow_requests_in_flight(s)
@@ -186,7 +187,7 @@ def test_graceful_drain_closes_connections_after_their_in_flight_requests(stack)
     assert not still_open, (
         f"connections {still_open} of {CONNECTIONS} are still open 6 s after their last reply: the bridge logged "
         f"upstream_draining {drains_seen} times, Envoy's HCM started draining {drain_close_count(s)} connections "
-        "(it sends its GOAWAY only when it encodes response headers, i.e. when a new tunnel opens)"
+        "(it sends its GOAWAY only when it encodes response headers: a drain probe's or a new tunnel's)"
     )
     assert all(end == "the server closed the connection" for end in ends), ends
     assert drains_seen == CONNECTIONS

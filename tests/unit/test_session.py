@@ -558,3 +558,23 @@ async def test_malformed_response_body_fails_only_its_request_and_keeps_the_tunn
     assert h.client_frames() == [(1, 1, BAD_RESPONSE, b""), (2, 1, 0, b"good")]
     assert 1 not in h.hcm.reset, "the upstream connection is still in step: kept"
     assert h.stats.response_decoding_error == 1
+
+
+@in_loop
+async def test_a_connection_with_open_tunnels_probes_hcm_and_hears_of_a_drain():
+    h = Harness(drain_probe_interval=0.02)
+    h.read(encode_frame(1, 1))
+    h.hcm.accept(1)
+    h.write()
+    await wait_until(lambda: len(h.hcm.requests) > 1, "a drain probe")
+    probe_id = max(h.hcm.requests)
+    assert h.hcm.requests[probe_id][b":method"] == b"GET" and probe_id in h.hcm.ended
+    # HCM answers 404 and, as Envoy does when its listener drains, a graceful GOAWAY with it.
+    h.hcm.h2.send_headers(probe_id, [(b":status", b"404")], end_stream=True)
+    h.write()
+    h.write(data=goaway(2**31 - 1))
+    assert h.stats.downstream_cx_drained == 1
+    h.hcm.send(1, encode_frame(1, 1, b"done"))
+    answer = h.write()
+    assert h.client_frames() == [(1, 1, 0, b"done")]
+    assert answer[-1].connection_status == CLOSE
