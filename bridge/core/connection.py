@@ -9,6 +9,10 @@ the output again. Time comes from a Clock (bridge.core.clock).
 Every request is accounted for: it gets its response or exactly one local reply (the codec's
 ``on_error``), or, when not even that can be built, the connection is closed. Exceptions from
 the codec are contained here (``codec_error``); those from filters in bridge.core.chain.
+
+The class is split by job: this module has the request side, completion and replies; the
+response side is bridge.core.responses, streams bridge.core.streams, tunnel failures and
+drains bridge.core.upstream_events, timers and buffer accounting bridge.core.timers.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ from collections.abc import Callable
 from bridge.core.clock import Clock, Deadlines
 from bridge.core.pool import Link, UpstreamPool
 from bridge.core.request import ActiveRequest
+from bridge.core.responses import ResponseMatching
 from bridge.core.router import route_request
+from bridge.core.streams import StreamFrames
+from bridge.core.timers import ConnectionTimers
+from bridge.core.upstream_events import UpstreamEvents
 from bridge.core.tunnels import (
     ConnectionDraining,
     ConnectionLost,
@@ -32,29 +40,15 @@ from bridge.core.tunnels import (
     Upstream,
 )
 from bridge.logs import event
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
+from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata
 
 log = logging.getLogger("metabridge.connection")
 
 _EMPTY = b""
 _WAIT = DecodeStatus.WAIT_FOR_DATA
 _STREAM_FOLLOWERS = (MessageType.STREAM_DATA, MessageType.STREAM_CLOSE_ONE_WAY, MessageType.STREAM_CLOSE_TWO_WAY)
-_STREAM_ENDS = (MessageType.STREAM_CLOSE_TWO_WAY, MessageType.RESPONSE, MessageType.ERROR)
 
-# Envoy response flags on a failed CONNECT -> the error the client gets, and whether the request
-# may go to another host (it never reached a backend, and another host may do better).
-_FLAG_ERRORS = {
-    "NC": (ErrorType.CLUSTER_NOT_FOUND, "cluster {cluster!r} not found", False),
-    "UH": (ErrorType.NO_HEALTHY_UPSTREAM, "no healthy upstream in cluster {cluster!r}", False),
-    "UO": (ErrorType.OVER_LIMIT, "cluster {cluster!r} is over its circuit-breaker limits", False),
-    "UF": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed", True),
-    "URX": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed", True),
-    "UT": (ErrorType.TIMEOUT, "connecting to cluster {cluster!r} timed out", True),
-}
-_UNKNOWN_FAILURE = (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}", True)
-
-
-class Connection:
+class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimers):
     def __init__(self, listener, clock: Clock, connection_id: str = "", wake: Callable[[], None] | None = None) -> None:
         self.listener = listener  # bridge.core.runtime.ListenerRuntime
         self.stats = stats = listener.stats
@@ -349,19 +343,6 @@ class Connection:
         else:
             frames.append(frame)
 
-    def _on_client_stream_frame(self, metadata: Metadata) -> None:
-        request = self._streams.get(metadata.stream_id)
-        if request is None or request.done:
-            self.stats.request_stream_unknown += 1
-            self._local_reply(metadata, ErrorType.UNSPECIFIED, f"no open stream {metadata.stream_id} on this connection", None)
-            return
-        self._send(request.link, metadata.frame)
-        kind = metadata.message_type
-        if kind is MessageType.STREAM_CLOSE_TWO_WAY or (kind is MessageType.STREAM_CLOSE_ONE_WAY and request.upstream_closed):
-            self._end_stream(request)
-        elif kind is MessageType.STREAM_CLOSE_ONE_WAY:
-            request.client_closed = True
-
     def _answer_heartbeat(self, metadata: Metadata) -> None:
         try:
             reply = self.codec.heartbeat_reply(metadata)
@@ -380,111 +361,6 @@ class Connection:
         self._inbuf.clear()
         self._track_buffer()
         self._finish_if_drained()
-
-    # ---- responses --------------------------------------------------------------------------
-
-    def _on_tunnel_data(self, link: Link, data: bytes) -> None:
-        buffer = link.buffer
-        buffer += data
-        codec = link.codec
-        stats = self.stats
-        while buffer:
-            metadata = Metadata()
-            try:
-                if codec.decode(buffer, metadata) is _WAIT:
-                    if len(buffer) <= self._max_frame:
-                        return
-                    raise FrameTooLarge(f"partial response of {len(buffer)} bytes exceeds max_frame_size {self._max_frame}")
-            except MalformedFrame as exc:
-                # One bad response, stream still in step: only its request gets BAD_RESPONSE.
-                stats.response_decoding_error += 1
-                request = self._take(link, exc.request_id)
-                if request is not None:
-                    self.fail(request, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - CodecError or a codec bug: the stream is lost
-                stats.response_decoding_error += 1
-                if not isinstance(exc, CodecError):
-                    self._codec_failed("decode", exc, None, direction="response")
-                self._drop_link(link, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}", reset=True)
-                return
-            kind = metadata.message_type
-            if kind is MessageType.HEARTBEAT:
-                continue  # upstream heartbeats are never forwarded
-            if link.streams:
-                request = link.streams.get(metadata.stream_id)
-                if request is not None:
-                    self._on_stream_response(request, metadata)
-                    continue
-            request = self._take(link, metadata.request_id)
-            if request is None:
-                stats.response_unmatched += 1
-                continue
-            self._on_response(request, metadata)
-
-    def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
-        stats = self.stats
-        request.first_response = self._last_activity
-        request.response = metadata
-        self._settle(request)
-        stats.response += 1
-        if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
-            stats.response_error += 1
-        else:
-            stats.response_success += 1
-        chain = self.listener.chain
-        if chain.filters:
-            chain.on_response(request, metadata)
-        mutation = request.route.response_mutation
-        if request.response_mutation:
-            mutation = {**mutation, **request.response_mutation}
-        elif not mutation and self._reply_order is None:
-            request.replied = self._last_activity
-            self._to_client.append(metadata.frame)  # the common case of _queue_reply, inline
-            if request.next_filter > 0:
-                self._complete(request)
-            return
-        frame = metadata.frame
-        if mutation:
-            try:
-                frame = request.link.codec.encode(metadata, mutation)
-            except Exception as exc:  # noqa: BLE001
-                if not isinstance(exc, CodecError):
-                    self._codec_failed("encode", exc, metadata, direction="response")
-                self._local_reply(request.metadata, ErrorType.BAD_RESPONSE, f"route {request.route.name!r}: response_mutation cannot be applied: {exc}", request)
-                return
-        self._queue_reply(frame, request)
-
-    def _on_stream_response(self, request: ActiveRequest, metadata: Metadata) -> None:
-        if not request.first_response:
-            request.first_response = self._last_activity
-        self.stats.response += 1
-        self._queue_reply(metadata.frame, None)
-        kind = metadata.message_type
-        if kind in _STREAM_ENDS or (kind is MessageType.STREAM_CLOSE_ONE_WAY and request.client_closed):
-            self._end_stream(request)
-        elif kind is MessageType.STREAM_CLOSE_ONE_WAY:
-            request.upstream_closed = True
-
-    def _end_stream(self, request: ActiveRequest) -> None:
-        stream_id = request.metadata.stream_id
-        self._streams.pop(stream_id, None)
-        if request.link is not None:
-            request.link.streams.pop(stream_id, None)
-        self._settle(request)
-        request.replied = self._last_activity
-        self._complete(request)
-
-    def _take(self, link: Link, request_id) -> ActiveRequest | None:
-        """Remove and return the request a response on this tunnel answers: by id, or the oldest
-        one for protocols without ids. None when nothing waits for it (for in-order protocols:
-        the late response of a request that already timed out)."""
-        if self._by_id:
-            return link.by_id.pop(request_id, None)
-        if not link.in_order:
-            return None
-        request = link.in_order.popleft()
-        return None if request.done else request
 
     # ---- completion -------------------------------------------------------------------------
 
@@ -569,112 +445,6 @@ class Connection:
 
     # ---- failures ---------------------------------------------------------------------------
 
-    def _on_deadlines(self) -> None:
-        self._event(self._expire_requests)
-
-    def _expire_requests(self) -> None:
-        for request in self._deadlines.expired():
-            timeout = request.deadline - request.forwarded
-            self.fail(request, ErrorType.TIMEOUT, f"no response within {timeout:g}s from cluster {request.cluster!r}")
-
-    def _cancel_setup_timer(self, link: Link) -> None:
-        if link.setup_timer is not None:
-            link.setup_timer.cancel()
-            link.setup_timer = None
-
-    def on_link_opened(self, link: Link) -> None:
-        """A tunnel queued behind a circuit breaker gets no signal from Envoy: time its setup."""
-        self.stats.tunnel_opened += 1
-        when = self.clock.now() + self.listener.config.tunnel_setup_timeout
-        link.setup_timer = self.clock.call_at(when, lambda: self._event(self._on_setup_timeout, link))
-
-    def _on_setup_timeout(self, link: Link) -> None:
-        if link.dropped or link.tunnel.state is not TunnelState.OPENING:
-            return
-        self.stats.tunnel_failed += 1
-        self._drop_link(link, ErrorType.TIMEOUT, f"no upstream connection to cluster {link.tunnel.cluster!r} within {self.listener.config.tunnel_setup_timeout:g}s", reset=True, failed=True)
-
-    def _on_tunnel_failed(self, link: Link, status: int, flags: str) -> None:
-        """Envoy answered the CONNECT with an error: nothing on the tunnel reached a backend, so
-        its requests may go to another slot once each; the rest get the mapped error."""
-        self.stats.tunnel_failed += 1
-        cluster = link.tunnel.cluster
-        known = next((f for f in flags.split(",") if f in _FLAG_ERRORS), None)  # e.g. "UF,URX"
-        kind, template, redispatch = _FLAG_ERRORS.get(known, _UNKNOWN_FAILURE)
-        message = template.format(cluster=cluster)
-        if status:
-            message += f" (Envoy answered {status}{', ' + flags if flags else ''})"
-        if redispatch:
-            self._redispatch(link, message)
-        self._drop_link(link, kind, message, failed=True)
-
-    def _redispatch(self, link: Link, reason: str) -> None:
-        """Move requests that never reached a backend from a dead tunnel to another one."""
-        waiting = [r for r in link.pending() if not r.is_stream and r.attempt < self.pool.size(r.cluster)]
-        if not waiting:
-            return
-        self.pool.remove(link, failed=True)
-        link.dropped = True
-        for request in waiting:
-            other = self.pool.pick(request.cluster, avoid=link)
-            if other is None or other is link:
-                continue
-            self._detach(request, link)
-            if self._register(request, other):
-                request.attempt += 1
-                self.stats.request_redispatched += 1
-                event(log, logging.DEBUG, "request_redispatched", listener=self.listener.name, connection=self.id, cluster=request.cluster, reason=reason, attempt=request.attempt)
-                self._send(other, request.frame)
-
-    def _detach(self, request: ActiveRequest, link: Link) -> None:
-        metadata = request.metadata
-        if self._by_id:
-            link.by_id.pop(metadata.request_id, None)
-        else:
-            try:
-                link.in_order.remove(request)
-            except ValueError:
-                pass
-        link.active -= 1
-        request.link = None
-
-    def _drop_link(self, link: Link, kind: ErrorType, message: str, reset: bool = False, failed: bool = False) -> None:
-        """Forget a tunnel; every request still waiting on it gets exactly one error reply."""
-        self.upstream.close_tunnel(link.tunnel, reset=reset)
-        self.pool.remove(link, failed=failed)
-        link.dropped = True
-        self._cancel_setup_timer(link)
-        self._to_links.pop(link, None)
-        waiting = link.pending()
-        link.by_id.clear()
-        link.in_order.clear()
-        link.streams.clear()
-        if waiting:
-            event(log, logging.WARNING, "tunnel_lost", listener=self.listener.name, connection=self.id, cluster=link.tunnel.cluster, upstream=link.tunnel.upstream_host, pending=len(waiting), reason=message)
-        for request in waiting:
-            if request.is_stream:
-                self._streams.pop(request.metadata.stream_id, None)
-            self.fail(request, kind, message)
-
-    def _on_draining(self, ev: ConnectionDraining) -> None:
-        """HCM drains (graceful GOAWAY): open tunnels finish their requests, the refused ones'
-        requests move to open tunnels, and the client connection ends once nothing is in flight."""
-        self.stats.downstream_cx_drained += 1
-        event(log, logging.INFO, "upstream_draining", listener=self.listener.name, connection=self.id, last_stream_id=ev.last_stream_id, refused=len(ev.refused), requests_in_flight=self.active)
-        for tunnel in ev.refused:
-            link = tunnel.owner
-            self._redispatch(link, "Envoy is draining")
-            self._drop_link(link, ErrorType.UNSPECIFIED, "Envoy is draining this connection and refused the upstream connection")
-        self._finish_if_drained()
-
-    def _on_connection_lost(self, reason: str) -> None:
-        event(log, logging.ERROR, "upstream_http2_lost", listener=self.listener.name, connection=self.id, reason=reason)
-        for link in self.pool.links():
-            self._drop_link(link, ErrorType.UNSPECIFIED, reason)
-        # No new tunnel can be opened on this connection: end it once the replies are out.
-        self._finished = True
-        self._close = True
-
     def _codec_failed(self, hook: str, exc: Exception, metadata: Metadata | None, direction: str = "request") -> None:
         self.stats.codec_error += 1
         event(
@@ -735,60 +505,6 @@ class Connection:
                 if len(tunnel.backlog) > limit:
                     self._upstream_full = True
         to_links.clear()
-
-    def _track_buffer(self) -> None:
-        """Account undecoded bytes against the process budget; arm the frame timer for a partial."""
-        held = len(self._inbuf)
-        budget = self.listener.budget
-        budget.used += held - self._buffered
-        self._buffered = held
-        if held and budget.used > budget.limit:
-            self.stats.downstream_cx_overflow += 1
-            self._release_buffer()
-            self._close_now(f"the bridge holds {budget.used + held} undecoded bytes across its connections, over max_buffered_bytes {budget.limit}")
-            return
-        if held and not self._holding:
-            if not self._partial_since:
-                self._partial_since = self._last_activity
-                if self._frame_timer is None:
-                    self._frame_timer = self.clock.call_at(self._partial_since + self._frame_timeout, self._on_frame_timer)
-        else:
-            self._partial_since = 0.0
-
-    def _release_buffer(self) -> None:
-        self.listener.budget.used -= self._buffered
-        self._buffered = 0
-        self._inbuf.clear()
-
-    def _on_frame_timer(self) -> None:
-        self._frame_timer = None
-        since = self._partial_since
-        if not since or self._finished:
-            return
-        if self.clock.now() - since < self._frame_timeout:
-            self._frame_timer = self.clock.call_at(since + self._frame_timeout, self._on_frame_timer)
-            return
-        self.stats.downstream_cx_frame_timeout += 1
-        self._event(self._close_now, f"a frame begun {self.clock.now() - since:.1f}s ago is still not whole (frame_timeout {self._frame_timeout:g}s)")
-
-    def _probe_drain(self) -> None:
-        """Ask HCM, now and then, whether Envoy is draining (see Upstream.send_drain_probe)."""
-        self._probe_timer = None
-        if self._finished or self.upstream.draining or self.upstream.lost:
-            return
-        self._probe_timer = self.clock.call_at(self.clock.now() + self._probe_interval, self._probe_drain)
-        if self.pool.links():  # without tunnels the next CONNECT's answer carries any GOAWAY
-            self._event(self.upstream.send_drain_probe)
-
-    def _check_idle(self) -> None:
-        idle_for = self.clock.now() - self._last_activity
-        timeout = self.listener.config.idle_timeout
-        if idle_for < timeout:
-            self._idle_timer = self.clock.call_at(self.clock.now() + timeout - idle_for, self._check_idle)
-            return
-        self.stats.idle_timeout += 1
-        event(log, logging.INFO, "idle_timeout", listener=self.listener.name, connection=self.id, idle_seconds=round(idle_for, 3))
-        self._event(self._close_now, "idle")
 
     def _finish_if_drained(self) -> None:
         """After the client's FIN, a bad request or Envoy's drain: end the connection once every

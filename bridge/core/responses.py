@@ -1,0 +1,97 @@
+"""The response side of a connection: decode what a tunnel carries and match it to its request
+(by request id, or in order for protocols without one)."""
+
+from __future__ import annotations
+
+from bridge.core.pool import Link
+from bridge.core.request import ActiveRequest
+from bridge.sdk.codec import CodecError, DecodeStatus, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
+
+_WAIT = DecodeStatus.WAIT_FOR_DATA
+
+
+class ResponseMatching:
+    """Mixed into Connection."""
+
+    def _on_tunnel_data(self, link: Link, data: bytes) -> None:
+        buffer = link.buffer
+        buffer += data
+        codec = link.codec
+        stats = self.stats
+        while buffer:
+            metadata = Metadata()
+            try:
+                if codec.decode(buffer, metadata) is _WAIT:
+                    if len(buffer) <= self._max_frame:
+                        return
+                    raise FrameTooLarge(f"partial response of {len(buffer)} bytes exceeds max_frame_size {self._max_frame}")
+            except MalformedFrame as exc:
+                # One bad response, stream still in step: only its request gets BAD_RESPONSE.
+                stats.response_decoding_error += 1
+                request = self._take(link, exc.request_id)
+                if request is not None:
+                    self.fail(request, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - CodecError or a codec bug: the stream is lost
+                stats.response_decoding_error += 1
+                if not isinstance(exc, CodecError):
+                    self._codec_failed("decode", exc, None, direction="response")
+                self._drop_link(link, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}", reset=True)
+                return
+            kind = metadata.message_type
+            if kind is MessageType.HEARTBEAT:
+                continue  # upstream heartbeats are never forwarded
+            if link.streams:
+                request = link.streams.get(metadata.stream_id)
+                if request is not None:
+                    self._on_stream_response(request, metadata)
+                    continue
+            request = self._take(link, metadata.request_id)
+            if request is None:
+                stats.response_unmatched += 1
+                continue
+            self._on_response(request, metadata)
+
+    def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
+        stats = self.stats
+        request.first_response = self._last_activity
+        request.response = metadata
+        self._settle(request)
+        stats.response += 1
+        if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
+            stats.response_error += 1
+        else:
+            stats.response_success += 1
+        chain = self.listener.chain
+        if chain.filters:
+            chain.on_response(request, metadata)
+        mutation = request.route.response_mutation
+        if request.response_mutation:
+            mutation = {**mutation, **request.response_mutation}
+        elif not mutation and self._reply_order is None:
+            request.replied = self._last_activity
+            self._to_client.append(metadata.frame)  # the common case of _queue_reply, inline
+            if request.next_filter > 0:
+                self._complete(request)
+            return
+        frame = metadata.frame
+        if mutation:
+            try:
+                frame = request.link.codec.encode(metadata, mutation)
+            except Exception as exc:  # noqa: BLE001
+                if not isinstance(exc, CodecError):
+                    self._codec_failed("encode", exc, metadata, direction="response")
+                self._local_reply(request.metadata, ErrorType.BAD_RESPONSE, f"route {request.route.name!r}: response_mutation cannot be applied: {exc}", request)
+                return
+        self._queue_reply(frame, request)
+
+    def _take(self, link: Link, request_id) -> ActiveRequest | None:
+        """Remove and return the request a response on this tunnel answers: by id, or the oldest
+        one for protocols without ids. None when nothing waits for it (for in-order protocols:
+        the late response of a request that already timed out)."""
+        if self._by_id:
+            return link.by_id.pop(request_id, None)
+        if not link.in_order:
+            return None
+        request = link.in_order.popleft()
+        return None if request.done else request

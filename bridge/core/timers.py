@@ -1,0 +1,77 @@
+"""A connection's timers and buffer accounting: request deadlines, frame timeout, idle timeout,
+drain probes, and its share of the process's undecoded-bytes budget."""
+
+from __future__ import annotations
+
+import logging
+
+from bridge.logs import event
+from bridge.sdk.codec import ErrorType
+
+log = logging.getLogger("metabridge.connection")
+
+
+class ConnectionTimers:
+    """Mixed into Connection."""
+
+    def _on_deadlines(self) -> None:
+        self._event(self._expire_requests)
+
+    def _expire_requests(self) -> None:
+        for request in self._deadlines.expired():
+            timeout = request.deadline - request.forwarded
+            self.fail(request, ErrorType.TIMEOUT, f"no response within {timeout:g}s from cluster {request.cluster!r}")
+
+    def _track_buffer(self) -> None:
+        """Account undecoded bytes against the process budget; arm the frame timer for a partial."""
+        held = len(self._inbuf)
+        budget = self.listener.budget
+        budget.used += held - self._buffered
+        self._buffered = held
+        if held and budget.used > budget.limit:
+            self.stats.downstream_cx_overflow += 1
+            self._release_buffer()
+            self._close_now(f"the bridge holds {budget.used + held} undecoded bytes across its connections, over max_buffered_bytes {budget.limit}")
+            return
+        if held and not self._holding:
+            if not self._partial_since:
+                self._partial_since = self._last_activity
+                if self._frame_timer is None:
+                    self._frame_timer = self.clock.call_at(self._partial_since + self._frame_timeout, self._on_frame_timer)
+        else:
+            self._partial_since = 0.0
+
+    def _release_buffer(self) -> None:
+        self.listener.budget.used -= self._buffered
+        self._buffered = 0
+        self._inbuf.clear()
+
+    def _on_frame_timer(self) -> None:
+        self._frame_timer = None
+        since = self._partial_since
+        if not since or self._finished:
+            return
+        if self.clock.now() - since < self._frame_timeout:
+            self._frame_timer = self.clock.call_at(since + self._frame_timeout, self._on_frame_timer)
+            return
+        self.stats.downstream_cx_frame_timeout += 1
+        self._event(self._close_now, f"a frame begun {self.clock.now() - since:.1f}s ago is still not whole (frame_timeout {self._frame_timeout:g}s)")
+
+    def _probe_drain(self) -> None:
+        """Ask HCM, now and then, whether Envoy is draining (see Upstream.send_drain_probe)."""
+        self._probe_timer = None
+        if self._finished or self.upstream.draining or self.upstream.lost:
+            return
+        self._probe_timer = self.clock.call_at(self.clock.now() + self._probe_interval, self._probe_drain)
+        if self.pool.links():  # without tunnels the next CONNECT's answer carries any GOAWAY
+            self._event(self.upstream.send_drain_probe)
+
+    def _check_idle(self) -> None:
+        idle_for = self.clock.now() - self._last_activity
+        timeout = self.listener.config.idle_timeout
+        if idle_for < timeout:
+            self._idle_timer = self.clock.call_at(self.clock.now() + timeout - idle_for, self._check_idle)
+            return
+        self.stats.idle_timeout += 1
+        event(log, logging.INFO, "idle_timeout", listener=self.listener.name, connection=self.id, idle_seconds=round(idle_for, 3))
+        self._event(self._close_now, "idle")
