@@ -94,6 +94,13 @@ class Deadlines:
         self._heap = [entry for entry in self._heap if not entry[2].done]
         heapq.heapify(self._heap)
 
+    def forget_all(self) -> None:
+        """Drop every item (all are done); the armed timer may fire and find nothing."""
+        if self._fifo:
+            self._fifo.clear()
+        if self._heap:
+            self._heap.clear()
+
     def cancel(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

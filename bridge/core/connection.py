@@ -129,7 +129,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
                     if not link.dropped:  # e.g. reset for a bad response earlier in this batch
                         self._on_tunnel_data(link, ev.data)
                 elif type(ev) is TunnelOpened:
-                    self._cancel_setup_timer(ev.tunnel.owner)
+                    self._on_tunnel_opened(ev.tunnel.owner)
                 elif type(ev) is TunnelFailed:
                     self._on_tunnel_failed(ev.tunnel.owner, ev.status, ev.flags)
                 elif type(ev) is TunnelClosed:
@@ -310,7 +310,10 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if not request.is_stream:
             request.deadline = self._last_activity + timeout
             self._deadlines.add(request)
-            request.frame = frame
+            if link.tunnel.state is TunnelState.OPENING:
+                request.frame = frame  # for a re-dispatch, should the tunnel never connect
+            else:
+                metadata.frame = _EMPTY  # sent: a request in flight does not pin its bytes
         else:
             self._streams[metadata.stream_id] = request
         frames = self._to_links.get(link)
@@ -376,10 +379,13 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             link.active -= 1
         active = self.active = self.active - 1
         self.stats.request_active -= 1
+        # Settled requests wait in the deadline queue until they reach its head; drop them early
+        # so they (and their bytes) are not kept for up to a whole timeout.
         if active == 0:
+            self._deadlines.forget_all()
             if self._half_closed or self._stopped_reading or self.upstream.draining:
                 self._finish_if_drained()
-        elif self._deadlines.size > 2 * active + 64:
+        elif self._deadlines.size > 2 * active + 8:
             self._deadlines.compact()
 
     def fail(self, request: ActiveRequest, kind: ErrorType, message: str) -> None:
@@ -442,6 +448,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if request.next_filter > 0:
             self.listener.chain.on_complete(request)
             request.next_filter = -1
+            request.response = None  # its bytes are the client's now
 
     # ---- failures ---------------------------------------------------------------------------
 

@@ -55,7 +55,6 @@ class ResponseMatching:
     def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
         stats = self.stats
         request.first_response = self._last_activity
-        request.response = metadata
         self._settle(request)
         stats.response += 1
         if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
@@ -64,6 +63,7 @@ class ResponseMatching:
             stats.response_success += 1
         chain = self.listener.chain
         if chain.filters:
+            request.response = metadata  # for filters only; dropped once they are done
             chain.on_response(request, metadata)
         mutation = request.route.response_mutation
         if request.response_mutation:

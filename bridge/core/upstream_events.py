@@ -34,6 +34,12 @@ class UpstreamEvents:
             link.setup_timer.cancel()
             link.setup_timer = None
 
+    def _on_tunnel_opened(self, link: Link) -> None:
+        self._cancel_setup_timer(link)
+        for request in link.pending():
+            # Kept only for a re-dispatch, which an open tunnel never needs.
+            request.frame = request.metadata.frame = b""
+
     def on_link_opened(self, link: Link) -> None:
         """A tunnel queued behind a circuit breaker gets no signal from Envoy: time its setup."""
         self.stats.tunnel_opened += 1
@@ -77,6 +83,8 @@ class UpstreamEvents:
                 self.stats.request_redispatched += 1
                 event(log, logging.DEBUG, "request_redispatched", listener=self.listener.name, connection=self.id, cluster=request.cluster, reason=reason, attempt=request.attempt)
                 self._send(other, request.frame)
+                if other.tunnel.state is not TunnelState.OPENING:
+                    request.frame = b""
 
     def _detach(self, request: ActiveRequest, link: Link) -> None:
         metadata = request.metadata

@@ -15,7 +15,9 @@ partial-parse state. Codecs are sans-IO: bytes in, bytes out.
         The frame to send on, with ``mutation`` (routable headers to add or replace) applied.
         Returning ``metadata.frame`` unchanged is fine when the protocol has nowhere to put them.
     on_error(metadata, error) -> bytes
-        A protocol-correct error reply to the request that ``metadata`` describes.
+        A protocol-correct error reply to the request that ``metadata`` describes. Read what
+        it needs from ``properties`` and the other fields: ``metadata.frame`` is released once
+        the request has been sent, so a request in flight does not pin its bytes.
     heartbeat_reply(metadata) -> bytes
         Optional: the reply to a HEARTBEAT request (answered locally, never forwarded).
 
