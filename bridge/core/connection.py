@@ -21,7 +21,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
-from bridge.core.clock import Clock, Deadlines
+from bridge.core.clock import Clock
 from bridge.core.pool import Link, UpstreamPool
 from bridge.core.request import ActiveRequest
 from bridge.core.responses import ResponseMatching
@@ -89,7 +89,12 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._in_event = False
         now = clock.now()
         self._last_activity = now
-        self._deadlines = Deadlines(clock, self._on_deadlines)
+        # Request deadlines (bridge.core.timers): requests in deadline order in a FIFO, the few
+        # that arrive with an earlier deadline than the last one in a heap; one timer.
+        self._deadline_fifo: deque[ActiveRequest] = deque()
+        self._deadline_heap: list = []
+        self._deadline_timer = None
+        self._deadline_armed = 0.0
         self._idle_timer = clock.call_at(now + config.idle_timeout, self._check_idle)
         self._probe_interval = config.drain_probe_interval
         self._probe_timer = clock.call_at(now + self._probe_interval, self._probe_drain) if self._probe_interval else None
@@ -169,7 +174,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._idle_timer.cancel()
         if self._probe_timer is not None:
             self._probe_timer.cancel()
-        self._deadlines.cancel()
+        self._cancel_deadlines()
         if self._frame_timer is not None:
             self._frame_timer.cancel()
         self._release_buffer()
@@ -309,7 +314,12 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             return
         if not request.is_stream:
             request.deadline = self._last_activity + timeout
-            self._deadlines.add(request)
+            deadline = request.deadline
+            fifo = self._deadline_fifo
+            if fifo and deadline < fifo[-1].deadline or self._deadline_timer is None or deadline < self._deadline_armed:
+                self._add_deadline(request)
+            else:
+                fifo.append(request)  # the common case of _add_deadline, inline
             if link.tunnel.state is TunnelState.OPENING:
                 request.frame = frame  # for a re-dispatch, should the tunnel never connect
             else:
@@ -379,14 +389,15 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             link.active -= 1
         active = self.active = self.active - 1
         self.stats.request_active -= 1
-        # Settled requests wait in the deadline queue until they reach its head; drop them early
-        # so they (and their bytes) are not kept for up to a whole timeout.
-        if active == 0:
-            self._deadlines.forget_all()
-            if self._half_closed or self._stopped_reading or self.upstream.draining:
-                self._finish_if_drained()
-        elif self._deadlines.size > 2 * active + 8:
-            self._deadlines.compact()
+        # Settled requests leave the deadline queue from its head at once, and from behind a
+        # slow one within a few requests, so none is kept for up to a whole timeout.
+        fifo = self._deadline_fifo
+        while fifo and fifo[0].done:
+            fifo.popleft()
+        if len(fifo) + len(self._deadline_heap) > 2 * active + 8:
+            self._compact_deadlines()
+        if active == 0 and (self._half_closed or self._stopped_reading or self.upstream.draining):
+            self._finish_if_drained()
 
     def fail(self, request: ActiveRequest, kind: ErrorType, message: str) -> None:
         """Answer a request with a local reply (once; a request already answered is left alone)."""

@@ -21,33 +21,56 @@ class ActiveRequest:
     the client. ``error`` is the local reply's type when the bridge answered it itself.
     """
 
-    # Defaults live on the class; __init__ sets only what every request has (the core creates
-    # one per request, and most requests never touch most of these).
-    route: Route | None = None
-    cluster = ""
-    link: Link | None = None
-    forwarded = 0.0
-    first_response = 0.0
-    replied = 0.0
-    deadline = 0.0
-    attempt = 0  # forwarding attempts (a connect failure re-dispatches to another host)
-    response_mutation: dict[str, str] | None = None  # extra headers for the reply, set by filters
-    response: Metadata | None = None
-    error: ErrorType | None = None
-    done = False  # answered (by its response or a local reply) or given up
-    reply: bytes | None = None  # in-order protocols: the reply waiting for its turn
-    next_filter = 0  # where the chain goes on when a paused request resumes
-    paused = False
-    is_stream = False
-    client_closed = False  # streams: the client closed its side
-    upstream_closed = False  # streams: the upstream closed its side
-    frame = b""  # what was sent upstream, kept for a re-dispatch to another host
+    __slots__ = (
+        "connection",
+        "metadata",
+        "route",
+        "cluster",
+        "link",
+        "received",
+        "forwarded",
+        "first_response",
+        "replied",
+        "deadline",
+        "attempt",
+        "state",
+        "response_mutation",
+        "response",
+        "error",
+        "done",
+        "reply",
+        "next_filter",
+        "paused",
+        "is_stream",
+        "client_closed",
+        "upstream_closed",
+        "frame",
+    )
 
     def __init__(self, connection: Connection, metadata: Metadata, received: float) -> None:
         self.connection = connection
         self.metadata = metadata
+        self.route: Route | None = None
+        self.cluster = ""
+        self.link: Link | None = None
         self.received = received
+        self.forwarded = 0.0
+        self.first_response = 0.0
+        self.replied = 0.0
+        self.deadline = 0.0
+        self.attempt = 0  # forwarding attempts (a connect failure re-dispatches to another host)
         self.state: dict[str, Any] = {}  # filters' own per-request state, by filter name
+        self.response_mutation: dict[str, str] | None = None  # extra headers for the reply, set by filters
+        self.response: Metadata | None = None  # the decoded response, while filters need it
+        self.error: ErrorType | None = None
+        self.done = False  # answered (by its response or a local reply) or given up
+        self.reply: bytes | None = None  # in-order protocols: the reply waiting for its turn
+        self.next_filter = 0  # where the chain goes on when a paused request resumes
+        self.paused = False
+        self.is_stream = False
+        self.client_closed = False  # streams: the client closed its side
+        self.upstream_closed = False  # streams: the upstream closed its side
+        self.frame = b""  # what was sent upstream, kept while its tunnel connects (re-dispatch)
 
     @property
     def upstream_host(self) -> str:

@@ -3,24 +3,73 @@ drain probes, and its share of the process's undecoded-bytes budget."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+from collections import deque
 
 from bridge.logs import event
 from bridge.sdk.codec import ErrorType
 
 log = logging.getLogger("metabridge.connection")
 
+_order = itertools.count()  # ties between equal deadlines in the heap
+_NEVER = float("inf")
+
 
 class ConnectionTimers:
     """Mixed into Connection."""
 
+    def _add_deadline(self, request) -> None:
+        """Queue a request's deadline (Connection.forward inlines the in-order case)."""
+        deadline = request.deadline
+        fifo = self._deadline_fifo
+        if not fifo or deadline >= fifo[-1].deadline:
+            fifo.append(request)
+        else:
+            heapq.heappush(self._deadline_heap, (deadline, next(_order), request))
+        if self._deadline_timer is None or deadline < self._deadline_armed:
+            self._arm_deadlines(deadline)
+
+    def _arm_deadlines(self, when: float) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        self._deadline_armed = when
+        self._deadline_timer = self.clock.call_at(when, self._on_deadlines)
+
     def _on_deadlines(self) -> None:
+        self._deadline_timer = None
         self._event(self._expire_requests)
 
     def _expire_requests(self) -> None:
-        for request in self._deadlines.expired():
+        """Fail every request past its deadline; re-arm for the earliest one still waiting."""
+        fifo, heap, now, expired = self._deadline_fifo, self._deadline_heap, self.clock.now(), []
+        while fifo and (fifo[0].done or fifo[0].deadline <= now):
+            request = fifo.popleft()
+            if not request.done:
+                expired.append(request)
+        while heap and (heap[0][2].done or heap[0][0] <= now):
+            request = heapq.heappop(heap)[2]
+            if not request.done:
+                expired.append(request)
+        if fifo or heap:
+            self._arm_deadlines(min(fifo[0].deadline if fifo else _NEVER, heap[0][0] if heap else _NEVER))
+        for request in expired:
             timeout = request.deadline - request.forwarded
             self.fail(request, ErrorType.TIMEOUT, f"no response within {timeout:g}s from cluster {request.cluster!r}")
+
+    def _compact_deadlines(self) -> None:
+        """Drop settled requests from behind a slow one at the head."""
+        self._deadline_fifo = deque(r for r in self._deadline_fifo if not r.done)
+        self._deadline_heap = [entry for entry in self._deadline_heap if not entry[2].done]
+        heapq.heapify(self._deadline_heap)
+
+    def _cancel_deadlines(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadline_fifo.clear()
+        self._deadline_heap.clear()
 
     def _track_buffer(self) -> None:
         """Account undecoded bytes against the process budget; arm the frame timer for a partial."""
