@@ -81,8 +81,8 @@ BRIDGE_HEALTH_CHECK_INTERVAL = timedelta(seconds=1)
 # 4 MiB partial frame, made Envoy reset it and close every client on the listener. A shared
 # connection also queues every client behind the biggest writer (healthy calls took up to 6 s
 # beside 5 such writers, even with the flood limit raised). A connection per stream confines
-# both to the client that caused them. Cost, measured: Envoy CPU per request +60 % at 16x8 and
-# +70 % at 256x1, 256x1 requests/s -45 %, short-lived connections/s -25 % (docs/envoy-config.md).
+# both to the client that caused them. Cost, measured: Envoy CPU per request +45-70 %, requests/s
+# -12-17 % at 16 connections and -45 % at 256, short-lived connections/s -25 % (docs/envoy-config.md).
 BRIDGE_MAX_REQUESTS_PER_CONNECTION = 1
 # Envoy's own default, written down because it is now a per-client bound: Envoy sends the bridge
 # 16 KiB DATA frames, so a client's connection is reset once about 156 MiB of its bytes wait
