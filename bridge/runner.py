@@ -12,6 +12,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 import subprocess
 import tempfile
@@ -101,8 +102,21 @@ class EnvoySupervisor:
         self._dir.cleanup()
 
 
+def raise_open_file_limit() -> None:
+    """Envoy opens one HTTP/2 connection to the bridge per client connection (so one client's
+    flood cannot reset another's), so the bridge needs a socket per client: take the soft
+    open-file limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    elif hard == resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1 << 20), hard))
+    event(log, logging.DEBUG, "open_file_limit", soft=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 async def _start_bridge(config: Config, address: str, index: int):
     """One bridge: the gRPC server, its /metrics (on metrics_port + index) and route reload on SIGHUP."""
+    raise_open_file_limit()
     runtimes = build_runtimes(config)
     server = await serve(address, runtimes)
     if config.metrics_port is not None:

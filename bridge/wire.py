@@ -17,6 +17,6 @@ LISTENER_METADATA_KEY = "x-metabridge-listener"
 BRIDGE_CLUSTER = "metabridge_bridge"
 HASH_KEY_HEADER = "x-metabridge-hash-key"
 # CONNECT header naming the endpoint ("ip:port") a tunnel should reach; Envoy's override_host
-# load-balancing policy honours it when that host is in the cluster and healthy, and otherwise
-# falls back to the cluster's lb_policy.
+# load-balancing policy sends the tunnel there when that host is in the cluster (whatever its
+# health), else the cluster's lb_policy picks; a failed connect is retried on another host.
 HOST_OVERRIDE_HEADER = "x-metabridge-host"

@@ -3,8 +3,9 @@
 Per-request load balancing. Each cluster gets as many slots as it has endpoints (or the
 listener's ``tunnels_per_cluster``). A slot's tunnel is opened on first use with the slot's
 endpoint in HOST_OVERRIDE_HEADER; Envoy's override_host policy sends it there when that host is
-in the cluster and healthy, and otherwise picks one with the cluster's lb_policy. So Envoy still
-chooses, health-checks and circuit-breaks hosts, while every request of one long-lived client
+in the cluster, and the tunnel route retries a failed connect on a host the cluster's lb_policy
+picks among the healthy ones. So Envoy still chooses, health-checks and circuit-breaks hosts,
+while every request of one long-lived client
 connection picks a slot by the cluster's lb_policy: ROUND_ROBIN rotates, LEAST_REQUEST takes
 the slot with the fewest requests in flight, RANDOM draws one. A slot whose tunnel failed to
 connect waits ``SLOT_BACKOFF`` before it is tried again (its requests go to other slots).

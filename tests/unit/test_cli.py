@@ -155,3 +155,22 @@ def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
 def test_run_with_a_bad_listen_override_exits_2_before_serving():
     result = metabridge("run", "-c", "examples/awesomerpc.yaml", "--listen", "localhost", timeout=60)
     assert_clean_failure(result, 2, "--listen", "'localhost'", "HOST:PORT")
+
+
+def test_the_bridge_raises_its_soft_open_file_limit_to_the_hard_one():
+    import resource
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from bridge.runner import raise_open_file_limit; "
+        "raise_open_file_limit(); print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    low = 256 if hard == resource.RLIM_INFINITY else min(256, hard)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({low}, {hard})); " + code],
+        capture_output=True, text=True, check=True,
+    )
+    soft_after, hard_after = map(int, result.stdout.split())
+    assert soft_after == (1 << 20 if hard == resource.RLIM_INFINITY else hard) and hard_after == hard
