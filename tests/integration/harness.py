@@ -192,7 +192,7 @@ def example_config(path: str, listener_ports: dict[str, int], cluster_ports: dic
     config = yaml.safe_load(source.read_text())
     for codec in config.get("codecs", {}).values():
         location, sep, name = codec["ref"].rpartition(":")
-        if sep and ("/" in location or location.endswith(".py")):
+        if sep and ("/" in location or location.endswith(".py") or location.startswith(".")):
             codec["ref"] = f"{(source.parent / location).resolve()}:{name}"
     for listener in config["listeners"]:
         listener["port"] = listener_ports.get(listener["name"], listener["port"])
