@@ -186,16 +186,24 @@ def codec_config(codec: str, ref: str, listen_port: int, clusters: dict[str, int
 def example_config(path: str, listener_ports: dict[str, int], cluster_ports: dict[str, int]) -> dict:
     """An example config (``path`` relative to the repo root) made runnable in a test: listener
     and cluster endpoint ports replaced by the given ones (by name; a name not given keeps its
-    port), and file/folder codec references made absolute, since Stack writes the config
-    elsewhere. Stack itself replaces the bridge address and Envoy's admin port."""
+    port), and file/folder codec and filter references made absolute, since Stack writes the
+    config elsewhere. Stack itself replaces the bridge address and Envoy's admin port."""
     source = REPO / path
     config = yaml.safe_load(source.read_text())
-    for codec in config.get("codecs", {}).values():
-        location, sep, name = codec["ref"].rpartition(":")
+
+    def absolute(ref: str) -> str:
+        location, sep, name = ref.rpartition(":")
         if sep and ("/" in location or location.endswith(".py") or location.startswith(".")):
-            codec["ref"] = f"{(source.parent / location).resolve()}:{name}"
+            return f"{(source.parent / location).resolve()}:{name}"
+        return ref
+
+    for codec in config.get("codecs", {}).values():
+        codec["ref"] = absolute(codec["ref"])
     for listener in config["listeners"]:
         listener["port"] = listener_ports.get(listener["name"], listener["port"])
+        for entry in listener.get("filters", ()):
+            if "ref" in entry:
+                entry["ref"] = absolute(entry["ref"])
     for cluster in config["clusters"]:
         if cluster["name"] in cluster_ports:
             for endpoint in cluster["endpoints"]:
