@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -42,6 +43,16 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
             last = exc
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready within {timeout}s (last error: {last})")
+
+
+def run_async(coro, timeout: float = 60):
+    """Run a test's client coroutine to completion, bounded in time."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def cmd_route(cmd: int, cluster: str, **extra) -> dict:
+    """An awesomerpc route: requests with this cmd go to ``cluster``."""
+    return {"name": f"cmd{cmd}", "match": {"headers": [{"name": "cmd", "exact": str(cmd)}]}, "route": {"cluster": cluster}, **extra}
 
 
 def read_until_closed(sock: socket.socket) -> bytes:

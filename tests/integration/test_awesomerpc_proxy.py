@@ -13,14 +13,10 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encode_frame
 from examples.awesomerpc.protocol import ERROR_CODES
 from bridge.sdk.codec import ErrorType
-from tests.integration.harness import Stack, awesomerpc_config, free_port, read_until_closed, wait_until
+from tests.integration.harness import awesomerpc_config, cmd_route, free_port, read_until_closed, run_async, Stack, wait_until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
 CMD_CLOSE = 99  # the example backend closes the connection without answering
-
-
-def cmd_route(cmd: int, cluster: str, **extra) -> dict:
-    return {"name": f"cmd{cmd}", "match": {"headers": [{"name": "cmd", "exact": str(cmd)}]}, "route": {"cluster": cluster}, **extra}
 
 
 @pytest.fixture
@@ -44,7 +40,7 @@ def stack(tmp_path):
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+    return run_async(coro, 60)
 
 
 async def connect(s: Stack) -> AwesomeRpcClient:

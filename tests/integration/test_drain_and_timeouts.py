@@ -15,7 +15,7 @@ import pytest
 from bridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import Stack, awesomerpc_config, free_port, wait_until
+from tests.integration.harness import awesomerpc_config, cmd_route, free_port, run_async, Stack, wait_until
 
 CMD_FAST = 2
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
@@ -61,17 +61,13 @@ def stack(tmp_path):
         s.stop()
 
 
-def run(coro, timeout: float = 40):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+def run(coro):
+    return run_async(coro, 40)
 
 
 async def connect(s: Stack) -> RecordingClient:
     reader, writer = await asyncio.open_connection("127.0.0.1", s.listen_port)
     return RecordingClient(reader, writer)
-
-
-def cmd_route(cmd: int, cluster: str, **extra) -> dict:
-    return {"name": f"cmd{cmd}", "match": {"headers": [{"name": "cmd", "exact": str(cmd)}]}, "route": {"cluster": cluster}, **extra}
 
 
 async def timed(call) -> tuple[Reply, float]:

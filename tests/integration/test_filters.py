@@ -13,7 +13,7 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient
 from examples.awesomerpc.protocol import ERROR_CODES
 from bridge.sdk.codec import ErrorType
-from tests.integration.harness import REPO, Stack, example_config, free_port
+from tests.integration.harness import example_config, free_port, REPO, run_async, Stack
 
 OVER_LIMIT = ERROR_CODES[ErrorType.OVER_LIMIT]
 UNSPECIFIED = ERROR_CODES[ErrorType.UNSPECIFIED]
@@ -33,7 +33,7 @@ def filters_stack(tmp_path):
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 30))
+    return run_async(coro, 30)
 
 
 def test_the_example_deny_filter_holds_then_refuses_and_others_pass(filters_stack):

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from bridge.config import bootstrap as envoy_config
-from bridge.wire import CLUSTER_HEADER, HOST_OVERRIDE_HEADER, RESPONSE_FLAGS_HEADER, UPSTREAM_HOST_HEADER
+from bridge.wire import CLUSTER_HEADER, HOST_OVERRIDE_HEADER, UPSTREAM_HOST_HEADER
 from examples.awesomerpc.client import AwesomeRpcClient, encode_frame
 from examples.awesomerpc.protocol import HEADER_SIZE
 from tests.integration.harness import Stack, awesomerpc_config, free_port, multi_endpoint_cluster, wait_until

@@ -17,7 +17,7 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from bridge.sdk.codec import ErrorType
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import Stack, awesomerpc_config, free_port, multi_endpoint_cluster
+from tests.integration.harness import awesomerpc_config, free_port, multi_endpoint_cluster, run_async, Stack
 
 HOSTS = ("h0", "h1", "h2")
 CMD = 1
@@ -62,8 +62,8 @@ def pool_stack(tmp_path):
         stack.stop()
 
 
-def run(coro, timeout: float = 45):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+def run(coro):
+    return run_async(coro, 45)
 
 
 async def connect(stack: Stack) -> AwesomeRpcClient:

@@ -15,11 +15,7 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from bridge.config.model import load
-from tests.integration.harness import Stack, awesomerpc_config, free_port, wait_until
-
-
-def cmd_route(cmd: int, cluster: str) -> dict:
-    return {"match": {"headers": [{"name": "cmd", "exact": str(cmd)}]}, "route": {"cluster": cluster}}
+from tests.integration.harness import awesomerpc_config, cmd_route, free_port, Stack, wait_until
 
 
 def make_stack(tmp_path, routes, **bridge) -> Stack:
