@@ -32,6 +32,8 @@ from dubbo.errors import DubboError
 from dubbo_ssl.client import DubboClient
 from dubbo_ssl.codec.decoder import Response as SslResponseBody
 from dubbo_ssl.codec.decoder import parse_response_head
+from dubbo_ssl.codec.encoder import Object as SslObject
+from dubbo_ssl.codec.encoder import Request as SslRequest
 from dubbo_ssl.common.exceptions import DubboException, DubboRequestTimeoutException
 
 from tests.peers.cli import peer_parser, run, serve_until_terminated
@@ -245,6 +247,8 @@ class ScriptedProvider:
     def close(self) -> None:
         self._server.stop()
 
+    stop = close  # the name harness.Backend (proxy_factory) stops backends by
+
     def _serve(self, sock: socket.socket) -> None:
         buffer = bytearray()
         try:
@@ -263,6 +267,93 @@ class ScriptedProvider:
                 buffer += data
         except OSError:
             return
+
+
+# -- Hessian2 bodies written and read by dubbo-ssl-python (for scripted peers, raw consumers) ----
+#
+# One writer (or reader) per body, as Java's Hessian2Output/Hessian2Input: a later value may use
+# the class definitions and type names an earlier one made (an attachment holding an object of an
+# argument's class, written as 0x60 + fields, or a list naming its type by number).
+
+JavaObject = SslObject  # a Java object for the writer: JavaObject("com.example.User", {"name": "ann"})
+
+FLAG_EVENT = 0x20
+OK = 20
+
+
+def read_body_with_dubbo_ssl(frame: bytes) -> list[Any]:
+    """Every value of a frame's body (after its 16-byte header) as dubbo-ssl-python's Hessian2
+    reader reads them, with one reader for the whole body; objects are read as dicts."""
+    reader = SslResponseBody(bytearray(frame[16:]))
+    values = []
+    while reader.length():
+        values.append(reader.read_next())
+    return values
+
+
+def write_with_dubbo_ssl(*values: Any, attachments: Mapping[str, Any] | None = None) -> bytes:
+    """``values`` written one after the other by one dubbo-ssl-python Hessian2 writer (its request
+    encoder's), then, when given, ``attachments`` as an untyped map written the way that encoder
+    writes a request's attachments (``H`` key value ... ``Z``), with the same writer."""
+    writer = SslRequest({})
+    out: list[int] = []
+    for value in values:
+        out.extend(writer._encode_single_value(value))
+    if attachments is not None:
+        out.append(ord("H"))
+        for key, value in attachments.items():
+            out.extend(writer._encode_single_value(key))
+            out.extend(writer._encode_single_value(value))
+        out.append(ord("Z"))
+    return bytes(b & 0xFF for b in out)
+
+
+def request_with_dubbo_ssl(
+    request_id: int,
+    interface: str,
+    method: str,
+    args: Sequence[Any] = (),
+    attachments: Mapping[str, Any] | None = None,
+    *,
+    version: str = "1.0.0",
+    group: str | None = None,
+) -> bytes:
+    """The request frame dubbo-ssl-python's consumer writes for this call (what ``call()`` sends),
+    with the given request id: to send over a raw socket, e.g. when the reply is one its consumer
+    cannot read (a result type with attachments)."""
+    request = SslRequest(
+        {
+            "dubbo_version": DUBBO_VERSION,
+            "path": interface,
+            "version": version,
+            "method": method,
+            "group": group,
+            "arguments": list(args),
+            "context": dict(attachments) if attachments else None,
+        }
+    )
+    request.invoke_id = request_id
+    return bytes(request.encode())
+
+
+def response_frame(request_id: int, body: bytes, *, status: int = OK) -> bytes:
+    """A Hessian2 response frame: flag 0x02, ``status``, ``request_id`` and ``body``."""
+    return struct.pack(">HBBqi", 0xDABB, 0x02, status, request_id, len(body)) + body
+
+
+def exchange_raw(host: str, port: int, frames: bytes, *, replies: int = 1, timeout: float = 5.0) -> list[bytes]:
+    """Send ``frames`` (one or more whole frames) on a fresh connection and return the next
+    ``replies`` frames that are not events (heartbeats), as bytes. Raises ``ConnectionError`` if
+    the peer closes first, ``socket.timeout`` if it stays silent."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(frames)
+        answers = []
+        while len(answers) < replies:
+            header = _recv_exactly(sock, 16)
+            frame = header + _recv_exactly(sock, struct.unpack_from(">i", header, 12)[0])
+            if not header[2] & FLAG_EVENT:
+                answers.append(frame)
+        return answers
 
 
 # -- command line ------------------------------------------------------------------------------
