@@ -35,6 +35,12 @@ _PREFIX = struct.Struct(">BL")  # a gRPC message's compressed flag and length
 OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 5, 8, 12, 13
 
 
+# Envoy opens one connection per client connection, and clients arrive in bursts: a connect to a
+# Unix socket whose accept queue is full fails at once (EAGAIN), so the queue must hold a burst.
+# The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 class GrpcError(Exception):
     """Raised by a handler to end its stream with a gRPC status (``code``) and message."""
 
@@ -322,11 +328,11 @@ class GrpcServer:
             path = address[len("unix:") :]
             if os.path.exists(path):
                 os.unlink(path)  # a stale socket from a previous run
-            self._server = await loop.create_unix_server(factory, path)
+            self._server = await loop.create_unix_server(factory, path, backlog=LISTEN_BACKLOG)
             self._unix_path = path
         else:
             host, _, port = address.rpartition(":")
-            self._server = await loop.create_server(factory, host.strip("[]") or None, int(port), reuse_address=True)
+            self._server = await loop.create_server(factory, host.strip("[]") or None, int(port), reuse_address=True, backlog=LISTEN_BACKLOG)
 
     @property
     def port(self) -> int | None:
