@@ -127,7 +127,9 @@ def _validate(config, args) -> int:
 
     build_runtimes(config)  # imports and checks every codec, compiles every route
     unknown = sorted(
-        {w.name for listener in config.listeners for route in listener.routes for w in route.clusters} - set(config.clusters)
+        {w.name for listener in config.listeners for route in listener.routes for w in route.clusters}
+        | {m.cluster for listener in config.listeners for route in listener.routes for m in route.mirrors}
+        - set(config.clusters)
     )
     for name in unknown:
         print(f"metabridge: warning: {config.source}: routes name cluster {name!r}, which is not defined under 'clusters' (requests routed there get CLUSTER_NOT_FOUND)", file=sys.stderr)

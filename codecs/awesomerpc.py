@@ -115,6 +115,10 @@ class AwesomeRpcCodec(Codec):
     def heartbeat_reply(self, metadata: Metadata) -> bytes:
         return encode_frame(_flow(metadata), HEARTBEAT_CMD)
 
+    def is_retriable(self, response: Metadata) -> bool:
+        # 503: the backend says it cannot serve now; another host may.
+        return response.properties.get("rsp_code") == ERROR_CODES[ErrorType.NO_HEALTHY_UPSTREAM]
+
 
 def _flow(metadata: Metadata) -> int:
     return metadata.request_id if metadata.request_id is not None else 0

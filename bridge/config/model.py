@@ -67,6 +67,22 @@ class RouteConfig:
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
     timeout: float | None = None  # overrides the listener's request_timeout
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    retry: RetryPolicy | None = None
+    hash_policy: tuple[str, ...] = ()  # header keys for consistent hashing
+
+
+@dataclass(frozen=True)
+class MirrorPolicy:
+    cluster: str
+    fraction: float = 100.0  # percent of the route's requests copied to the cluster
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    num_retries: int = 1
+    retry_on: frozenset[str] = frozenset({"connect_failure", "reset"})
+    per_try_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,18 @@ def _route(raw: dict[str, Any], index: int) -> RouteConfig:
         request_mutation=_mutation(raw.get("request_mutation")),
         response_mutation=_mutation(raw.get("response_mutation")),
         timeout=parse_duration(raw["timeout"]) if "timeout" in raw else None,
+        mirrors=tuple(MirrorPolicy(m["cluster"], float(m.get("runtime_fraction", 100))) for m in raw.get("request_mirror_policies", ())),
+        retry=_retry_policy(raw["retry_policy"]) if "retry_policy" in raw else None,
+        hash_policy=tuple(raw.get("hash_policy", ())),
+    )
+
+
+def _retry_policy(raw: dict[str, Any]) -> RetryPolicy:
+    default = RetryPolicy()
+    return RetryPolicy(
+        num_retries=raw.get("num_retries", default.num_retries),
+        retry_on=frozenset(raw.get("retry_on", default.retry_on)),
+        per_try_timeout=parse_duration(raw["per_try_timeout"]) if "per_try_timeout" in raw else None,
     )
 
 

@@ -76,6 +76,29 @@ _route = {
         "request_mutation": _kv_list,
         "response_mutation": _kv_list,
         "timeout": _duration,
+        "hash_policy": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+        "request_mirror_policies": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["cluster"],
+                "properties": {"cluster": _name, "runtime_fraction": {"type": "number", "minimum": 0, "maximum": 100}},
+            },
+        },
+        "retry_policy": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "num_retries": {"type": "integer", "minimum": 0, "maximum": 10},
+                "retry_on": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["connect_failure", "reset", "no_healthy_upstream", "timeout", "retriable_error"]},
+                },
+                "per_try_timeout": _duration,
+            },
+        },
     },
 }
 _filter = {

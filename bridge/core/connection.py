@@ -1,4 +1,4 @@
-"""One client connection: the decode loop, limits, reply order, timers and response matching.
+"""One client connection: the decode loop, limits, reply order and replies.
 
 Sans-IO toward its transport. The transport feeds ``receive_client`` (the client's bytes) and
 ``receive_upstream`` (HCM's HTTP/2 bytes), then calls ``take`` for what to send: bytes for HCM,
@@ -18,6 +18,7 @@ drains bridge.core.upstream_events, timers and buffer accounting bridge.core.tim
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
 from collections.abc import Callable
 
@@ -47,6 +48,7 @@ log = logging.getLogger("metabridge.connection")
 _EMPTY = b""
 _WAIT = DecodeStatus.WAIT_FOR_DATA
 _STREAM_FOLLOWERS = (MessageType.STREAM_DATA, MessageType.STREAM_CLOSE_ONE_WAY, MessageType.STREAM_CLOSE_TWO_WAY)
+
 
 class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimers):
     def __init__(self, listener, clock: Clock, connection_id: str = "", wake: Callable[[], None] | None = None) -> None:
@@ -139,7 +141,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
                     self._on_tunnel_failed(ev.tunnel.owner, ev.status, ev.flags)
                 elif type(ev) is TunnelClosed:
                     tunnel = ev.tunnel
-                    self._drop_link(tunnel.owner, ErrorType.UNSPECIFIED, f"{ev.reason} (cluster {tunnel.cluster!r}, host {tunnel.upstream_host or 'unknown'})")
+                    self._drop_link(tunnel.owner, ErrorType.UNSPECIFIED, f"{ev.reason} (cluster {tunnel.cluster!r}, host {tunnel.upstream_host or 'unknown'})", retry_on="reset")
                 elif type(ev) is ConnectionDraining:
                     self._on_draining(ev)
                 elif type(ev) is ConnectionLost:
@@ -295,7 +297,12 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if self.upstream.lost:
             self.fail(request, ErrorType.UNSPECIFIED, "the connection to Envoy's upstream side is gone")
             return
-        link = self.pool.pick(request.cluster)
+        route = request.route
+        if route.hash_policy:
+            request.hash_key = "\x1f".join(metadata.headers.get(key, "") for key in route.hash_policy).strip("\x1f")
+            link = self.pool.pick_hashed(request.cluster, request.hash_key) if request.hash_key else self.pool.pick(request.cluster)
+        else:
+            link = self.pool.pick(request.cluster)
         if link is None:
             self.fail(request, ErrorType.UNSPECIFIED, f"Envoy is draining this connection: no new upstream connection to cluster {request.cluster!r}")
             return
@@ -303,6 +310,8 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         request.forwarded = self._last_activity
         if metadata.message_type is MessageType.ONEWAY:
             self._send(link, frame)
+            if route.mirrors:
+                self._mirror(request, frame, timeout)
             self._complete(request)
             return
         by_id = link.by_id
@@ -313,15 +322,18 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         elif not self._register(request, link):
             return
         if not request.is_stream:
-            request.deadline = self._last_activity + timeout
-            deadline = request.deadline
+            request.expires = deadline = self._last_activity + timeout
+            retry = route.retry
+            if retry is not None and retry.per_try_timeout is not None:
+                deadline = min(deadline, self._last_activity + retry.per_try_timeout)
+            request.deadline = deadline
             fifo = self._deadline_fifo
             if fifo and deadline < fifo[-1].deadline or self._deadline_timer is None or deadline < self._deadline_armed:
                 self._add_deadline(request)
             else:
                 fifo.append(request)  # the common case of _add_deadline, inline
-            if link.tunnel.state is TunnelState.OPENING:
-                request.frame = frame  # for a re-dispatch, should the tunnel never connect
+            if retry is not None or link.tunnel.state is TunnelState.OPENING:
+                request.frame = frame  # it may be sent again: a retry, or a re-dispatch if the tunnel never connects
             else:
                 metadata.frame = _EMPTY  # sent: a request in flight does not pin its bytes
         else:
@@ -331,6 +343,67 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             self._to_links[link] = [frame]
         else:
             frames.append(frame)
+        if route.mirrors:
+            self._mirror(request, frame, timeout)
+
+    def _mirror(self, request: ActiveRequest, frame: bytes, timeout: float) -> None:
+        """Copies for the route's mirror clusters: sent beside the request, their replies read
+        and dropped; nothing that happens to a copy reaches the client or delays its reply."""
+        stats = self.stats
+        oneway = request.metadata.message_type is MessageType.ONEWAY
+        for policy in request.route.mirrors:
+            if policy.fraction < 100 and random.random() * 100 >= policy.fraction:
+                continue
+            link = self.pool.pick(policy.cluster)
+            if link is None:
+                stats.mirror_failed += 1
+                continue
+            stats.mirror_sent += 1
+            self._send(link, frame)
+            if oneway or request.is_stream:
+                continue
+            shadow = ActiveRequest(self, request.metadata, self._last_activity)
+            shadow.mirror = True
+            shadow.route = request.route
+            shadow.cluster = policy.cluster
+            shadow.attempt = 1
+            shadow.forwarded = self._last_activity
+            shadow.expires = shadow.deadline = self._last_activity + timeout
+            if link.tunnel.state is TunnelState.OPENING:
+                shadow.frame = frame
+            if self._register(shadow, link):
+                self._add_deadline(shadow)
+
+    def pick_for(self, request: ActiveRequest, avoid: Link | None = None) -> Link | None:
+        """Another link for a request being sent again (by its hash key, when it has one)."""
+        if request.hash_key:
+            return self.pool.pick_hashed(request.cluster, request.hash_key, avoid=avoid)
+        return self.pool.pick(request.cluster, avoid=avoid)
+
+    def retry(self, request: ActiveRequest, reason: str, failed: Link | None) -> bool:
+        """Send a request again, on another host's tunnel when the cluster has one, if its
+        route's retry_policy allows it for ``reason``; False when it does not."""
+        route = request.route
+        policy = route.retry if route is not None else None
+        if policy is None or reason not in policy.retry_on or request.mirror or request.is_stream or request.attempt > policy.num_retries or not request.frame:
+            return False
+        now = self.clock.now()
+        if now >= request.expires or self.upstream.lost:
+            return False
+        link = self.pick_for(request, avoid=failed)
+        if link is None:
+            return False
+        if request.link is not None:
+            self._detach(request, request.link, keep_place=True)
+        if not self._register(request, link):
+            return True  # answered (an id clash on the new tunnel)
+        request.attempt += 1
+        self.stats.request_retry += 1
+        event(log, logging.DEBUG, "request_retry", listener=self.listener.name, connection=self.id, cluster=request.cluster, reason=reason, attempt=request.attempt, request_id=request.metadata.request_id)
+        request.deadline = min(request.expires, now + policy.per_try_timeout) if policy.per_try_timeout else request.expires
+        self._add_deadline(request)
+        self._send(link, request.frame)
+        return True
 
     def _register(self, request: ActiveRequest, link: Link) -> bool:
         metadata = request.metadata
@@ -382,11 +455,17 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if request.done:
             return
         request.done = True
+        if request.mirror:
+            if request.link is not None:
+                request.link.active -= 1
+            return
         if request.metadata.message_type is MessageType.ONEWAY:
             return
         link = request.link
         if link is not None:
             link.active -= 1
+            if link.retiring and link.active == 0:
+                self._drop_link(link, ErrorType.UNSPECIFIED, "retired: another tunnel serves its host")
         active = self.active = self.active - 1
         self.stats.request_active -= 1
         # Settled requests leave the deadline queue from its head at once, and from behind a
@@ -415,6 +494,9 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             elif self._by_id and link.by_id.get(metadata.request_id) is request:
                 del link.by_id[metadata.request_id]
         self._settle(request)
+        if request.mirror:
+            self.stats.mirror_failed += 1  # a copy's failure is counted, never answered
+            return
         self._local_reply(request.metadata, kind, message, request)
 
     def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str, request: ActiveRequest | None) -> None:

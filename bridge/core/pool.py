@@ -15,7 +15,7 @@ The pool is keyed by cluster (a hash key joins the key once hash policies exist)
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from bridge.core.tunnels import Tunnel, TunnelState
@@ -29,9 +29,9 @@ SLOT_BACKOFF = 1.0  # seconds a slot rests after its tunnel failed to connect
 class Link:
     """The connection's side of one tunnel: its response decoder and the requests on it."""
 
-    __slots__ = ("tunnel", "codec", "buffer", "by_id", "in_order", "streams", "setup_timer", "dropped", "active", "slot")
+    __slots__ = ("tunnel", "codec", "buffer", "by_id", "in_order", "streams", "setup_timer", "dropped", "active", "slot", "hash_key", "retiring")
 
-    def __init__(self, tunnel: Tunnel, codec, slot: Slot) -> None:
+    def __init__(self, tunnel: Tunnel, codec, slot: Slot | None) -> None:
         self.tunnel = tunnel
         self.codec = codec
         self.buffer = bytearray()
@@ -43,7 +43,9 @@ class Link:
         self.setup_timer = None
         self.dropped = False  # given up; whatever still arrives for it is ignored
         self.active = 0  # requests and streams waiting on it
-        self.slot = slot
+        self.slot = slot  # None for a tunnel opened for a hash key
+        self.hash_key = ""  # the key it was opened for, until it is known which host it reached
+        self.retiring = False  # reached a host another tunnel serves: closes once it is idle
 
     def pending(self) -> list[ActiveRequest]:
         return [*self.by_id.values(), *(r for r in self.in_order if not r.done), *self.streams.values()]
@@ -70,14 +72,95 @@ class ClusterSlots:
         self.next = random.randrange(len(self.slots))  # connections do not all start on host 0
 
 
+class HashedHosts:
+    """Consistent hashing for one cluster: which host each key went to, and one tunnel per host.
+
+    Envoy's ring (RING_HASH / MAGLEV) decides a key's host; the bridge cannot compute it, so a
+    key seen for the first time gets a tunnel of its own carrying the key in HASH_KEY_HEADER, and
+    the host Envoy reports for it (UPSTREAM_HOST_HEADER) is remembered for the key. Once several
+    keys have led to one host, their requests share that host's tunnel; a second tunnel that
+    reached a host already served is retired once its requests are answered. When a host's
+    tunnel ends, its keys are looked up again, so only they move.
+    """
+
+    __slots__ = ("by_host", "key_host", "probing", "retired")
+
+    LIMIT = 4096  # keys remembered per cluster and connection (least recently used go first)
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, Link] = {}
+        self.key_host: OrderedDict[str, str] = OrderedDict()
+        self.probing: dict[str, Link] = {}  # key -> the tunnel opened for it, host not yet known
+        self.retired: set[Link] = set()  # duplicates finishing their requests
+
+    def learn(self, link: Link) -> None:
+        """``link``'s tunnel connected: remember its key's host; keep or retire the tunnel."""
+        key, host = link.hash_key, link.tunnel.upstream_host
+        link.hash_key = ""
+        if self.probing.get(key) is link:
+            del self.probing[key]
+        if not host:
+            return
+        self.key_host[key] = host
+        self.key_host.move_to_end(key)
+        if len(self.key_host) > self.LIMIT:
+            self.key_host.popitem(last=False)
+        serving = self.by_host.get(host)
+        if serving is None or serving.dropped:
+            self.by_host[host] = link
+        elif serving is not link:
+            link.retiring = True
+            self.retired.add(link)
+
+    def forget(self, link: Link) -> None:
+        for key, probe in list(self.probing.items()):
+            if probe is link:
+                del self.probing[key]
+        self.retired.discard(link)
+        host = link.tunnel.upstream_host
+        if host and self.by_host.get(host) is link:
+            del self.by_host[host]
+
+
 class UpstreamPool:
     def __init__(self, connection) -> None:
         self._connection = connection
         self._clusters: dict[str, ClusterSlots] = {}
+        self._hashed: dict[str, HashedHosts] = {}
+
+    def pick_hashed(self, cluster: str, key: str, avoid: Link | None = None) -> Link | None:
+        """The link for a request whose route hashes to ``key`` on ``cluster``."""
+        hosts = self._hashed.get(cluster)
+        if hosts is None:
+            hosts = self._hashed[cluster] = HashedHosts()
+        host = hosts.key_host.get(key)
+        if host is not None:
+            link = hosts.by_host.get(host)
+            if link is not None and link is not avoid and not link.dropped:
+                return link
+        link = hosts.probing.get(key)
+        if link is not None and link is not avoid:
+            return link
+        upstream = self._connection.upstream
+        if upstream.draining or upstream.lost:
+            return next((link for link in hosts.by_host.values() if link is not avoid), None)
+        connection = self._connection
+        link = Link(upstream.open_tunnel(cluster, hash_key=key), connection.listener.new_codec_for_responses(), None)
+        link.tunnel.owner = link
+        link.hash_key = key
+        hosts.probing[key] = link
+        connection.on_link_opened(link)
+        return link
+
+    def opened(self, link: Link) -> None:
+        """A tunnel connected (Envoy said which host it reached)."""
+        if link.hash_key:
+            self._hashed[link.tunnel.cluster].learn(link)
 
     def pick(self, cluster: str, avoid: Link | None = None) -> Link | None:
-        """The link for one request to ``cluster``, opening a slot's tunnel when needed;
-        None when no tunnel can carry it (the HTTP/2 connection to HCM is draining or lost)."""
+        """The link for one request to ``cluster``, opening a slot's tunnel when needed, and
+        another host's than ``avoid``'s when the cluster has one; None when no tunnel can carry
+        it (the HTTP/2 connection to HCM is draining or lost)."""
         slots = self._clusters.get(cluster)
         if slots is None:
             hosts, policy = self._connection.listener.cluster_plan(cluster)
@@ -98,19 +181,26 @@ class UpstreamPool:
             start = random.randrange(n) if slots.policy == "RANDOM" else slots.next
             slots.next = start + 1
             order = [(start + k) % n for k in range(n)]
+        avoided = avoid.slot if avoid is not None else None  # a retry goes to another host
         fallback = None
         for i in order:
             slot = members[i]
+            if slot is avoided:
+                continue
             link = slot.link
             if link is not None:
-                if link is not avoid:
-                    return link
-            elif can_open and now >= slot.retry_at:
+                return link
+            if can_open and now >= slot.retry_at:
                 return self._open(cluster, slot)
-            elif can_open and fallback is None:
+            if can_open and fallback is None:
                 fallback = slot
         if fallback is not None:  # every other slot is resting: try again rather than fail
             return self._open(cluster, fallback)
+        if avoided is not None:  # no other host: the same one again, on a fresh tunnel if need be
+            if avoided.link is not None and avoided.link is not avoid:
+                return avoided.link
+            if can_open:
+                return self._open(cluster, avoided)
         return None
 
     def _open(self, cluster: str, slot: Slot) -> Link:
@@ -125,13 +215,20 @@ class UpstreamPool:
     def remove(self, link: Link, failed: bool = False) -> None:
         """Forget a link; ``failed``: its tunnel never connected, so the slot rests a while."""
         slot = link.slot
+        if slot is None:
+            hosts = self._hashed.get(link.tunnel.cluster)
+            if hosts is not None:
+                hosts.forget(link)
+            return
         if slot.link is link:
             slot.link = None
             if failed:
                 slot.retry_at = self._connection.clock.now() + SLOT_BACKOFF
 
     def links(self) -> list[Link]:
-        return [s.link for c in self._clusters.values() for s in c.slots if s.link is not None]
+        slotted = [s.link for c in self._clusters.values() for s in c.slots if s.link is not None]
+        hashed = {id(link): link for h in self._hashed.values() for link in (*h.by_host.values(), *h.probing.values(), *h.retired)}
+        return slotted + list(hashed.values())
 
     def size(self, cluster: str) -> int:
         slots = self._clusters.get(cluster)

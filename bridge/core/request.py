@@ -45,6 +45,9 @@ class ActiveRequest:
         "client_closed",
         "upstream_closed",
         "frame",
+        "expires",
+        "mirror",
+        "hash_key",
     )
 
     def __init__(self, connection: Connection, metadata: Metadata, received: float) -> None:
@@ -70,7 +73,10 @@ class ActiveRequest:
         self.is_stream = False
         self.client_closed = False  # streams: the client closed its side
         self.upstream_closed = False  # streams: the upstream closed its side
-        self.frame = b""  # what was sent upstream, kept while its tunnel connects (re-dispatch)
+        self.frame = b""  # what was sent upstream, kept while it may be sent again (re-dispatch, retry)
+        self.expires = 0.0  # the overall deadline (``deadline`` is the current try's)
+        self.mirror = False  # a copy for a mirror cluster: its reply is read and dropped
+        self.hash_key = ""  # the route's hash_policy values: RING_HASH / MAGLEV choose the host by it
 
     @property
     def upstream_host(self) -> str:

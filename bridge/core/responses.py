@@ -54,6 +54,13 @@ class ResponseMatching:
 
     def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
         stats = self.stats
+        if request.mirror:
+            self._settle(request)
+            stats.mirror_response += 1  # read and dropped
+            return
+        retry = request.route.retry
+        if retry is not None and "retriable_error" in retry.retry_on and request.link.codec.is_retriable(metadata) and self.retry(request, "retriable_error", request.link):
+            return
         request.first_response = self._last_activity
         self._settle(request)
         stats.response += 1

@@ -19,7 +19,7 @@ import heapq
 import itertools
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from bridge.config.model import HeaderMatch, RouteConfig
@@ -66,6 +66,18 @@ def _compile_matcher(m: HeaderMatch) -> Predicate:
     return test
 
 
+def compile_header_matches(matches: Iterable[HeaderMatch]) -> Predicate:
+    """One predicate that holds when all ``matches`` hold on a message's headers, compiled as a
+    route's matchers are (so a filter's ``match`` means what a route's does); no matchers: it
+    always holds. Raises re.error for an invalid regex."""
+    predicates = tuple(_compile_matcher(m) for m in matches)
+    if not predicates:
+        return lambda h: True
+    if len(predicates) == 1:
+        return predicates[0]
+    return lambda h: all(predicate(h) for predicate in predicates)
+
+
 @dataclass(slots=True)
 class Route:
     """A compiled route: what the session needs after a match."""
@@ -76,6 +88,9 @@ class Route:
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
     timeout: float | None = None  # seconds; None: the listener's request_timeout
+    mirrors: tuple = ()  # bridge.config.model.MirrorPolicy
+    retry: object | None = None  # bridge.config.model.RetryPolicy
+    hash_policy: tuple[str, ...] = ()  # header keys whose values choose the host (RING_HASH / MAGLEV)
 
     def pick_cluster(self, rand: Callable[[], float] = random.random) -> str:
         if len(self.clusters) == 1:
@@ -105,6 +120,9 @@ class Router:
                     request_mutation=dict(rc.request_mutation),
                     response_mutation=dict(rc.response_mutation),
                     timeout=rc.timeout,
+                    mirrors=rc.mirrors,
+                    retry=rc.retry,
+                    hash_policy=tuple(k.lower() for k in rc.hash_policy),
                 )
             )
             self._predicates.append(tuple(_compile_matcher(m) for m in rc.headers))

@@ -55,8 +55,9 @@ class ConnectionTimers:
         if fifo or heap:
             self._arm_deadlines(min(fifo[0].deadline if fifo else _NEVER, heap[0][0] if heap else _NEVER))
         for request in expired:
-            timeout = request.deadline - request.forwarded
-            self.fail(request, ErrorType.TIMEOUT, f"no response within {timeout:g}s from cluster {request.cluster!r}")
+            if self.retry(request, "timeout", request.link):
+                continue
+            self.fail(request, ErrorType.TIMEOUT, f"no response within {request.expires - request.received:g}s from cluster {request.cluster!r} ({request.attempt} attempt(s))")
 
     def _compact_deadlines(self) -> None:
         """Drop settled requests from behind a slow one at the head."""

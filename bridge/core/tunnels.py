@@ -18,6 +18,7 @@ from bridge.transport.http2 import CANCEL, NO_ERROR, PREFACE, H2Stream, Http2Con
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
 HOST_OVERRIDE_HEADER = wire.HOST_OVERRIDE_HEADER
+HASH_KEY_HEADER = wire.HASH_KEY_HEADER
 UPSTREAM_HOST_HEADER = wire.UPSTREAM_HOST_HEADER
 RESPONSE_FLAGS_HEADER = wire.RESPONSE_FLAGS_HEADER
 
@@ -103,8 +104,9 @@ class Upstream(Http2Connection):
         if not self.lost:
             self._out.append(data)
 
-    def open_tunnel(self, cluster: str, host: str = "") -> Tunnel:
-        """A CONNECT stream to ``cluster``; ``host`` ("ip:port") asks Envoy for that endpoint."""
+    def open_tunnel(self, cluster: str, host: str = "", hash_key: str = "") -> Tunnel:
+        """A CONNECT stream to ``cluster``; ``host`` ("ip:port") asks Envoy for that endpoint,
+        ``hash_key`` lets a RING_HASH / MAGLEV cluster's hash choose it."""
         if self._next_stream_id == 1:
             self._out.append(PREFACE + self.settings_frames())
         stream_id = self._next_stream_id
@@ -115,6 +117,8 @@ class Upstream(Http2Connection):
         fields = [(":method", "CONNECT"), (":authority", cluster), (CLUSTER_HEADER, cluster)]
         if host:
             fields.append((HOST_OVERRIDE_HEADER, host))
+        if hash_key:
+            fields.append((HASH_KEY_HEADER, hash_key))
         self.send_headers(stream_id, fields)
         tunnel = Tunnel(stream_id, cluster, self.peer_initial_window)
         self.streams[stream_id] = tunnel

@@ -36,9 +36,11 @@ class UpstreamEvents:
 
     def _on_tunnel_opened(self, link: Link) -> None:
         self._cancel_setup_timer(link)
+        self.pool.opened(link)
         for request in link.pending():
-            # Kept only for a re-dispatch, which an open tunnel never needs.
-            request.frame = request.metadata.frame = b""
+            if request.route is None or request.route.retry is None:
+                # Kept only for a re-dispatch, which an open tunnel never needs.
+                request.frame = request.metadata.frame = b""
 
     def on_link_opened(self, link: Link) -> None:
         """A tunnel queued behind a circuit breaker gets no signal from Envoy: time its setup."""
@@ -50,7 +52,7 @@ class UpstreamEvents:
         if link.dropped or link.tunnel.state is not TunnelState.OPENING:
             return
         self.stats.tunnel_failed += 1
-        self._drop_link(link, ErrorType.TIMEOUT, f"no upstream connection to cluster {link.tunnel.cluster!r} within {self.listener.config.tunnel_setup_timeout:g}s", reset=True, failed=True)
+        self._drop_link(link, ErrorType.TIMEOUT, f"no upstream connection to cluster {link.tunnel.cluster!r} within {self.listener.config.tunnel_setup_timeout:g}s", reset=True, failed=True, retry_on="connect_failure")
 
     def _on_tunnel_failed(self, link: Link, status: int, flags: str) -> None:
         """Envoy answered the CONNECT with an error: nothing on the tunnel reached a backend, so
@@ -64,7 +66,8 @@ class UpstreamEvents:
             message += f" (Envoy answered {status}{', ' + flags if flags else ''})"
         if redispatch:
             self._redispatch(link, message)
-        self._drop_link(link, kind, message, failed=True)
+        retry_on = "no_healthy_upstream" if kind is ErrorType.NO_HEALTHY_UPSTREAM else "connect_failure" if redispatch else ""
+        self._drop_link(link, kind, message, failed=True, retry_on=retry_on)
 
     def _redispatch(self, link: Link, reason: str) -> None:
         """Move requests that never reached a backend from a dead tunnel to another one."""
@@ -74,7 +77,7 @@ class UpstreamEvents:
         self.pool.remove(link, failed=True)
         link.dropped = True
         for request in waiting:
-            other = self.pool.pick(request.cluster, avoid=link)
+            other = self.pick_for(request, avoid=link)
             if other is None or other is link:
                 continue
             self._detach(request, link)
@@ -86,20 +89,31 @@ class UpstreamEvents:
                 if other.tunnel.state is not TunnelState.OPENING:
                     request.frame = b""
 
-    def _detach(self, request: ActiveRequest, link: Link) -> None:
+    def _detach(self, request: ActiveRequest, link: Link, keep_place: bool = False) -> None:
+        """Take a request off a tunnel. ``keep_place``: the tunnel may still answer it (a retry
+        after a timeout), so an in-order protocol's late response must find a done stand-in."""
         metadata = request.metadata
         if self._by_id:
-            link.by_id.pop(metadata.request_id, None)
+            if link.by_id.get(metadata.request_id) is request:
+                del link.by_id[metadata.request_id]
         else:
             try:
-                link.in_order.remove(request)
+                at = link.in_order.index(request)
             except ValueError:
                 pass
+            else:
+                if keep_place:
+                    stand_in = ActiveRequest(self, metadata, request.received)
+                    stand_in.done = True
+                    link.in_order[at] = stand_in
+                else:
+                    del link.in_order[at]
         link.active -= 1
         request.link = None
 
-    def _drop_link(self, link: Link, kind: ErrorType, message: str, reset: bool = False, failed: bool = False) -> None:
-        """Forget a tunnel; every request still waiting on it gets exactly one error reply."""
+    def _drop_link(self, link: Link, kind: ErrorType, message: str, reset: bool = False, failed: bool = False, retry_on: str = "") -> None:
+        """Forget a tunnel; every request still waiting on it is retried (``retry_on`` names the
+        reason, for routes whose retry policy allows it) or gets exactly one error reply."""
         self.upstream.close_tunnel(link.tunnel, reset=reset)
         self.pool.remove(link, failed=failed)
         link.dropped = True
@@ -114,6 +128,8 @@ class UpstreamEvents:
         for request in waiting:
             if request.is_stream:
                 self._streams.pop(request.metadata.stream_id, None)
+            elif retry_on and self.retry(request, retry_on, link):
+                continue
             self.fail(request, kind, message)
 
     def _on_draining(self, ev: ConnectionDraining) -> None:

@@ -20,6 +20,8 @@ partial-parse state. Codecs are sans-IO: bytes in, bytes out.
         the request has been sent, so a request in flight does not pin its bytes.
     heartbeat_reply(metadata) -> bytes
         Optional: the reply to a HEARTBEAT request (answered locally, never forwarded).
+    is_retriable(response) -> bool
+        Optional: whether an error response may be retried on another host (default False).
 
 ``self.direction`` (set by the bridge before the first decode) says what an instance decodes:
 Direction.REQUEST for what clients send, Direction.RESPONSE for what upstreams send, so a
@@ -225,6 +227,11 @@ class Codec:
 
     def heartbeat_reply(self, metadata: Metadata) -> bytes:
         raise NotImplementedError(f"{type(self).__name__} decoded a HEARTBEAT but has no heartbeat_reply")
+
+    def is_retriable(self, response: Metadata) -> bool:
+        """Optional: whether an error response says "try another host" (a route whose
+        retry_policy lists ``retriable_error`` then retries instead of passing it on)."""
+        return False
 
 
 REQUIRED_METHODS = ("decode", "encode", "on_error", "heartbeat_reply")
