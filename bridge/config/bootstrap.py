@@ -71,6 +71,8 @@ H2_MAX_CONCURRENT_STREAMS = 2**31 - 1
 # Circuit-breaker limits on the bridge cluster: every downstream connection holds one gRPC
 # stream for its whole life, so Envoy's defaults (1024) would cap concurrent client connections.
 BRIDGE_CIRCUIT_BREAKER_LIMIT = 1_000_000
+# Connect-failure retries of tunnels a service cluster may have in flight at once.
+TUNNEL_MAX_RETRIES = 1024
 # The bridge is local (Unix socket) or a neighbouring container: a connect that takes longer than
 # this means it is down, and the client connection should fail fast rather than hang.
 BRIDGE_CONNECT_TIMEOUT = timedelta(seconds=1)
@@ -282,17 +284,19 @@ def _service_cluster(cluster: ClusterConfig, overrides: dict[str, str], used: se
         result.load_balancing_policy = _override_host_policy(cluster.lb_policy)
     else:
         result.lb_policy = cluster_v3.ClusterLbPolicy[cluster.lb_policy]
-    if cluster.max_connections is not None or cluster.max_pending_requests is not None:
-        # Each tunnel is one upstream TCP connection: max_connections caps tunnels, and tunnels
-        # beyond it wait in the pending queue (an overflow there is an immediate 503 "UO").
-        result.circuit_breakers = cluster_v3.CircuitBreakers(
-            thresholds=[
-                cluster_v3.CircuitBreakersThresholds(
-                    max_connections=cluster.max_connections,
-                    max_pending_requests=cluster.max_pending_requests,
-                )
-            ]
-        )
+    # Each tunnel is one upstream TCP connection: max_connections caps tunnels, and tunnels beyond
+    # it wait in the pending queue (an overflow there is an immediate 503 "UO"). max_retries
+    # bounds the tunnel route's connect-failure retries in flight: Envoy's default of 3 turned a
+    # burst of tunnels to a host that just went down into overflows instead of retries.
+    result.circuit_breakers = cluster_v3.CircuitBreakers(
+        thresholds=[
+            cluster_v3.CircuitBreakersThresholds(
+                max_connections=cluster.max_connections,
+                max_pending_requests=cluster.max_pending_requests,
+                max_retries=TUNNEL_MAX_RETRIES,
+            )
+        ]
+    )
     if cluster.health_check is not None:
         hc = cluster.health_check
         interval = timedelta(seconds=hc.interval)

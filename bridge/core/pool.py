@@ -231,8 +231,9 @@ class UpstreamPool:
         return slotted + list(hashed.values())
 
     def size(self, cluster: str) -> int:
+        """How many hosts a request may try in ``cluster`` (its tunnel slots)."""
         slots = self._clusters.get(cluster)
-        return len(slots.slots) if slots else 1
+        return len(slots.slots) if slots else len(self._connection.listener.cluster_plan(cluster)[0])
 
     def is_open(self, link: Link) -> bool:
         return link.tunnel.state is not TunnelState.CLOSED

@@ -59,8 +59,10 @@ class UpstreamEvents:
         its requests may go to another slot once each; the rest get the mapped error."""
         self.stats.tunnel_failed += 1
         cluster = link.tunnel.cluster
-        known = next((f for f in flags.split(",") if f in _FLAG_ERRORS), None)  # e.g. "UF,URX"
-        kind, template, redispatch = _FLAG_ERRORS.get(known, _UNKNOWN_FAILURE)
+        found = [f for f in flags.split(",") if f in _FLAG_ERRORS]  # e.g. "UF,URX"
+        kind, template, redispatch = _FLAG_ERRORS[found[0]] if found else _UNKNOWN_FAILURE
+        # "UO,UF": a connect failed and Envoy's own retry of it overflowed: still never sent.
+        redispatch = redispatch or any(_FLAG_ERRORS[f][2] for f in found)
         message = template.format(cluster=cluster)
         if status:
             message += f" (Envoy answered {status}{', ' + flags if flags else ''})"

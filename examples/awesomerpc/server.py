@@ -115,7 +115,9 @@ async def serve(host: str, port: int, name: str, delay: float = 0.0) -> asyncio.
             # normally keeps the stream machinery from logging the cancellation as an error.
             pass
 
-    return await asyncio.start_server(on_connection, host, port)
+    # A proxy opens an upstream connection per tunnel, often many at once: a short accept queue
+    # would turn a burst into refused connections.
+    return await asyncio.start_server(on_connection, host, port, backlog=1024)
 
 
 async def _main(host: str, port: int, name: str, delay: float) -> None:

@@ -16,6 +16,7 @@ from bridge.config.bootstrap import (
     HOST_OVERRIDE_HEADER,
     LISTENER_METADATA_KEY,
     RESPONSE_FLAGS_HEADER,
+    TUNNEL_MAX_RETRIES,
     UPSTREAM_HOST_HEADER,
     EnvoyConfigError,
     EnvoyNotFoundError,
@@ -154,7 +155,7 @@ def test_rich_config_structure():
 
     ips = clusters["ips"]
     assert (ips["type"], ips["connect_timeout"]) == ("STATIC", "0.250s")
-    assert ips["circuit_breakers"] == {"thresholds": [{"max_connections": 64, "max_pending_requests": 16}]}
+    assert ips["circuit_breakers"] == {"thresholds": [{"max_connections": 64, "max_pending_requests": 16, "max_retries": TUNNEL_MAX_RETRIES}]}
     (check,) = ips["health_checks"]
     assert check["tcp_health_check"] == {}
     assert (check["interval"], check["timeout"]) == ("2s", "0.500s")
@@ -163,7 +164,8 @@ def test_rich_config_structure():
     named = clusters["named"]
     assert named["type"] == "STRICT_DNS"
     assert endpoint_addresses(named) == [{"socket_address": {"address": "localhost", "port_value": 16003}}]
-    assert "health_checks" not in named and "circuit_breakers" not in named
+    assert "health_checks" not in named
+    assert named["circuit_breakers"] == {"thresholds": [{"max_retries": TUNNEL_MAX_RETRIES}]}, "Envoy's other defaults stay"
     assert clusters["hashed"]["lb_policy"] == "RING_HASH"
 
 
