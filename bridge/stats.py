@@ -36,6 +36,8 @@ COUNTERS = (
     "downstream_cx_total",
     "downstream_cx_closed_bad_request",
     "downstream_cx_frame_timeout",
+    "downstream_paused_in_flight",
+    "downstream_paused_upstream_full",
     "downstream_cx_overflow",
     "downstream_cx_drained",
     "codec_error",

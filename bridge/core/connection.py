@@ -196,10 +196,15 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         inbuf = self._inbuf
         codec = self.codec
         stats = self.stats
-        self._holding = False
+        was_holding, self._holding = self._holding, False
         while inbuf:
             if (self.active >= self._max_in_flight or self._upstream_full) and len(inbuf) <= self._max_client_buffer:
                 self._holding = True  # backpressure: the bytes wait until requests complete
+                if not was_holding:
+                    if self._upstream_full:
+                        stats.downstream_paused_upstream_full += 1
+                    else:
+                        stats.downstream_paused_in_flight += 1
                 break
             metadata = Metadata()
             try:

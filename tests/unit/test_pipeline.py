@@ -222,6 +222,7 @@ async def test_requests_past_the_in_flight_limit_wait_undecoded_until_others_fin
     h.write()
     assert flows_per_stream(h) == {1: [1, 2, 3]}, "one answered, one more decoded and sent"
     assert h.client_frames() == [(1, 1, 0, b"ok")]
+    assert h.stats.downstream_paused_in_flight == 1, "one pause: taken up again at once after the third"
 
 
 @in_loop
@@ -248,6 +249,7 @@ async def test_a_slow_upstream_pushes_back_on_its_client():
             break
         h.write()
     assert h.stats.request == 2 and flows_per_stream(h) == {1: [1, 2]}
+    assert h.stats.downstream_paused_upstream_full == 1
 
 
 @in_loop
