@@ -11,7 +11,10 @@ from bridge.registry import CodecLoadError, load_filter_class
 from bridge.sdk.filter import Filter
 
 # name -> "module:Class" of the filters that ship with metabridge (imported when used).
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "local_ratelimit": "bridge.filters.local_ratelimit:LocalRateLimitFilter",
+    "fault": "bridge.filters.fault:FaultFilter",
+}
 
 
 def build_filters(listener, config) -> list[Filter]:

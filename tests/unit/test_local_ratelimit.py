@@ -1,0 +1,262 @@
+"""The local rate limit filter through a connection (ext_proc transport, fake HCM): its place
+before the router, OVER_LIMIT replies, lazy refill, conditions, the per-worker share of a bucket,
+config errors that name the field, and examples/governance.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.cli import main as cli_main
+from bridge.config.model import load, parse
+from bridge.core.chain import FilterChain
+from bridge.core.runtime import build_runtimes
+from bridge.filters import BUILTIN, build_filters
+from bridge.filters.local_ratelimit import LocalRateLimitFilter
+from bridge.registry import CodecLoadError
+from bridge.sdk.filter import Filter, FilterStatus
+from tests.unit.connection_harness import OVER_LIMIT, ROUTE_NOT_FOUND, Harness, encode_frame, in_loop, parse_frames
+
+REPO = Path(__file__).resolve().parents[2]
+GOVERNANCE = REPO / "examples" / "governance.yaml"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def limiter(config, clock=None, **kwargs) -> LocalRateLimitFilter:
+    return LocalRateLimitFilter(config, listener="test", clock=clock or FakeClock(), **kwargs)
+
+
+def bucket(max_tokens, tokens_per_fill=None, fill_interval="1s") -> dict:
+    b = {"max_tokens": max_tokens, "fill_interval": fill_interval}
+    if tokens_per_fill is not None:
+        b["tokens_per_fill"] = tokens_per_fill
+    return b
+
+
+def with_filters(*filters: Filter) -> Harness:
+    h = Harness()
+    h.runtime.chain = FilterChain(filters, "test", h.stats)
+    return h
+
+
+def routed(h: Harness) -> list[int]:
+    """Flows that reached HCM (the router forwarded them), in order."""
+    return sorted(flow for data in h.hcm.received.values() for flow, *_ in parse_frames(bytes(data)))
+
+
+def refused(h: Harness) -> list[int]:
+    return [flow for flow, _cmd, code, _ in h.client_frames() if code == OVER_LIMIT]
+
+
+def frames(cmd: int, flows) -> bytes:
+    return b"".join(encode_frame(flow, cmd) for flow in flows)
+
+
+class Recorder(Filter):
+    name = "after"
+
+    def __init__(self) -> None:
+        super().__init__({}, listener="test")
+        self.seen = []
+
+    def on_request(self, request):
+        self.seen.append(request.metadata.request_id)
+        return FilterStatus.CONTINUE
+
+
+@in_loop
+async def test_over_the_limit_requests_get_over_limit_and_never_reach_later_filters_or_the_router():
+    rl, after = limiter({"token_bucket": bucket(3)}), Recorder()
+    h = with_filters(rl, after)
+    h.read(frames(1, range(1, 6)))
+    assert routed(h) == [1, 2, 3]
+    assert h.client_frames() == [(4, 1, OVER_LIMIT, b""), (5, 1, OVER_LIMIT, b"")]
+    assert after.seen == [1, 2, 3]
+    assert rl.stats.snapshot() == {"ok": 3, "rate_limited": 2, "unlimited": 0}
+    assert h.stats.local_response_over_limit == 2 and h.stats.request_active == 3
+
+
+@in_loop
+async def test_the_bucket_is_shared_by_the_listeners_connections():
+    rl = limiter({"token_bucket": bucket(2)})
+    first, second = with_filters(rl), with_filters(rl)
+    first.read(frames(1, [1]))
+    second.read(frames(1, [1, 2]))
+    assert routed(first) == [1] and routed(second) == [1]
+    assert refused(second) == [2]
+
+
+@in_loop
+async def test_the_limiter_runs_before_the_router():
+    rl = limiter({"token_bucket": bucket(1)})
+    h = with_filters(rl)
+    h.read(encode_frame(1, 9) + encode_frame(2, 1))  # cmd 9 has no route, but it took the token
+    assert h.client_frames() == [(1, 9, ROUTE_NOT_FOUND, b""), (2, 1, OVER_LIMIT, b"")]
+    assert routed(h) == []
+
+
+@in_loop
+async def test_tokens_refill_lazily_per_whole_interval_up_to_max_tokens():
+    clock = FakeClock()
+    rl = limiter({"token_bucket": bucket(5, 2, "1s")}, clock)
+    h = with_filters(rl)
+    flows = iter(range(1, 1000))
+
+    def admitted(n: int) -> int:
+        before = len(routed(h))
+        h.read(frames(1, [next(flows) for _ in range(n)]))
+        return len(routed(h)) - before
+
+    assert admitted(7) == 5, "starts full"
+    clock.t += 0.75
+    assert admitted(3) == 0, "no refill before a whole fill_interval"
+    clock.t += 0.25
+    assert admitted(3) == 2, "tokens_per_fill after one interval"
+    clock.t += 1.5
+    assert admitted(3) == 2, "one whole interval (the half is kept for the next)"
+    clock.t += 0.5
+    assert admitted(3) == 2
+    clock.t += 60
+    assert admitted(9) == 5, "never more than max_tokens"
+    assert rl.stats.ok == 16 and rl.stats.rate_limited == 2 + 3 + 1 + 1 + 1 + 4
+
+
+@in_loop
+async def test_tokens_per_fill_defaults_to_one():
+    clock = FakeClock()
+    rl = limiter({"token_bucket": bucket(2, fill_interval="100ms")}, clock)
+    h = with_filters(rl)
+    h.read(frames(1, [1, 2, 3]))
+    clock.t += 0.25
+    h.read(frames(1, [4, 5, 6]))
+    assert routed(h) == [1, 2, 4, 5]
+
+
+@in_loop
+async def test_the_first_matching_condition_wins_else_the_default_bucket():
+    rl = limiter(
+        {
+            "token_bucket": bucket(2),
+            "conditions": [
+                {"match": {"headers": [{"name": "cmd", "exact": "2"}]}, "token_bucket": bucket(1)},
+                {"match": {"headers": [{"name": "cmd", "regex": "[23]"}]}, "token_bucket": bucket(3)},
+            ],
+        }
+    )
+    h = with_filters(rl)
+    h.read(frames(2, [1, 2, 3]) + frames(3, [4, 5, 6, 7]) + frames(1, [8, 9, 10]))
+    assert refused(h) == [2, 3, 7, 10], "cmd 2: 1 (the first condition, though the second matches too); cmd 3: 3; cmd 1: the default's 2"
+    assert routed(h) == [1, 4, 5, 6, 8, 9]
+
+
+@in_loop
+async def test_without_a_default_bucket_requests_no_condition_matches_are_not_limited():
+    rl = limiter({"conditions": [{"match": {"headers": [{"name": "cmd", "exact": "2"}]}, "token_bucket": bucket(1)}]})
+    h = with_filters(rl)
+    h.read(frames(1, range(1, 51)) + frames(2, [51, 52]))
+    assert refused(h) == [52]
+    assert rl.stats.snapshot() == {"ok": 1, "rate_limited": 1, "unlimited": 50}
+
+
+@in_loop
+async def test_a_condition_without_match_matches_every_request():
+    rl = limiter({"token_bucket": bucket(5), "conditions": [{"token_bucket": bucket(1)}]})
+    h = with_filters(rl)
+    h.read(frames(1, [1, 2]))
+    assert refused(h) == [2]
+
+
+def test_each_worker_keeps_its_share_so_the_bridge_admits_the_configured_rate():
+    def admitted(max_tokens, tokens_per_fill, workers, intervals) -> int:
+        """Requests N saturated workers admit in total over ``intervals`` fill intervals."""
+        clock = FakeClock()
+        buckets = [limiter({"token_bucket": bucket(max_tokens, tokens_per_fill, "1s")}, clock, workers=workers).default for _ in range(workers)]
+        total = 0
+        for step in range(intervals + 1):
+            clock.t = 1000.0 + step
+            for b in buckets:
+                while b.take(clock.t):
+                    total += 1
+        return total
+
+    assert admitted(100, 100, 1, 10) == 100 + 100 * 10
+    assert admitted(100, 100, 4, 10) == 100 + 100 * 10, "25 per worker, exactly"
+    # 10 does not divide by 4: 2.5 tokens per fill each, kept exactly (2, 3, 2, 3, ...), and a
+    # burst of max_tokens / workers rounded up (3), so the bridge's total is at most 2 over.
+    assert 10 + 10 * 40 <= admitted(10, 10, 4, 40) <= 10 + 10 * 40 + 2
+    # max_tokens below tokens_per_fill: a full bucket caps each fill, for one worker as for three.
+    assert admitted(3, 7, 3, 100) == admitted(3, 7, 1, 100) == 3 + 3 * 100
+    assert admitted(10, 10, 1, 30) <= admitted(10, 10, 3, 30) <= admitted(10, 10, 1, 30) + 2
+    one = limiter({"token_bucket": bucket(8, 8)}, workers=4).default
+    assert [one.take(1000.0) for _ in range(3)] == [True, True, False], "8 tokens over 4 workers: 2 each"
+
+
+def test_a_worker_count_that_is_not_a_positive_integer_is_refused():
+    with pytest.raises(ValueError, match="workers"):
+        limiter({"token_bucket": bucket(1)}, workers=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"token_bucket": {"fill_interval": "1s"}}, "token_bucket: 'max_tokens' is a required property"),
+        ({"token_bucket": bucket(0)}, "token_bucket.max_tokens: 0 is less than the minimum of 1"),
+        ({"token_bucket": bucket(1, 0)}, "token_bucket.tokens_per_fill: 0 is less than the minimum of 1"),
+        ({"token_bucket": {"max_tokens": "10", "fill_interval": "1s"}}, "token_bucket.max_tokens: '10' is not of type 'integer'"),
+        ({"token_bucket": bucket(1, fill_interval="soon")}, "token_bucket.fill_interval: 'soon' does not match"),
+        ({"token_bucket": bucket(1, fill_interval="0s")}, "token_bucket.fill_interval: must be more than 0"),
+        ({"token_bucket": {"max_tokens": 1, "fill_interval": "1s", "burst": 2}}, "token_bucket: Additional properties are not allowed ('burst' was unexpected)"),
+        ({"bucket": bucket(1)}, "(config): Additional properties are not allowed ('bucket' was unexpected)"),
+        ({"conditions": [{"match": {}}]}, "conditions[0]: 'token_bucket' is a required property"),
+        ({"conditions": [{"match": {"headers": [{"name": "cmd"}]}, "token_bucket": bucket(1)}]}, "conditions[0].match.headers[0]: "),
+        ({"conditions": [{"match": {"headers": [{"name": "cmd", "exact": "1"}, {"name": "x", "regex": "("}]}, "token_bucket": bucket(1)}]}, "conditions[0].match.headers[1].regex: invalid regular expression"),
+        ({"conditions": [{"match": {"cmd": "1"}, "token_bucket": bucket(1)}]}, "conditions[0].match: Additional properties are not allowed"),
+    ],
+)
+def test_a_bad_config_is_refused_naming_the_field(config, message):
+    with pytest.raises(ValueError) as caught:
+        limiter(config)
+    assert message in str(caught.value)
+
+
+def test_a_bad_config_in_the_file_names_the_listener_entry_and_the_field():
+    raw = yaml.safe_load(GOVERNANCE.read_text())
+    raw["listeners"][0]["filters"][0]["config"]["token_bucket"]["max_tokens"] = -1
+    config = parse(raw, str(GOVERNANCE), GOVERNANCE.parent)
+    with pytest.raises(CodecLoadError) as caught:
+        build_runtimes(config)
+    assert "listeners[awesomerpc].filters[0]: 'local_ratelimit' rejects its config: ValueError: token_bucket.max_tokens: -1 is less than the minimum of 1" in str(caught.value)
+
+
+def test_local_ratelimit_is_built_in_by_name():
+    assert "local_ratelimit" in BUILTIN
+    config = load(GOVERNANCE)
+    built = build_filters(config.listeners[0], config)
+    assert isinstance(built[0], LocalRateLimitFilter) and built[0].name == "local_ratelimit"
+    assert built[0].default.capacity == 100 and len(built[0].conditions) == 1
+
+
+def test_the_governance_example_validates(capsys):
+    assert cli_main(["validate", "-c", str(GOVERNANCE), "--no-envoy"]) == 0
+    runtime = build_runtimes(load(GOVERNANCE))["awesomerpc"]
+    assert [f.name for f in runtime.chain.filters] == ["local_ratelimit", "fault", "fault"]
+
+
+@in_loop
+async def test_the_governance_example_limits_cmd_2_to_its_condition_bucket():
+    runtime = build_runtimes(load(GOVERNANCE))["awesomerpc"]
+    limit = runtime.chain.filters[0]
+    limit.clock = lambda: limit.default.last_fill  # no fill boundary in the middle of the test
+    h = Harness()
+    h.runtime.chain = runtime.chain
+    h.read(frames(2, range(1, 13)))
+    assert refused(h) == [11, 12], "cmd 2: 10 a second"
