@@ -9,6 +9,12 @@ a batch of received frames produces leaves in one socket write.
 What it speaks: HTTP/2 with prior knowledge (no TLS, no upgrade), unary and bidirectional
 streaming gRPC without compression. Compressed messages are refused with UNIMPLEMENTED.
 
+Its limits (constructor arguments of GrpcServer, defaults below) are advertised where HTTP/2 has
+a setting for them and enforced; docs/grpc-server.md lists them with the memory one connection
+can pin. Write backpressure: while the socket's buffer is over asyncio's high-water mark
+(``pause_writing``), the connection stops reading, so a peer that does not read cannot make it
+produce more (PING and SETTINGS acknowledgements, answers).
+
 A service is a mapping from ``/package.Service/Method`` to a handler factory: called with the
 stream when its HEADERS arrive, it returns a ``StreamHandler`` that gets each message, the end
 of the client's side and a reset.
@@ -24,7 +30,7 @@ import struct
 from typing import Callable, Iterable
 
 from bridge.transport import http2
-from bridge.transport.http2 import END_STREAM, NO_ERROR, REFUSED_STREAM, RST_STREAM, H2Stream, Http2Connection, Pieces, ProtocolError, frame, u32
+from bridge.transport.http2 import ENHANCE_YOUR_CALM, MAX_WINDOW, NO_ERROR, PROTOCOL_ERROR, H2Stream, Http2Connection, Limits, Pieces, ProtocolError, u32
 from bridge.logs import event
 
 log = logging.getLogger("metabridge.grpc")
@@ -33,6 +39,71 @@ _PREFIX = struct.Struct(">BL")  # a gRPC message's compressed flag and length
 
 # gRPC status codes used here.
 OK, INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL = 0, 3, 5, 8, 12, 13
+
+DEFAULT_MAX_MESSAGE = 16 * 1024 * 1024
+DEFAULT_MAX_HEADER_LIST = 16 * 1024  # gRPC's usual metadata limit; Envoy's ext_proc headers are < 1 KiB
+
+
+def message_limit(max_frame_sizes: Iterable[int]) -> int:
+    """A gRPC message limit for ext_proc serving listeners with these ``max_frame_size``s: a
+    message carries at most what Envoy read at once from a client (or HCM wrote), which for a
+    whole frame in one piece is the frame plus HTTP/2 and protobuf overhead; never below 4 MiB
+    (Envoy's reads are bounded by its buffer limits, 1 MiB by default)."""
+    largest = max(max_frame_sizes, default=0)
+    return max(4 * 1024 * 1024, 2 * largest + 64 * 1024)
+
+
+def server_limits(
+    max_message: int = DEFAULT_MAX_MESSAGE,
+    *,
+    max_concurrent_streams: int = 100,
+    max_header_list_size: int = DEFAULT_MAX_HEADER_LIST,
+    max_frame_size: int = http2.DEFAULT_FRAME,
+    max_continuations: int = 32,
+    connection_window: int | None = None,
+    reset_burst: int = 200,
+    reset_rate: float = 100.0,
+    ping_burst: int = 100,
+    ping_rate: float = 20.0,
+    settings_burst: int = 100,
+    settings_rate: float = 10.0,
+) -> Limits:
+    """The HTTP/2 limits of the gRPC server. The connection window defaults to room for two
+    whole messages (a stream can always finish its message; two streams can interleave)."""
+    if connection_window is None:
+        connection_window = min(MAX_WINDOW, 2 * (max_message + 5) + max_frame_size)
+    return Limits(
+        max_concurrent_streams=max_concurrent_streams,
+        max_header_list_size=max_header_list_size,
+        max_header_block=max_header_list_size,
+        max_continuations=max_continuations,
+        max_frame_size=max_frame_size,
+        connection_window=max(http2.DEFAULT_WINDOW, connection_window),
+        reset_burst=reset_burst,
+        reset_rate=reset_rate,
+        ping_burst=ping_burst,
+        ping_rate=ping_rate,
+        settings_burst=settings_burst,
+        settings_rate=settings_rate,
+    )
+
+
+class GrpcStats:
+    """Transport counters of one server (plain integers, read when scraped)."""
+
+    __slots__ = ("connections", "connection_errors", "connections_calmed", "streams", "streams_refused", "streams_reset", "write_pauses")
+
+    def __init__(self) -> None:
+        self.connections = 0  # HTTP/2 connections accepted
+        self.connection_errors = 0  # closed with a GOAWAY carrying an error code
+        self.connections_calmed = 0  # ... of which ENHANCE_YOUR_CALM (a flood or a limit)
+        self.streams = 0  # calls handed to a method
+        self.streams_refused = 0  # refused (server stopping, client going away)
+        self.streams_reset = 0  # calls reset by the client or for its protocol errors
+        self.write_pauses = 0  # times the socket's buffer filled and reading paused
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 # Envoy opens one connection per client connection, and clients arrive in bursts: a connect to a
@@ -121,13 +192,17 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
     """One HTTP/2 connection from a gRPC client."""
 
     def __init__(self, server: "GrpcServer") -> None:
-        Http2Connection.__init__(self, server=True)
+        limits = getattr(server, "limits", None) or server_limits(server.max_message)
+        Http2Connection.__init__(self, server=True, limits=limits)
         self._server = server
         self._methods = server.methods
+        self._stats: GrpcStats = getattr(server, "stats", None) or GrpcStats()
+        self._max_backlog = limits.connection_window  # answers waiting for the client's windows
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] | None = None  # set while handling received bytes: one write at the end
         self._going_away = False
         self._broken = False  # a protocol error: GOAWAY sent, the connection is closing
+        self._write_paused = False
         self.closed = asyncio.get_running_loop().create_future()
 
     # ---- transport -------------------------------------------------------------------------
@@ -135,6 +210,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
     def connection_made(self, transport) -> None:
         self._transport = transport
         self._server.connections.add(self)
+        self._stats.connections += 1
         transport.write(self.settings_frames())
 
     def connection_lost(self, exc) -> None:
@@ -158,7 +234,11 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         try:
             self.feed(data)
         except ProtocolError as exc:
-            event(log, logging.WARNING, "grpc_connection_error", error=str(exc), hint="the client broke the HTTP/2 protocol; the connection is closed")
+            stats = self._stats
+            stats.connection_errors += 1
+            if exc.code == ENHANCE_YOUR_CALM:
+                stats.connections_calmed += 1
+            event(log, logging.WARNING, "grpc_connection_error", error=str(exc), code=exc.code, hint="the client broke the HTTP/2 protocol or a limit; the connection is closed")
             out.append(self.goaway_frame(exc.code, str(exc)))
             self._broken = True
         finally:
@@ -169,20 +249,47 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
             if self._broken:
                 transport.close()
 
+    def pause_writing(self) -> None:
+        """The socket's buffer is full: read nothing more (which would make more to write)."""
+        self._write_paused = True
+        self._stats.write_pauses += 1
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._transport is not None and not self._broken and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _held(self) -> int:
+        """Answers waiting for the client's flow-control windows plus partial messages: what
+        the connection's receive window is kept shut by (bridge.transport.http2)."""
+        held = Http2Connection._held(self)
+        if held > self._max_backlog:
+            raise ProtocolError(ENHANCE_YOUR_CALM, f"the client does not read: {held} bytes of answers wait for its flow-control windows")
+        for stream in self.streams.values():
+            pieces = stream.pieces.held
+            if pieces:
+                held += len(pieces)
+        return held
+
     # ---- HTTP/2 events ---------------------------------------------------------------------
 
     def on_headers(self, stream_id: int, headers: dict[str, str], end_stream: bool) -> None:
+        # bridge.transport.http2 has checked the stream's state: a stream in ``streams`` gets its
+        # trailers, any other is new (within the concurrent-streams limit).
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client
-            if end_stream:
+            if not end_stream:  # RFC 9113 8.1: a second header block must end the stream
+                self._stream_error(stream_id, PROTOCOL_ERROR)
+            else:
                 self._on_remote_end(stream)
             return
-        if stream_id <= self.highest_stream_id or stream_id % 2 == 0:
-            raise ProtocolError(http2.PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order")
-        self.highest_stream_id = stream_id
         if self._going_away or self._server.stopping:
-            self._write(frame(RST_STREAM, 0, stream_id, u32.pack(REFUSED_STREAM)))
+            self._stats.streams_refused += 1
+            self.refuse_stream(stream_id)
             return
+        self._stats.streams += 1
         stream = Stream(stream_id, self, headers)
         stream.remote_closed = end_stream
         self.streams[stream_id] = stream
@@ -200,6 +307,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
             self._on_remote_end(stream)
 
     def on_reset(self, stream: Stream, code: int) -> None:
+        self._stats.streams_reset += 1
         self._reset_handler(stream)
 
     def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
@@ -276,14 +384,19 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         self._forget_if_done(stream)
 
     def _fail_stream(self, stream: Stream, code: int, message: str) -> None:
-        """End a call with an error status; reset it if the client is still sending."""
+        """End a call with an error status; reset it if the client is still sending (its late
+        frames, trailers included, are then ignored: RFC 9113 5.1)."""
         if not stream.local_closed:
             stream.backlog.clear()
+            stream.after_backlog = None
             stream.finish(code, message)
-        if not stream.remote_closed:
+        if not stream.remote_closed and stream.id in self.streams:
+            self.refuse_stream(stream.id, NO_ERROR)  # counts against the reset budget
             stream.remote_closed = True
-            self._write(frame(RST_STREAM, 0, stream.id, u32.pack(NO_ERROR)))
-        self.forget(stream)
+            self._blocked.pop(stream.id, None)
+            del self.streams[stream.id]
+        else:
+            self.forget(stream)
         self._reset_handler(stream)
 
     def _reset_handler(self, stream: Stream) -> None:
@@ -311,11 +424,57 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
 
 
 class GrpcServer:
-    """Listens on ``unix:PATH`` or ``HOST:PORT`` and serves ``methods``."""
+    """Listens on ``unix:PATH`` or ``HOST:PORT`` and serves ``methods``.
 
-    def __init__(self, methods: dict[str, Factory], max_message: int = 64 * 1024 * 1024) -> None:
+    Limits (each connection's; docs/grpc-server.md):
+
+    - ``max_message`` (16 MiB): a gRPC message declaring more ends its call with RESOURCE_EXHAUSTED
+      (for ext_proc, ``message_limit`` derives it from the listeners' ``max_frame_size``);
+    - ``max_concurrent_streams`` (100, advertised): streams past it are refused (REFUSED_STREAM);
+    - ``max_header_list_size`` (16 KiB, advertised; also the compressed block's limit) and
+      ``max_continuations`` (32 per block): past them, GOAWAY(ENHANCE_YOUR_CALM);
+    - ``max_frame_size`` (16 KiB, advertised): a longer frame is a FRAME_SIZE_ERROR;
+    - ``connection_window`` (2 x (max_message + 5) + max_frame_size): bytes the client may have
+      sent and the server not yet let go (partial messages, answers waiting for the client's
+      windows); answers waiting past it close the connection with ENHANCE_YOUR_CALM;
+    - ``reset_burst``/``reset_rate`` (200, then 100/s), ``ping_burst``/``ping_rate`` (100, 20/s),
+      ``settings_burst``/``settings_rate`` (100, 10/s): past them, GOAWAY(ENHANCE_YOUR_CALM).
+    """
+
+    def __init__(
+        self,
+        methods: dict[str, Factory],
+        max_message: int = DEFAULT_MAX_MESSAGE,
+        *,
+        max_concurrent_streams: int = 100,
+        max_header_list_size: int = DEFAULT_MAX_HEADER_LIST,
+        max_frame_size: int = http2.DEFAULT_FRAME,
+        max_continuations: int = 32,
+        connection_window: int | None = None,
+        reset_burst: int = 200,
+        reset_rate: float = 100.0,
+        ping_burst: int = 100,
+        ping_rate: float = 20.0,
+        settings_burst: int = 100,
+        settings_rate: float = 10.0,
+    ) -> None:
         self.methods = methods
         self.max_message = max_message
+        self.limits = server_limits(
+            max_message,
+            max_concurrent_streams=max_concurrent_streams,
+            max_header_list_size=max_header_list_size,
+            max_frame_size=max_frame_size,
+            max_continuations=max_continuations,
+            connection_window=connection_window,
+            reset_burst=reset_burst,
+            reset_rate=reset_rate,
+            ping_burst=ping_burst,
+            ping_rate=ping_rate,
+            settings_burst=settings_burst,
+            settings_rate=settings_rate,
+        )
+        self.stats = GrpcStats()
         self.connections: set[GrpcConnection] = set()
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None

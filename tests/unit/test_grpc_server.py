@@ -49,7 +49,7 @@ def identity(data: bytes) -> bytes:
     return data
 
 
-async def start(max_message: int = 64 * 1024 * 1024) -> tuple[GrpcServer, str]:
+async def start(max_message: int = 64 * 1024 * 1024, **limits) -> tuple[GrpcServer, str]:
     server = GrpcServer(
         {
             ECHO: EchoCall,
@@ -57,6 +57,7 @@ async def start(max_message: int = 64 * 1024 * 1024) -> tuple[GrpcServer, str]:
             "/grpc.health.v1.Health/Watch": lambda stream: HealthCall(stream, watch=True),
         },
         max_message=max_message,
+        **limits,
     )
     await server.start("127.0.0.1:0")
     return server, f"127.0.0.1:{server.port}"
@@ -308,7 +309,7 @@ def test_raw_http2_client_edges():
     from h2.events import DataReceived, PingAckReceived, ResponseReceived, StreamEnded, TrailersReceived
 
     async def body():
-        server, address = await start()
+        server, address = await start(max_header_list_size=64 * 1024)  # the headers below are ~29 KB
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
@@ -369,7 +370,7 @@ _HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0)  # preface and
         (_h2_frame(8, 0, 0, b"\x00\x01"), 6, "WINDOW_UPDATE must be 4 bytes"),
         (_h2_frame(9, 4, 1, b""), 1, "unexpected CONTINUATION"),
         (_h2_frame(5, 4, 1, b"\x00\x00\x00\x02"), 1, "push"),
-        (_h2_frame(1, 4, 2, b"\x82"), 1, "out of order"),  # a client opens odd streams only
+        (_h2_frame(1, 4, 2, b"\x82"), 1, "odd-numbered"),  # a client opens odd streams only
         (_h2_frame(1, 4 | 8, 1, b"\x09\x82"), 1, "padding longer than the frame"),
         (_h2_frame(1, 4, 1, b"\xff\xff\xff\xff\xff"), 9, "bad HPACK block"),
     ],
