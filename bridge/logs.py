@@ -41,3 +41,9 @@ def setup(level: str = "info") -> None:
 def event(log: logging.Logger, level: int, name: str, exc_info: bool = False, **fields) -> None:
     if log.isEnabledFor(level):
         log.log(level, name, exc_info=exc_info, extra={"fields": fields})
+
+
+def failure(log: logging.Logger, name: str, exc: BaseException, **fields) -> None:
+    """An ERROR event for an exception caught where it happened (a plugin's, or a bug), with
+    its traceback: contained failures are logged once, here."""
+    event(log, logging.ERROR, name, exc_info=(type(exc), exc, exc.__traceback__), **fields)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from bridge.core.request import ActiveRequest
 from bridge.core.router import route_request
-from bridge.logs import event
+from bridge.logs import failure
 from bridge.sdk.codec import ErrorType
 from bridge.sdk.filter import Filter, FilterStatus
 
@@ -66,11 +66,10 @@ class FilterChain:
 
     def _failed(self, current: Filter, hook: str, request: ActiveRequest, exc: Exception) -> None:
         self.stats.filter_error += 1
-        event(
+        failure(
             log,
-            logging.ERROR,
             "filter_error",
-            exc_info=(type(exc), exc, exc.__traceback__),
+            exc,
             listener=self.listener,
             filter=current.name or type(current).__name__,
             hook=hook,

@@ -40,7 +40,7 @@ from bridge.core.tunnels import (
     TunnelState,
     Upstream,
 )
-from bridge.logs import event
+from bridge.logs import event, failure
 from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata
 
 log = logging.getLogger("metabridge.connection")
@@ -552,11 +552,10 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
 
     def _codec_failed(self, hook: str, exc: Exception, metadata: Metadata | None, direction: str = "request") -> None:
         self.stats.codec_error += 1
-        event(
+        failure(
             log,
-            logging.ERROR,
             "codec_error",
-            exc_info=(type(exc), exc, exc.__traceback__),
+            exc,
             listener=self.listener.name,
             codec=self.listener.codec_cls.__name__,
             hook=hook,
@@ -585,7 +584,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             self._after_event()
         except Exception as exc:  # noqa: BLE001 - a bug must not leave requests unanswered silently
             self.stats.internal_error += 1
-            event(log, logging.ERROR, "internal_error", exc_info=(type(exc), exc, exc.__traceback__), listener=self.listener.name, connection=self.id)
+            failure(log, "internal_error", exc, listener=self.listener.name, connection=self.id)
             self._close_now("internal error")
         finally:
             self._in_event = nested
