@@ -1,4 +1,5 @@
-"""Prometheus exposition of the per-listener counters (bridge.stats), read at scrape time.
+"""Prometheus exposition of the per-listener counters (bridge.stats) and the filters' own
+counters, read at scrape time.
 
 Counters stay plain integers on the hot path; this collector turns them into
 ``metabridge_<name>_total{listener="..."}`` (gauges for the ``*_active`` ones) when scraped.
@@ -29,6 +30,25 @@ class ListenerStatsCollector(Collector):
             for name, snapshot in snapshots.items():
                 family.add_metric([name], snapshot[gauge])
             yield family
+        yield from self._filter_families()
+
+    def _filter_families(self):
+        """Each filter's own counters (a ``stats`` with ``snapshot()``), as
+        ``metabridge_filter_<filter>_<counter>_total{listener, index}``; ``index`` is the
+        filter's place in the chain (a listener may list a filter twice)."""
+        families: dict[str, CounterMetricFamily] = {}
+        for name, runtime in self._runtimes.items():
+            for index, current in enumerate(runtime.chain.filters):
+                stats = getattr(current, "stats", None)
+                if stats is None or not callable(getattr(stats, "snapshot", None)):
+                    continue
+                for counter, value in stats.snapshot().items():
+                    metric = f"metabridge_filter_{current.name}_{counter}"
+                    family = families.get(metric)
+                    if family is None:
+                        family = families[metric] = CounterMetricFamily(metric, f"{current.name} filter: {counter.replace('_', ' ')}", labels=["listener", "index"])
+                    family.add_metric([name, str(index)], value)
+        yield from families.values()
 
 
 def serve_metrics(runtimes, address: str, port: int):

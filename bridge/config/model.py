@@ -219,11 +219,18 @@ def _mutation(items: list[dict[str, str]] | None) -> dict[str, str]:
     return {item["key"]: item["value"] for item in items or ()}
 
 
-def _route(raw: dict[str, Any], index: int) -> RouteConfig:
+def parse_header_matches(raw_match: dict[str, Any] | None) -> tuple[HeaderMatch, ...]:
+    """A ``match: {headers: [...]}`` mapping (schema-checked) as HeaderMatch values: the one
+    parser of the header-match syntax, for routes and for filters' match conditions."""
     matchers = []
-    for header in (raw.get("match") or {}).get("headers", ()):
+    for header in (raw_match or {}).get("headers", ()):
         kind = next(k for k in ("exact", "prefix", "suffix", "regex", "present") if k in header)
         matchers.append(HeaderMatch(header["name"], kind, header[kind], bool(header.get("invert", False))))
+    return tuple(matchers)
+
+
+def _route(raw: dict[str, Any], index: int) -> RouteConfig:
+    matchers = parse_header_matches(raw.get("match"))
     action = raw["route"]
     if "cluster" in action:
         clusters = (WeightedCluster(action["cluster"], 1),)

@@ -7,6 +7,8 @@ class by ``ref`` (``file.py:Class``, ``package.module:Class`` or an entry point 
 
 from __future__ import annotations
 
+import inspect
+
 from bridge.registry import CodecLoadError, load_filter_class
 from bridge.sdk.filter import Filter
 
@@ -27,8 +29,11 @@ def build_filters(listener, config) -> list[Filter]:
             known = ", ".join(sorted(BUILTIN)) or "none"
             raise CodecLoadError(f"{where}: unknown filter {spec.name!r} (built-in filters: {known}); give a 'ref' to load one from a file or package")
         cls = load_filter_class(ref, config.base_dir)
+        # Filters that hold a budget for the whole bridge (a local rate limit) take the number
+        # of worker processes sharing it; others need not accept it.
+        extra = {"workers": config.workers} if "workers" in inspect.signature(cls).parameters else {}
         try:
-            instance = cls(spec.config, listener=listener.name)
+            instance = cls(spec.config, listener=listener.name, **extra)
         except Exception as exc:
             raise CodecLoadError(f"{where}: {spec.name!r} rejects its config: {type(exc).__name__}: {exc}") from exc
         if not instance.name:

@@ -87,9 +87,7 @@ def compile_match(raw_match: Mapping[str, Any] | None, where: str) -> Predicate:
     """A route-style ``match`` (already checked against MATCH_SCHEMA) as one predicate on the
     headers. Parsed by the config model's route parser and compiled by the router's matcher
     compiler, so a filter's match and a route's cannot drift apart."""
-    # bridge.config.model parses a route's match only inside _route(); a throwaway route
-    # reuses that parser until the model exposes it on its own.
-    headers = model._route({"match": raw_match or {}, "route": {"cluster": "-"}}, 0).headers
+    headers = model.parse_header_matches(raw_match)
     for i, matcher in enumerate(headers):
         if matcher.kind == "regex":
             try:

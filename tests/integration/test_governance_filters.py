@@ -123,11 +123,6 @@ def test_the_configured_rate_holds_over_time(make_stack):
     assert_rate(admitted, refused, elapsed, burst=5, per_second=50, fill=5)
 
 
-@pytest.mark.xfail(
-    reason="bridge.filters.build_filters does not pass bridge.workers to the filter yet (it constructs "
-    "cls(config, listener=...)); each worker then keeps the whole bucket and the bridge admits workers x the rate",
-    strict=False,
-)
 def test_the_configured_rate_holds_for_the_whole_bridge_with_two_workers(make_stack):
     stack = make_stack([{"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": 10, "tokens_per_fill": 10, "fill_interval": "200ms"}}}], workers=2)
     admitted, refused, elapsed = run_async(hammer(stack.listen_port, 4, 3, 3.0), 30)

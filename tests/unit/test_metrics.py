@@ -1,0 +1,32 @@
+"""bridge/metrics.py: listener counters and filters' own counters as Prometheus families."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bridge.config.model import load
+from bridge.core.runtime import build_runtimes
+from bridge.metrics import ListenerStatsCollector
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def samples(runtimes) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in ListenerStatsCollector(runtimes).collect():
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_filters_counters_are_exported_per_listener_and_place_in_the_chain():
+    runtimes = build_runtimes(load(REPO / "examples" / "governance.yaml"))
+    listener, runtime = next(iter(runtimes.items()))
+    limiter_index = next(i for i, f in enumerate(runtime.chain.filters) if f.name == "local_ratelimit")
+    limiter = runtime.chain.filters[limiter_index]
+    counter = next(iter(limiter.stats.snapshot()))
+    setattr(limiter.stats, counter, 7)
+    got = samples(runtimes)
+    key = (f"metabridge_filter_local_ratelimit_{counter}_total", (("index", str(limiter_index)), ("listener", listener)))
+    assert got[key] == 7
+    assert got[("metabridge_request_total", (("listener", listener),))] == 0
