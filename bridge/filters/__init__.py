@@ -16,6 +16,7 @@ from bridge.sdk.filter import Filter
 BUILTIN: dict[str, str] = {
     "local_ratelimit": "bridge.filters.local_ratelimit:LocalRateLimitFilter",
     "fault": "bridge.filters.fault:FaultFilter",
+    "ratelimit": "bridge.filters.ratelimit:RateLimitFilter",
 }
 
 

@@ -119,11 +119,10 @@ def _check(config: Mapping[str, Any]) -> None:
 
 def _compile_match(raw_match: Mapping[str, Any] | None):
     """A route-style ``match`` as one predicate on the headers (None: no condition), parsed by
-    the config model's route parser and compiled by the router's, so it means what a route's does."""
+    the config model's header-match parser and compiled by the router's, as a route's is."""
     if not raw_match or not raw_match.get("headers"):
         return None
-    # bridge.config.model parses a route's match only inside _route(): a throwaway route reuses it.
-    headers = model._route({"match": raw_match, "route": {"cluster": "-"}}, 0).headers
+    headers = model.parse_header_matches(raw_match)
     for i, matcher in enumerate(headers):
         if matcher.kind == "regex":
             try:
@@ -148,13 +147,15 @@ class RateLimitStats:
     """The filter's counters (plain integers); ``snapshot()`` is what an exporter reads.
 
     Each request the filter sees is counted once in ``not_matched``, ``no_descriptors`` or
-    ``total`` (a call to the service); each call once in ``ok``, ``over_limit``, ``error``,
+    ``calls`` (a call to the service); each call once in ``ok``, ``over_limit``, ``error``,
     ``timeout`` or ``abandoned`` (the request ended first: its connection closed), and each
     ``error`` or ``timeout`` once more in ``failure_mode_allowed`` or ``failure_mode_denied``.
-    ``active`` is the calls in flight."""
+    ``snapshot()`` has these counters (bridge/metrics.py exports them as
+    ``metabridge_filter_ratelimit_<counter>_total``); ``active``, the calls in flight, is a
+    gauge and kept out of it, since the exporter makes every snapshot value a counter."""
 
-    __slots__ = (
-        "total",
+    COUNTERS = (
+        "calls",
         "ok",
         "over_limit",
         "error",
@@ -164,15 +165,15 @@ class RateLimitStats:
         "abandoned",
         "not_matched",
         "no_descriptors",
-        "active",
     )
+    __slots__ = (*COUNTERS, "active")
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
 
     def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.COUNTERS}
 
 
 class RateLimitFilter(Filter):
@@ -251,7 +252,7 @@ class RateLimitFilter(Filter):
             return FilterStatus.CONTINUE
         message = RateLimitRequest(domain=self.domain, descriptors=descriptors)
         call = self._method()(message, timeout=self.timeout)
-        stats.total += 1
+        stats.calls += 1
         stats.active += 1
         request.state[self.name] = asyncio.ensure_future(self._decide(request, call))
         return FilterStatus.STOP

@@ -15,12 +15,14 @@ import pytest
 from bridge.config.model import parse
 from bridge.core.chain import FilterChain
 from bridge.filters import BUILTIN, build_filters
-from bridge.filters.ratelimit import RateLimitFilter
+from bridge.core.runtime import build_runtimes
+from bridge.filters.ratelimit import RateLimitFilter, RateLimitStats
+from bridge.metrics import ListenerStatsCollector
 from bridge.registry import CodecLoadError
 from bridge._proto import ratelimit_pb2
 from bridge._proto.ratelimit_pb2 import RateLimitRequest, RateLimitResponse
 from tests.peers.ratelimit_service import AioServer, Limit, RateLimitLogic, limit
-from tests.unit.connection_harness import OVER_LIMIT, UNSPECIFIED, Harness, encode_frame, parse_frames, wait_until
+from tests.unit.connection_harness import OVER_LIMIT, REPO_ROOT, UNSPECIFIED, Harness, encode_frame, parse_frames, wait_until
 
 _made: list[RateLimitFilter] = []  # the filters a test made, whose channels it closes
 
@@ -107,7 +109,7 @@ async def test_under_the_limit_requests_pass_and_over_it_they_get_over_limit():
         answer_all(h)
         assert sorted(replies(h).values()) == [0, 0, 0, OVER_LIMIT, OVER_LIMIT]
         assert f.stats.active == 0
-        assert (f.stats.total, f.stats.ok, f.stats.over_limit, f.stats.error, f.stats.timeout) == (5, 3, 2, 0, 0)
+        assert (f.stats.calls, f.stats.ok, f.stats.over_limit, f.stats.error, f.stats.timeout) == (5, 3, 2, 0, 0)
         assert service.logic.descriptors_seen() == [("awesomerpc", ((("cmd", "1"),),))] * 5
         assert h.stats.request_active == 0
     finally:
@@ -148,13 +150,13 @@ async def test_the_match_condition_and_absent_properties_skip_the_call():
         h.read(encode_frame(2, 13))
         await wait_until(lambda: decided(f) == 1, "one answer")
         assert replies(h) == {2: OVER_LIMIT}
-        assert (f.stats.not_matched, f.stats.total) == (1, 1)
+        assert (f.stats.not_matched, f.stats.calls) == (1, 1)
 
         g = ratelimit(service.address, descriptors=[{"property": "user", "descriptor_key": "user"}])
         h = harness(g)
         h.read(encode_frame(1, 1))
         assert forwarded(h) == [1], "no descriptor could be built: forwarded at once"
-        assert (g.stats.no_descriptors, g.stats.total) == (1, 0)
+        assert (g.stats.no_descriptors, g.stats.calls) == (1, 0)
         assert service.logic.calls == 1
     finally:
         await service.stop()
@@ -310,10 +312,10 @@ def test_a_bad_config_is_refused_naming_the_field(config, problem):
         RateLimitFilter(config, listener="test")
 
 
-def test_it_is_a_builtin_filter_named_ratelimit(tmp_path):
+def test_it_is_a_builtin_filter_named_ratelimit_and_its_counters_are_exported():
     assert BUILTIN["ratelimit"] == "bridge.filters.ratelimit:RateLimitFilter"
     raw = {
-        "codecs": {"awesomerpc": {"ref": "codecs/awesomerpc.py:AwesomeRpcCodec"}},
+        "codecs": {"awesomerpc": {"ref": str(REPO_ROOT / "codecs/awesomerpc.py") + ":AwesomeRpcCodec"}},
         "listeners": [
             {
                 "name": "awesomerpc",
@@ -328,6 +330,12 @@ def test_it_is_a_builtin_filter_named_ratelimit(tmp_path):
     config = parse(raw, "x.yaml")
     (built,) = build_filters(config.listeners[0], config)
     assert isinstance(built, RateLimitFilter) and built.address == "unix:/tmp/rls.sock" and built.timeout == 0.1
+    runtimes = build_runtimes(config)
+    (filter_,) = runtimes["awesomerpc"].chain.filters
+    filter_.stats.over_limit, filter_.stats.active = 4, 1
+    exported = {(s.name, s.labels["listener"], s.labels["index"]): s.value for family in ListenerStatsCollector(runtimes).collect() for s in family.samples if "ratelimit" in s.name}
+    assert exported[("metabridge_filter_ratelimit_over_limit_total", "awesomerpc", "0")] == 4
+    assert {name for name, *_ in exported} == {f"metabridge_filter_ratelimit_{c}_total" for c in RateLimitStats.COUNTERS}, "every counter; the gauge is not one"
     raw["listeners"][0]["filters"][0]["config"]["rls"] = {}
     with pytest.raises(CodecLoadError, match=r"listeners\[awesomerpc\].filters\[0\]: 'ratelimit' rejects its config: .*'address' is a required property"):
         build_filters(parse(raw, "x.yaml").listeners[0], config)
