@@ -127,8 +127,8 @@ def _validate(config, args) -> int:
 
     build_runtimes(config)  # imports and checks every codec, compiles every route
     unknown = sorted(
-        {w.name for listener in config.listeners for route in listener.routes for w in route.clusters}
-        | {m.cluster for listener in config.listeners for route in listener.routes for m in route.mirrors}
+        ({w.name for listener in config.listeners for route in listener.routes for w in route.clusters}
+         | {m.cluster for listener in config.listeners for route in listener.routes for m in route.mirrors})
         - set(config.clusters)
     )
     for name in unknown:
