@@ -60,11 +60,14 @@ def test_validate_warns_about_routes_to_undefined_clusters(tmp_path):
     config = yaml.safe_load((ROOT / EXAMPLE).read_text())
     config["codecs"]["awesomerpc"]["ref"] = str(ROOT / "codecs" / "awesomerpc.py") + ":AwesomeRpcCodec"
     config["listeners"][0]["routes"][0]["route"] = {"cluster": "ghost"}
+    config["listeners"][0]["routes"][1]["request_mirror_policies"] = [{"cluster": "shade"}]
     path = tmp_path / "ghost.yaml"
     path.write_text(yaml.safe_dump(config))
     result = metabridge("validate", "--no-envoy", "-c", str(path))
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr and "'ghost'" in result.stderr and "CLUSTER_NOT_FOUND" in result.stderr
+    assert "'shade'" in result.stderr, "mirror clusters are checked too"
+    assert result.stderr.count("warning") == 2, "only the undefined ones"
 
 
 @pytest.mark.parametrize(
