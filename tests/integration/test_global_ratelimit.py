@@ -18,7 +18,7 @@ from bridge.config import bootstrap as envoy_config
 from bridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, wait_until
+from tests.integration.harness import Stack, awesomerpc_config, cmd_route, example_config, free_port, port_open, run_async, wait_until
 from tests.peers.ratelimit_service import ThreadedServer, limit
 
 OVER_LIMIT = ERROR_CODES[ErrorType.OVER_LIMIT]
@@ -168,6 +168,33 @@ def test_a_slow_service_costs_its_timeout_and_the_bridge_serves_others_meanwhile
     assert denied.rsp_code == OVER_LIMIT and timeout <= denied_took < timeout + 0.7, f"fail closed after the timeout ({denied_took:.3f}s)"
     outcomes = sorted((e["listener"], e["outcome"]) for e in events(stack, "ratelimit_service_failed"))
     assert outcomes == [("awesomerpc", "timeout"), ("closed", "timeout")]
+
+
+def test_the_governance_example_checks_cmd_9_with_the_service(tmp_path, rls):
+    """examples/governance.yaml as written, its ratelimit filter pointed at the test service."""
+    service = rls("cmd=9:2/hour")
+    ports = {name: free_port() for name in ("awesomerpc-v1", "awesomerpc-v2")}
+    listen = free_port()
+    config = example_config("examples/governance.yaml", {"awesomerpc": listen}, ports)
+    for cluster in config["clusters"]:  # the two-host clusters: the same two backends
+        for endpoint, name in zip(cluster["endpoints"], ("awesomerpc-v1", "awesomerpc-v2")):
+            endpoint["port"] = ports[name]
+    (entry,) = [f for f in config["listeners"][0]["filters"] if f["name"] == "ratelimit"]
+    entry["config"]["rls"]["address"] = service.address
+    stack = Stack(tmp_path, config, {"v1": ports["awesomerpc-v1"], "v2": ports["awesomerpc-v2"]})
+    try:
+        stack.start()
+
+        async def main():
+            async with await AwesomeRpcClient.connect("127.0.0.1", listen) as c:
+                return [await c.call(9, b"x") for _ in range(3)], await c.call(1, b"y")
+
+        checked, unchecked = run_async(main(), 30)
+    finally:
+        stack.stop()
+    assert [(r.rsp_code, r.body) for r in checked] == [(0, b"v1|x"), (0, b"v1|x"), (OVER_LIMIT, b"")]
+    assert unchecked.body == b"v1|y"
+    assert service.logic.descriptors_seen() == [("awesomerpc", ((("cmd", "9"),),))] * 3, "only cmd 9 is checked"
 
 
 # ---- Envoy's own network ratelimit filter against the test service ------------------------------
