@@ -29,7 +29,7 @@ from bridge.transport.grpc_server import GrpcConnection
 from bridge.runner import install_event_loop
 from bridge.core.runtime import build_runtimes
 from bridge.transport.ext_proc import SERVICE_NAME, serve_methods
-from bridge.wire import LISTENER_METADATA_KEY
+from bridge.wire import LISTENER_METADATA_KEY, UPSTREAM_HOST_HEADER
 
 
 class _Transport:
@@ -89,9 +89,26 @@ def _answers(written: bytes) -> list[ProcessingResponse]:
     return out
 
 
-async def measure(protocol: str, depth: int, requests: int, payload: int = 100) -> float:
+# What --with adds to the bench listener: a filter that never refuses (its cost, not its
+# refusals, is measured), or a hash policy on the benchmark's route to a RING_HASH cluster.
+_LOCAL_RATELIMIT = {"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": 10**9, "tokens_per_fill": 10**9, "fill_interval": "1s"}}}
+_HASH_KEYS = {wire.AWESOMERPC: ["cmd"], wire.DUBBO: ["interface", "method"]}
+FEATURES = ("local_ratelimit", "hash_policy")
+
+
+def bench_config(protocol: str, features: tuple[str, ...] = ()) -> dict:
+    raw = bridge_listener_config(protocol, routes=1, listen_port=1, backend_port=2)
+    if "local_ratelimit" in features:
+        raw["listeners"][0]["filters"] = [_LOCAL_RATELIMIT]
+    if "hash_policy" in features:
+        raw["listeners"][0]["routes"][-1]["hash_policy"] = _HASH_KEYS[protocol]
+        raw["clusters"][0]["lb_policy"] = "RING_HASH"
+    return raw
+
+
+async def measure(protocol: str, depth: int, requests: int, payload: int = 100, features: tuple[str, ...] = ()) -> float:
     """CPU µs per request of the bridge's gRPC connection handling ``requests`` requests."""
-    config = parse(bridge_listener_config(protocol, routes=1, listen_port=1, backend_port=2))
+    config = parse(bench_config(protocol, features))
     runtimes = build_runtimes(config)
     transport = _Transport()
     conn = GrpcConnection(_Server(serve_methods(runtimes)))
@@ -110,7 +127,7 @@ async def measure(protocol: str, depth: int, requests: int, payload: int = 100) 
         responses = b"".join(wire.dubbo_answer(f, 0, len(f)) for f in (template.build(i) for i in range(1, depth + 1)))
     read_msg = _grpc_data(ProcessingRequest(read_data=Data(data=request_frames)).SerializeToString())
     hcm = Encoder()
-    hcm_open = _OPEN_WINDOWS + http2.frame(http2.SETTINGS, http2.ACK, 0) + http2.frame(http2.HEADERS, http2.END_HEADERS, 1, hcm.encode([(":status", "200")]))
+    hcm_open = _OPEN_WINDOWS + http2.frame(http2.SETTINGS, http2.ACK, 0) + http2.frame(http2.HEADERS, http2.END_HEADERS, 1, hcm.encode([(":status", "200"), (UPSTREAM_HOST_HEADER, "127.0.0.1:2")]))
     first_write = _grpc_data(ProcessingRequest(write_data=Data(data=hcm_open + http2.frame(http2.DATA, 0, 1, responses))).SerializeToString())
     write_msg = _grpc_data(ProcessingRequest(write_data=Data(data=http2.frame(http2.DATA, 0, 1, responses))).SerializeToString())
 
@@ -143,10 +160,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload", type=int, default=100, help="request and response body size in bytes (default 100)")
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
+    parser.add_argument("--with", dest="features", action="append", choices=FEATURES, default=[], help="configure a governance feature on the listener (repeatable)")
     args = parser.parse_args(argv)
     install_event_loop()  # the bridge's own loop (uvloop), as `metabridge run` uses
-    best = min(asyncio.run(measure(args.protocol, args.depth, args.requests, args.payload)) for _ in range(args.repeat))
-    print(f"{args.protocol} depth {args.depth}, {args.payload} B: {best:.1f} µs of bridge CPU per request")
+    features = tuple(args.features)
+    best = min(asyncio.run(measure(args.protocol, args.depth, args.requests, args.payload, features)) for _ in range(args.repeat))
+    extra = f", with {' and '.join(features)}" if features else ""
+    print(f"{args.protocol} depth {args.depth}, {args.payload} B{extra}: {best:.1f} µs of bridge CPU per request")
 
 
 if __name__ == "__main__":

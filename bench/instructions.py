@@ -31,12 +31,12 @@ _RUNNER = (
 )
 
 
-def count(tree: Path, protocol: str, depth: int, requests: int) -> int:
+def count(tree: Path, protocol: str, depth: int, requests: int, extra: list[str]) -> int:
     """Instructions of one whole bench.inproc run of ``requests`` requests."""
     command = [
         "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
         sys.executable, "-c", _RUNNER.format(tree=str(tree)),
-        "--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1",
+        "--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1", *extra,
     ]
     result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
     found = re.search(r"Collected : (\d+)", result.stderr)
@@ -51,12 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=1, help="requests per ext_proc message (default 1)")
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1], help="repository checkout to measure (default: this one)")
     parser.add_argument("--requests", type=int, nargs=2, default=(2000, 6000), metavar=("FEW", "MANY"))
+    parser.add_argument("--with", dest="features", action="append", default=[], help="passed to bench.inproc (e.g. local_ratelimit, hash_policy)")
     args = parser.parse_args(argv)
+    extra = [arg for feature in args.features for arg in ("--with", feature)]
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     few, many = args.requests
-    per_request = (count(args.tree, args.protocol, args.depth, many) - count(args.tree, args.protocol, args.depth, few)) / (many - few)
-    print(f"{args.protocol} depth {args.depth}: {per_request:,.0f} instructions per request ({args.tree})")
+    per_request = (count(args.tree, args.protocol, args.depth, many, extra) - count(args.tree, args.protocol, args.depth, few, extra)) / (many - few)
+    label = f", with {' and '.join(args.features)}" if args.features else ""
+    print(f"{args.protocol} depth {args.depth}{label}: {per_request:,.0f} instructions per request ({args.tree})")
 
 
 if __name__ == "__main__":

@@ -303,9 +303,12 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             self.fail(request, ErrorType.UNSPECIFIED, "the connection to Envoy's upstream side is gone")
             return
         route = request.route
-        if route.hash_policy:
-            request.hash_key = "\x1f".join(metadata.headers.get(key, "") for key in route.hash_policy).strip("\x1f")
-            link = self.pool.pick_hashed(request.cluster, request.hash_key) if request.hash_key else self.pool.pick(request.cluster)
+        keys = route.hash_policy
+        if keys:
+            headers = metadata.headers
+            key = headers.get(keys[0], "") if len(keys) == 1 else "\x1f".join([headers.get(k, "") for k in keys]).strip("\x1f")
+            request.hash_key = key
+            link = self.pool.pick_hashed(request.cluster, key) if key else self.pool.pick(request.cluster)
         else:
             link = self.pool.pick(request.cluster)
         if link is None:

@@ -95,12 +95,11 @@ class HashedHosts:
 
     def learn(self, link: Link) -> None:
         """``link``'s tunnel connected: remember its key's host; keep or retire the tunnel."""
-        key, host = link.hash_key, link.tunnel.upstream_host
+        # Without Envoy's word on the host, the tunnel itself stands for it.
+        key, host = link.hash_key, link.tunnel.upstream_host or f"tunnel {link.tunnel.id}"
         link.hash_key = ""
         if self.probing.get(key) is link:
             del self.probing[key]
-        if not host:
-            return
         self.key_host[key] = host
         self.key_host.move_to_end(key)
         if len(self.key_host) > self.LIMIT:
@@ -117,9 +116,9 @@ class HashedHosts:
             if probe is link:
                 del self.probing[key]
         self.retired.discard(link)
-        host = link.tunnel.upstream_host
-        if host and self.by_host.get(host) is link:
-            del self.by_host[host]
+        for host, serving in list(self.by_host.items()):
+            if serving is link:
+                del self.by_host[host]
 
 
 class UpstreamPool:

@@ -40,3 +40,9 @@ def test_instruction_count_command_prints_a_per_request_figure():
     assert result.returncode == 0, result.stderr
     figure = result.stdout.split(":")[1].split("instructions")[0]
     assert int(figure.replace(",", "")) > 1000
+
+
+@pytest.mark.parametrize("feature", ["local_ratelimit", "hash_policy"])
+@pytest.mark.parametrize("protocol", wire.PROTOCOLS)
+def test_measure_with_a_governance_feature_passes_responses_through(protocol, feature):
+    assert asyncio.run(inproc.measure(protocol, 4, requests=200, features=(feature,))) > 0
