@@ -233,7 +233,8 @@ class RateLimitFilter(Filter):
         return self._rpc
 
     async def close(self) -> None:
-        """Close the channel (nothing calls this yet: filters have no shutdown hook)."""
+        """Close the channel now (filters have no shutdown hook: a dropped filter's channel
+        closes when it is garbage-collected)."""
         channel, self._channel, self._rpc = self._channel, None, None
         if channel is not None:
             await channel.close()

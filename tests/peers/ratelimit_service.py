@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         response = ask(f"{args.host}:{args.port}", args.domain, descriptors)
         print(RateLimitResponse.Code.Name(response.overall_code))
         for status in response.statuses:
+            if not status.HasField("current_limit"):
+                print(f"  {RateLimitResponse.Code.Name(status.code)} (no limit configured)")
+                continue
             print(f"  {RateLimitResponse.Code.Name(status.code)} limit={status.current_limit.requests_per_unit}/{Unit.Name(status.current_limit.unit)} remaining={status.limit_remaining}")
 
 
