@@ -248,7 +248,7 @@ def test_local_ratelimit_is_built_in_by_name():
 def test_the_governance_example_validates(capsys):
     assert cli_main(["validate", "-c", str(GOVERNANCE), "--no-envoy"]) == 0
     runtime = build_runtimes(load(GOVERNANCE))["awesomerpc"]
-    assert [f.name for f in runtime.chain.filters] == ["local_ratelimit", "fault", "fault"]
+    assert [f.name for f in runtime.chain.filters] == ["local_ratelimit", "ratelimit", "fault", "fault"]
 
 
 @in_loop
