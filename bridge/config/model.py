@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from bridge.config.schema import DURATION, SCHEMA
+from bridge.config.schema import DURATION, SCHEMA, explain
 from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 
 
@@ -263,7 +263,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_path(e.absolute_path)}: {e.message}" for e in errors[:10]]
+        lines = [f"{source}: {_path(e.absolute_path)}: {explain(e)}" for e in errors[:10]]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
 
     problems: list[str] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 # \Z, not $: the schema checks patterns with re.search, where $ also matches before a final
@@ -10,8 +11,11 @@ DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)\Z"
 _SIZE = r"^0*[1-9][0-9]* ?(B|KiB|MiB|GiB)?\Z"
 
 
-_duration = {"type": "string", "pattern": DURATION}
-_size = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}]}
+_duration = {"type": "string", "pattern": DURATION, "x-forms": "a number and a unit: 250ms, 5s, 1.5m, 1h"}
+_size = {
+    "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}],
+    "x-forms": "bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB",
+}
 _name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
 _port = {"type": "integer", "minimum": 0, "maximum": 65535}
 _kv_list = {
@@ -215,3 +219,23 @@ SCHEMA: dict[str, Any] = {
         },
     },
 }
+
+
+def explain(error) -> str:
+    """A schema error as a user reads it: the accepted forms of a duration or a size, and the
+    nearest valid key for an unknown one (jsonschema's own wording stays for the rest)."""
+    forms = error.schema.get("x-forms") if isinstance(error.schema, dict) else None
+    if forms is None:
+        parent = error.parent
+        forms = parent.schema.get("x-forms") if parent is not None and isinstance(parent.schema, dict) else None
+    if forms is not None:
+        return f"{error.instance!r} is not valid here; use {forms}"
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = sorted(error.schema.get("properties", {}))
+        unknown = [key for key in error.instance if key not in known]
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return "; ".join(hints) + f"; valid keys: {', '.join(known)}"
+    return error.message

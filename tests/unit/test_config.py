@@ -174,14 +174,14 @@ def test_unknown_top_level_key(tmp_path):
     raw = minimal()
     raw["routes"] = []
     path, message = load_error(tmp_path, raw)
-    assert_names(message, path, "(top level)", "'routes' was unexpected")
+    assert_names(message, path, "(top level)", "unknown key 'routes'")
 
 
 def test_unknown_nested_key(tmp_path):
     raw = minimal()
     raw["listeners"][0]["timeout"] = "5s"
     path, message = load_error(tmp_path, raw)
-    assert_names(message, path, "listeners[0]", "'timeout' was unexpected")
+    assert_names(message, path, "listeners[0]", "unknown key 'timeout'")
 
 
 @pytest.mark.parametrize(
@@ -406,3 +406,17 @@ def test_worker_addresses(listen, workers, addresses):
 
 def test_default_bridge_address_is_a_unix_socket():
     assert parse(minimal()).worker_addresses() == ["unix:/tmp/metabridge.sock"]
+
+
+def test_schema_errors_say_the_accepted_forms_and_the_nearest_key():
+    raw = {
+        "codecs": {"a": {"ref": "x.py:A"}},
+        "listeners": [{"name": "l", "port": 1, "codec": "a", "routes": [], "request_timout": "5s", "max_frame_size": "1MB", "idle_timeout": "5 s"}],
+        "clusters": [],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, "x.yaml")
+    text = str(caught.value)
+    assert "x.yaml: listeners[0]: unknown key 'request_timout' (did you mean 'request_timeout'?)" in text
+    assert "x.yaml: listeners[0].max_frame_size: '1MB' is not valid here; use bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB" in text
+    assert "x.yaml: listeners[0].idle_timeout: '5 s' is not valid here; use a number and a unit: 250ms, 5s, 1.5m, 1h" in text
