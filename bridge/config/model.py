@@ -7,6 +7,7 @@ every error names the file, the path inside it and the problem.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,13 +259,63 @@ def _retry_policy(raw: dict[str, Any]) -> RetryPolicy:
     )
 
 
-def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Config:
-    """Validate a loaded YAML document and build the Config; ConfigError names what is wrong."""
+_PATH_PART = re.compile(r"\.?([^.\[\]]+)|\[(\d+)\]")
+
+
+def _parts(where: str) -> list:
+    """The inverse of _path: "listeners[0].codec" -> ["listeners", 0, "codec"]."""
+    return [int(index) if index else name for name, index in _PATH_PART.findall(where)]
+
+
+def line_finder(text: str) -> Callable[[list], int | None]:
+    """For a YAML text, the line (1-based) of the value at a path of keys and indices: the
+    deepest part of the path the document has."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+
+    def find(path: list) -> int | None:
+        node = root
+        if node is None:
+            return None
+        line = node.start_mark.line + 1
+        for part in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((value for key, value in node.value if key.value == part), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+            else:
+                node = None
+            if node is None:
+                return line
+            line = node.start_mark.line + 1
+        return line
+
+    return find
+
+
+def _first_unknown(error) -> list:
+    """For an unknown-key error, the key itself, so that its own line is named."""
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        return [next((key for key in error.instance if key not in known), None)]
+    return []
+
+
+def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines: Callable[[list], int | None] | None = None) -> Config:
+    """Validate a loaded YAML document and build the Config; ConfigError names what is wrong
+    (and the line, when ``lines`` can find it in the file's text)."""
+
+    def located(where: str, message: str, path: list | None = None) -> str:
+        line = lines(_parts(where) if path is None else path) if lines else None
+        return f"{source}: {where}: {message}" + (f" (line {line})" if line else "")
+
     validator = jsonschema.Draft202012Validator(SCHEMA)
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"{source}: {_path(e.absolute_path)}: {explain(e)}" for e in errors[:10]]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+        found = [located(_path(e.absolute_path), explain(e), list(e.absolute_path) + _first_unknown(e)) for e in errors[:10]]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(found))
 
     problems: list[str] = []
     codecs = {
@@ -349,7 +400,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path(".")) -> Con
     if listen_problem:
         problems.append(f"bridge.listen: {listen_problem}")
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(f"{source}: {p}" for p in problems))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(located(*p.split(": ", 1)) for p in problems))
 
     envoy = raw.get("envoy") or {}
     return Config(
@@ -382,4 +433,4 @@ def load(path: str | Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(raw, str(path), path.parent)
+    return parse(raw, str(path), path.parent, line_finder(text))

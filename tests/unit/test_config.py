@@ -420,3 +420,25 @@ def test_schema_errors_say_the_accepted_forms_and_the_nearest_key():
     assert "x.yaml: listeners[0]: unknown key 'request_timout' (did you mean 'request_timeout'?)" in text
     assert "x.yaml: listeners[0].max_frame_size: '1MB' is not valid here; use bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB" in text
     assert "x.yaml: listeners[0].idle_timeout: '5 s' is not valid here; use a number and a unit: 250ms, 5s, 1.5m, 1h" in text
+
+
+def test_errors_name_the_line_in_the_file(tmp_path):
+    path = tmp_path / "lines.yaml"
+    path.write_text(
+        "codecs: {a: {ref: x.py:A}}\n"
+        "listeners:\n"
+        "  - name: l\n"
+        "    port: 1\n"
+        "    codec: b\n"
+        "    routes: []\n"
+        "    idel_timeout: 5s\n"
+        "clusters: []\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert "listeners[0]: unknown key 'idel_timeout' (did you mean 'idle_timeout'?)" in str(caught.value)
+    assert str(caught.value).splitlines()[1].endswith("(line 7)")
+    path.write_text(path.read_text().replace("    idel_timeout: 5s\n", ""))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert "listeners[0].codec: unknown codec 'b'" in str(caught.value) and str(caught.value).endswith("(line 5)")
