@@ -18,7 +18,7 @@ import random
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
-from bridge.core.tunnels import Tunnel, TunnelState
+from bridge.core.tunnels import Tunnel
 
 if TYPE_CHECKING:
     from bridge.core.request import ActiveRequest
@@ -233,6 +233,3 @@ class UpstreamPool:
         """How many hosts a request may try in ``cluster`` (its tunnel slots)."""
         slots = self._clusters.get(cluster)
         return len(slots.slots) if slots else len(self._connection.listener.cluster_plan(cluster)[0])
-
-    def is_open(self, link: Link) -> bool:
-        return link.tunnel.state is not TunnelState.CLOSED
