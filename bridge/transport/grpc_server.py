@@ -197,12 +197,10 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         self._server = server
         self._methods = server.methods
         self._stats: GrpcStats = getattr(server, "stats", None) or GrpcStats()
-        self._max_backlog = limits.connection_window  # answers waiting for the client's windows
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes] | None = None  # set while handling received bytes: one write at the end
         self._going_away = False
         self._broken = False  # a protocol error: GOAWAY sent, the connection is closing
-        self._write_paused = False
         self.closed = asyncio.get_running_loop().create_future()
 
     # ---- transport -------------------------------------------------------------------------
@@ -251,13 +249,11 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
 
     def pause_writing(self) -> None:
         """The socket's buffer is full: read nothing more (which would make more to write)."""
-        self._write_paused = True
         self._stats.write_pauses += 1
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         if self._transport is not None and not self._broken and not self._transport.is_closing():
             self._transport.resume_reading()
 
@@ -265,7 +261,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
         """Answers waiting for the client's flow-control windows plus partial messages: what
         the connection's receive window is kept shut by (bridge.transport.http2)."""
         held = Http2Connection._held(self)
-        if held > self._max_backlog:
+        if held > self.limits.connection_window:
             raise ProtocolError(ENHANCE_YOUR_CALM, f"the client does not read: {held} bytes of answers wait for its flow-control windows")
         for stream in self.streams.values():
             pieces = stream.pieces.held

@@ -182,6 +182,32 @@ class H2Stream:
         self.remote_closed = False  # the peer sent END_STREAM (or reset)
 
 
+class _HeaderBlock:
+    """A header block whose HEADERS frame came without END_HEADERS."""
+
+    __slots__ = ("stream", "flags", "bad_priority", "frames", "block")
+
+    def __init__(self, stream: int, flags: int, bad_priority: bool, payload: bytes) -> None:
+        self.stream = stream
+        self.flags = flags
+        self.bad_priority = bad_priority
+        self.frames = 0  # CONTINUATION frames so far
+        self.block = bytearray(payload)
+
+
+class _Guard:
+    """A connection's rarely used defences: the flood budgets and the closed-stream floor."""
+
+    __slots__ = ("resets", "pings", "settings", "closed_floor", "preface")
+
+    def __init__(self, limits: Limits) -> None:
+        self.resets = RateLimit(limits.reset_burst, limits.reset_rate)
+        self.pings = RateLimit(limits.ping_burst, limits.ping_rate)
+        self.settings = RateLimit(limits.settings_burst, limits.settings_rate)
+        self.closed_floor = 0  # streams at or below it may have been dropped from ``_closed``
+        self.preface = False  # the client's connection preface is still to come
+
+
 class Http2Connection:
     """Frames, settings and flow control of one connection; subclasses give the streams meaning.
 
@@ -201,25 +227,23 @@ class Http2Connection:
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_FRAME
         self.send_window = DEFAULT_WINDOW  # the connection's
-        self._server = server
+        # Few attributes on purpose: past 30 an instance's dict stops sharing its keys and every
+        # attribute access on the hot path gets slower (CPython 3.11); rare state is grouped.
+        self._is_server = server
         self._max_frame = limits.max_frame_size
         self._local_window = limits.initial_window
         self._stream_refill = limits.initial_window // 2
-        self._recv_window = DEFAULT_WINDOW  # the connection's receive window as the peer sees it
+        # The connection's receive window as the peer sees it, less ``_refill_below``: one
+        # comparison with 0 per batch tells when to give window back.
         self._refill_below = limits.connection_window // 2
+        self._recv_credit = DEFAULT_WINDOW - self._refill_below
         self._blocked: dict[int, H2Stream] = {}  # streams with a backlog, in the order they blocked
-        self._hb_stream = 0  # the stream of a header block waiting for CONTINUATION (0: none)
-        self._hb_flags = 0
-        self._hb_bad_priority = False
-        self._hb_frames = 0
-        self._hb_block = bytearray()
+        self._header_block: _HeaderBlock | None = None  # waiting for CONTINUATION
         self._pieces = Pieces()  # a frame not yet whole
-        self._need_preface = server
+        self._slow_start = server  # the next bytes need a look first: the preface, or CONTINUATION
         self._closed: dict[int, int] = {}  # recently closed stream -> _IGNORE / _RESET_BY_PEER / _ENDED
-        self._closed_floor = 0  # streams at or below it may have been dropped from ``_closed``
-        self._resets = RateLimit(limits.reset_burst, limits.reset_rate)
-        self._pings = RateLimit(limits.ping_burst, limits.ping_rate)
-        self._settings_rate = RateLimit(limits.settings_burst, limits.settings_rate)
+        self._guard = _Guard(limits)
+        self._guard.preface = server
 
     # ---- hooks ---------------------------------------------------------------------------
 
@@ -261,12 +285,12 @@ class Http2Connection:
             (SETTINGS_MAX_FRAME_SIZE, limits.max_frame_size),
             (SETTINGS_MAX_HEADER_LIST_SIZE, limits.max_header_list_size),
         ]
-        if self._server:
+        if self._is_server:
             settings.insert(1, (SETTINGS_MAX_CONCURRENT_STREAMS, limits.max_concurrent_streams))
         out = frame(SETTINGS, 0, 0, b"".join(_setting.pack(key, value) for key, value in settings))
         if limits.connection_window > DEFAULT_WINDOW:
             out += frame(WINDOW_UPDATE, 0, 0, u32.pack(limits.connection_window - DEFAULT_WINDOW))
-        self._recv_window = limits.connection_window
+        self._recv_credit = limits.connection_window - self._refill_below
         return out
 
     def feed(self, data: bytes) -> None:
@@ -275,14 +299,10 @@ class Http2Connection:
         if data is None:
             return
         pos = 0
-        if self._need_preface:
-            if data[: len(PREFACE)] != PREFACE[: len(data)]:
-                raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client (bad connection preface)")
-            if len(data) < len(PREFACE):
-                self._pieces.hold(data, len(PREFACE))
+        if self._slow_start:
+            pos = self._start_feed(data)
+            if pos < 0:
                 return
-            self._need_preface = False
-            pos = len(PREFACE)
         size = len(data)
         unpack = _frame_header.unpack_from
         max_frame = self._max_frame
@@ -301,28 +321,65 @@ class Http2Connection:
                     self._on_data_frame(stream_id & 0x7FFFFFFF, flags, payload)
                 else:
                     self._on_control_frame(kind, flags, stream_id & 0x7FFFFFFF, payload)
+                    if self._header_block is not None:  # only CONTINUATION may come next
+                        pos = self._continuations(data, pos)
         finally:
             if pos < size:  # keep the start of the next frame until the whole frame is here
                 self._pieces.hold(data[pos:], 9 + (data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]) if size - pos >= 9 else 9)
-        if self._recv_window < self._refill_below:
+        if self._recv_credit < 0:
             self._refill_connection()
+
+    def _start_feed(self, data: bytes) -> int:
+        """The connection preface, then the CONTINUATION frames of a header block left open by
+        the last bytes; where the frames go on from, or -1 while the preface is short."""
+        pos = 0
+        guard = self._guard
+        if guard.preface:
+            if data[: len(PREFACE)] != PREFACE[: len(data)]:
+                raise ProtocolError(PROTOCOL_ERROR, "not an HTTP/2 client (bad connection preface)")
+            if len(data) < len(PREFACE):
+                self._pieces.hold(data, len(PREFACE))
+                return -1
+            guard.preface = False
+            pos = len(PREFACE)
+        if self._header_block is not None:
+            pos = self._continuations(data, pos)
+        self._slow_start = self._header_block is not None
+        return pos
+
+    def _continuations(self, data: bytes, pos: int) -> int:
+        """Frames from ``pos`` while a header block is open (each must be its CONTINUATION);
+        returns where the block ended, or the start of a frame not yet whole (the main loop
+        holds it). Kept off the DATA path, which then needs no check of its own."""
+        size, max_frame = len(data), self._max_frame
+        while self._header_block is not None and size - pos >= 9:
+            hi, lo, kind, flags, stream_id = _frame_header.unpack_from(data, pos)
+            length = hi << 16 | lo
+            if length > max_frame:
+                raise ProtocolError(FRAME_SIZE_ERROR, f"frame of {length} bytes exceeds SETTINGS_MAX_FRAME_SIZE {max_frame}")
+            end = pos + 9 + length
+            if end > size:
+                break
+            self._on_control_frame(kind, flags, stream_id & 0x7FFFFFFF, data[pos + 9 : end])  # refuses anything else
+            pos = end
+        self._slow_start = self._header_block is not None
+        return pos
 
     def _refill_connection(self) -> None:
         """Give the peer back the connection window of what is no longer held."""
+        window = self._recv_credit + self._refill_below
         target = self.limits.connection_window - self._held()
-        increment = target - self._recv_window
-        if increment > 0 and (increment >= self._refill_below // 4 or self._recv_window <= 0):
+        increment = target - window
+        if increment > 0 and (increment >= self._refill_below // 4 or window <= 0):
             self._write(frame(WINDOW_UPDATE, 0, 0, u32.pack(increment)))
-            self._recv_window = target
+            self._recv_credit = target - self._refill_below
 
     def _on_data_frame(self, stream_id: int, flags: int, payload: bytes) -> None:
-        if self._hb_stream:
-            raise ProtocolError(PROTOCOL_ERROR, f"DATA inside the header block of stream {self._hb_stream} (expected CONTINUATION)")
         flow = len(payload)
-        window = self._recv_window - flow
-        if window < 0:
+        credit = self._recv_credit - flow
+        self._recv_credit = credit
+        if credit < 0 and credit + self._refill_below < 0:
             raise ProtocolError(FLOW_CONTROL_ERROR, "DATA beyond the connection's flow-control window")
-        self._recv_window = window
         if flags & PADDED:
             payload = _strip_padding(payload)
         stream = self.streams.get(stream_id)
@@ -330,16 +387,17 @@ class Http2Connection:
             self._on_closed_stream_frame(DATA, stream_id, stream)
             return
         unacked = stream.unacked + flow
-        if unacked > self._local_window:
-            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
-            return
+        if unacked >= self._stream_refill:  # half the stream's window used (or more: checked here)
+            if unacked > self._local_window:
+                self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+                return
+            if not flags & END_STREAM:
+                self._write(frame(WINDOW_UPDATE, 0, stream_id, u32.pack(unacked)))
+                unacked = 0
+        stream.unacked = unacked
         end = bool(flags & END_STREAM)
         if end:
             stream.remote_closed = True
-        elif unacked >= self._stream_refill:
-            self._write(frame(WINDOW_UPDATE, 0, stream_id, u32.pack(unacked)))
-            unacked = 0
-        stream.unacked = unacked
         self.on_data(stream, payload, end)
 
     def _on_closed_stream_frame(self, kind: int, stream_id: int, stream: H2Stream | None) -> None:
@@ -354,7 +412,7 @@ class Http2Connection:
             raise ProtocolError(PROTOCOL_ERROR, f"{name} on idle stream {stream_id}")
         how = self._closed.get(stream_id)
         if how is None:
-            if stream_id > self._closed_floor:  # never opened: skipped over by a higher stream
+            if stream_id > self._guard.closed_floor:  # never opened: skipped over by a higher stream
                 if kind == HEADERS:
                     raise ProtocolError(PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order (streams must be opened in increasing order)")
                 raise ProtocolError(STREAM_CLOSED, f"{name} on closed stream {stream_id}")
@@ -366,22 +424,22 @@ class Http2Connection:
         # _IGNORE: reset here; the peer may have sent this before it saw the RST_STREAM
 
     def _on_control_frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if self._hb_stream:
+        pending = self._header_block
+        if pending is not None:
             if kind != CONTINUATION:
-                raise ProtocolError(PROTOCOL_ERROR, f"{FRAME_NAMES[kind] if kind < 10 else f'frame type {kind}'} inside the header block of stream {self._hb_stream} (expected CONTINUATION)")
-            if stream_id != self._hb_stream:
-                raise ProtocolError(PROTOCOL_ERROR, f"CONTINUATION on stream {stream_id} inside the header block of stream {self._hb_stream}")
-            self._hb_frames += 1
-            if self._hb_frames > self.limits.max_continuations:
+                raise ProtocolError(PROTOCOL_ERROR, f"{FRAME_NAMES[kind] if kind < 10 else f'frame type {kind}'} inside the header block of stream {pending.stream} (expected CONTINUATION)")
+            if stream_id != pending.stream:
+                raise ProtocolError(PROTOCOL_ERROR, f"CONTINUATION on stream {stream_id} inside the header block of stream {pending.stream}")
+            pending.frames += 1
+            if pending.frames > self.limits.max_continuations:
                 raise ProtocolError(ENHANCE_YOUR_CALM, f"more than {self.limits.max_continuations} CONTINUATION frames in one header block")
-            block = self._hb_block
+            block = pending.block
             block += payload
             if len(block) > self.limits.max_header_block:
                 raise ProtocolError(ENHANCE_YOUR_CALM, f"header block larger than {self.limits.max_header_block} bytes")
             if flags & END_HEADERS:
-                self._hb_stream = 0
-                self._hb_block = bytearray()
-                self._on_header_block(stream_id, self._hb_flags, bytes(block), self._hb_bad_priority)
+                self._header_block = None
+                self._on_header_block(stream_id, pending.flags, bytes(block), pending.bad_priority)
             return
         if kind == HEADERS:
             self._on_headers_frame(flags, stream_id, payload)
@@ -396,7 +454,7 @@ class Http2Connection:
                 return
             if len(payload) % 6:
                 raise ProtocolError(FRAME_SIZE_ERROR, "SETTINGS length is not a multiple of 6")
-            if not self._settings_rate.spend():
+            if not self._guard.settings.spend():
                 raise ProtocolError(ENHANCE_YOUR_CALM, "SETTINGS flood")
             self._on_settings(payload)
             self._write(frame(SETTINGS, ACK, 0))
@@ -406,7 +464,7 @@ class Http2Connection:
             if len(payload) != 8:
                 raise ProtocolError(FRAME_SIZE_ERROR, f"PING of {len(payload)} bytes (must be 8)")
             if not flags & ACK:
-                if not self._pings.spend():
+                if not self._guard.pings.spend():
                     raise ProtocolError(ENHANCE_YOUR_CALM, "PING flood")
                 self._write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
@@ -449,11 +507,7 @@ class Http2Connection:
         if flags & END_HEADERS:
             self._on_header_block(stream_id, flags, payload, bad_priority)
             return
-        self._hb_stream = stream_id
-        self._hb_flags = flags
-        self._hb_bad_priority = bad_priority
-        self._hb_frames = 0
-        self._hb_block = bytearray(payload)
+        self._header_block = _HeaderBlock(stream_id, flags, bad_priority, payload)
 
     def _on_header_block(self, stream_id: int, flags: int, block: bytes, bad_priority: bool) -> None:
         # Decoded whatever becomes of the stream: the HPACK state is the connection's.
@@ -479,7 +533,7 @@ class Http2Connection:
                     stream.remote_closed = True
                 self.on_headers(stream_id, dict(fields), end)
             return
-        if self._server and stream_id & 1 and stream_id > self.highest_stream_id:
+        if self._is_server and stream_id & 1 and stream_id > self.highest_stream_id:
             self.highest_stream_id = stream_id  # also closes the idle streams below it
             if bad_priority:
                 self._stream_error(stream_id, PROTOCOL_ERROR)
@@ -488,7 +542,7 @@ class Http2Connection:
             else:
                 self.on_headers(stream_id, dict(fields), end)
             return
-        if self._server and not stream_id & 1:
+        if self._is_server and not stream_id & 1:
             raise ProtocolError(PROTOCOL_ERROR, f"HEADERS opening stream {stream_id} out of order (a client opens odd-numbered streams)")
         self._on_closed_stream_frame(HEADERS, stream_id, None)
 
@@ -497,7 +551,7 @@ class Http2Connection:
             raise ProtocolError(FRAME_SIZE_ERROR, "RST_STREAM must be 4 bytes")
         if stream_id == 0:
             raise ProtocolError(PROTOCOL_ERROR, "RST_STREAM on stream 0")
-        if not self._resets.spend():
+        if not self._guard.resets.spend():
             raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset (RST_STREAM flood)")
         stream = self.streams.pop(stream_id, None)
         if stream is None:
@@ -523,7 +577,7 @@ class Http2Connection:
                 if not DEFAULT_FRAME <= value <= MAX_FRAME:
                     raise ProtocolError(PROTOCOL_ERROR, f"MAX_FRAME_SIZE {value} out of range")
             elif key == SETTINGS_ENABLE_PUSH:
-                if value > 1 or (value == 1 and not self._server):
+                if value > 1 or (value == 1 and not self._is_server):
                     raise ProtocolError(PROTOCOL_ERROR, f"ENABLE_PUSH {value} not allowed")
             values[key] = value
         value = values.get(SETTINGS_INITIAL_WINDOW_SIZE)
@@ -579,13 +633,14 @@ class Http2Connection:
         if len(closed) > self.limits.closed_streams:
             oldest = next(iter(closed))
             del closed[oldest]
-            if oldest > self._closed_floor:
-                self._closed_floor = oldest
+            guard = self._guard
+            if oldest > guard.closed_floor:
+                guard.closed_floor = oldest
 
     def refuse_stream(self, stream_id: int, code: int = REFUSED_STREAM) -> None:
         """Reset a stream the peer opened (or is sending on) that will not be served here. It
         counts against the reset budget: a peer that makes us reset too often is cut off."""
-        if not self._resets.spend():
+        if not self._guard.resets.spend():
             raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset")
         self._write(frame(RST_STREAM, 0, stream_id, u32.pack(code)))
         self._remember(stream_id, _IGNORE)

@@ -41,7 +41,7 @@ def check_limits(h: Harness) -> None:
     conn, limits = h.conn, h.server.limits
     assert len(conn.streams) <= limits.max_concurrent_streams
     assert len(conn._pieces.held) <= 9 + limits.max_frame_size
-    assert len(conn._hb_block) <= limits.max_header_block
+    assert conn._header_block is None or len(conn._header_block.block) <= limits.max_header_block
     assert len(conn._closed) <= limits.closed_streams
     partial = sum(len(s.pieces.held) for s in conn.streams.values())
     assert all(len(s.pieces.held) <= h.server.max_message + 5 for s in conn.streams.values())
