@@ -15,8 +15,9 @@ from bridge.stats import COUNTERS, GAUGES
 
 
 class ListenerStatsCollector(Collector):
-    def __init__(self, runtimes) -> None:
+    def __init__(self, runtimes, grpc_stats=None) -> None:
         self._runtimes = runtimes  # name -> ListenerRuntime
+        self._grpc_stats = grpc_stats  # the gRPC server's transport counters (GrpcServer.stats)
 
     def collect(self):
         snapshots = {name: runtime.stats.snapshot() for name, runtime in self._runtimes.items()}
@@ -31,6 +32,11 @@ class ListenerStatsCollector(Collector):
                 family.add_metric([name], snapshot[gauge])
             yield family
         yield from self._filter_families()
+        if self._grpc_stats is not None:
+            for counter, value in self._grpc_stats.snapshot().items():
+                family = CounterMetricFamily(f"metabridge_grpc_{counter}", f"the bridge's gRPC server: {counter.replace('_', ' ')}")
+                family.add_metric([], value)
+                yield family
 
     def _filter_families(self):
         """Each filter's own counters (a ``stats`` with ``snapshot()``), as
@@ -51,8 +57,9 @@ class ListenerStatsCollector(Collector):
         yield from families.values()
 
 
-def serve_metrics(runtimes, address: str, port: int):
-    """Serve /metrics on address:port (Prometheus text format) for these listeners."""
-    REGISTRY.register(ListenerStatsCollector(runtimes))
+def serve_metrics(runtimes, address: str, port: int, grpc_stats=None):
+    """Serve /metrics on address:port (Prometheus text format) for these listeners (and the
+    gRPC server's own counters)."""
+    REGISTRY.register(ListenerStatsCollector(runtimes, grpc_stats))
     server, _thread = start_http_server(port, addr=address)
     return server

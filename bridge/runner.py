@@ -121,7 +121,7 @@ async def _start_bridge(config: Config, address: str, index: int):
     server = await serve(address, runtimes)
     if config.metrics_port is not None:
         port = config.metrics_port + index if config.metrics_port else 0
-        serve_metrics(runtimes, config.metrics_address, port)
+        serve_metrics(runtimes, config.metrics_address, port, server.stats)
         event(log, logging.INFO, "metrics_listening", address=f"{config.metrics_address}:{port}")
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
     return server

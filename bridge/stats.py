@@ -34,6 +34,7 @@ COUNTERS = (
     "local_response_unspecified",
     "idle_timeout",
     "downstream_cx_total",
+    "ext_proc_stream_without_request",
     "downstream_cx_closed_bad_request",
     "downstream_cx_frame_timeout",
     "downstream_paused_in_flight",

@@ -22,7 +22,7 @@ from bridge.core.clock import LoopClock
 from bridge.core.connection import Connection
 from bridge.core.runtime import ListenerRuntime
 from bridge.logs import event
-from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler
+from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler, message_limit
 from bridge.wire import LISTENER_METADATA_KEY
 
 log = logging.getLogger("metabridge.server")
@@ -56,7 +56,7 @@ _EMPTY_WRITE = _answer("write_data", _EMPTY)
 class ExtProcCall(StreamHandler):
     """One ``Process`` stream (one downstream connection): its Connection, fed message by message."""
 
-    __slots__ = ("stream", "connection")
+    __slots__ = ("stream", "connection", "_runtime", "_id", "_ended")
 
     def __init__(self, stream: Stream, runtimes: dict[str, ListenerRuntime], connection: str) -> None:
         self.stream = stream
@@ -65,16 +65,23 @@ class ExtProcCall(StreamHandler):
         if runtime is None:
             event(log, logging.ERROR, "unknown_listener", listener=listener, known=sorted(runtimes), hint="re-render envoy/bootstrap.yaml from the config this bridge runs")
             raise GrpcError(NOT_FOUND, f"metabridge has no listener {listener!r}")
-        self.connection: Connection | None = Connection(runtime, LoopClock(), connection, wake=self._flush)
+        # The core Connection (and what counts a client connection) starts with the first valid
+        # ProcessingRequest: a stream that never carries one is counted apart.
+        self.connection: Connection | None = None
+        self._runtime = runtime
+        self._id = connection
+        self._ended = False
 
     def on_message(self, message: bytes | memoryview) -> None:
-        connection = self.connection
-        if connection is None:
+        if self._ended:
             return
         try:
             request = ProcessingRequest.FromString(message)
         except DecodeError as exc:
             raise GrpcError(INVALID_ARGUMENT, f"not a ProcessingRequest: {exc}") from exc
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = Connection(self._runtime, LoopClock(), self._id, wake=self._flush)
         if request.HasField("read_data"):
             data = request.read_data
             connection.receive_client(data.data, data.end_of_stream)
@@ -113,9 +120,14 @@ class ExtProcCall(StreamHandler):
 
     def on_reset(self) -> None:
         # Envoy ended the stream: the downstream connection is gone.
+        if self._ended:
+            return
+        self._ended = True
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.close()
+        else:
+            self._runtime.stats.ext_proc_stream_without_request += 1
 
 
 class HealthCall(StreamHandler):
@@ -158,7 +170,8 @@ def serve_methods(runtimes: dict[str, ListenerRuntime]) -> dict:
 
 async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> GrpcServer:
     """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
-    server = GrpcServer(serve_methods(runtimes))
+    max_message = message_limit(runtime.config.max_frame_size for runtime in runtimes.values())
+    server = GrpcServer(serve_methods(runtimes), max_message=max_message)
     try:
         await server.start(address)
     except (OSError, ValueError) as exc:

@@ -159,9 +159,13 @@ class Harness:
         stream = FakeStream()
         stream.sink = self._sink
         self.call = ExtProcCall(stream, {"test": self.runtime}, "test-1")
-        self.session = self.call.connection
         self.hcm = FakeHcm()
         self.client = bytearray()  # every byte the client was sent
+
+    @property
+    def session(self):
+        """The core Connection (created by the transport with the first ProcessingRequest)."""
+        return self.call.connection
 
     def _sink(self, messages: list[ProcessingResponse]) -> None:
         if self._answers is not None:

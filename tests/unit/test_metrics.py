@@ -30,3 +30,15 @@ def test_filters_counters_are_exported_per_listener_and_place_in_the_chain():
     key = (f"metabridge_filter_local_ratelimit_{counter}_total", (("index", str(limiter_index)), ("listener", listener)))
     assert got[key] == 7
     assert got[("metabridge_request_total", (("listener", listener),))] == 0
+
+
+def test_the_grpc_servers_counters_are_exported():
+    from bridge.transport.grpc_server import GrpcStats
+
+    stats = GrpcStats()
+    stats.streams_reset = 3
+    got = {}
+    for family in ListenerStatsCollector({}, stats).collect():
+        for sample in family.samples:
+            got[sample.name] = sample.value
+    assert got["metabridge_grpc_streams_reset_total"] == 3 and got["metabridge_grpc_connections_total"] == 0

@@ -432,6 +432,7 @@ async def test_tunnel_setup_timeout_fails_requests_and_resets_the_stream():
 @in_loop
 async def test_idle_timeout_closes_the_connection():
     h = Harness(idle_timeout=0.05)
+    h.read(encode_frame(7, 0))  # Envoy opens the stream with the client's first bytes
     await wait_until(lambda: h.emitted, "the idle close")
     assert [m.connection_status for m in h.emitted] == [CLOSE]
     assert h.stats.idle_timeout == 1
@@ -578,3 +579,14 @@ async def test_a_connection_with_open_tunnels_probes_hcm_and_hears_of_a_drain():
     answer = h.write()
     assert h.client_frames() == [(1, 1, 0, b"done")]
     assert answer[-1].connection_status == CLOSE
+
+
+@in_loop
+async def test_a_stream_that_never_carries_a_processing_request_is_counted_apart():
+    h = Harness()
+    h.close()
+    assert (h.stats.downstream_cx_total, h.stats.ext_proc_stream_without_request) == (0, 1)
+    h = Harness()
+    h.read(encode_frame(1, 1))
+    h.close()
+    assert (h.stats.downstream_cx_total, h.stats.downstream_cx_active, h.stats.ext_proc_stream_without_request) == (1, 0, 0)
