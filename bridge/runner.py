@@ -118,7 +118,7 @@ async def _start_bridge(config: Config, address: str, index: int):
     """One bridge: the gRPC server, its /metrics (on metrics_port + index) and route reload on SIGHUP."""
     raise_open_file_limit()
     runtimes = build_runtimes(config)
-    server = await serve(address, runtimes)
+    server = await serve(address, runtimes, config.grpc_limits)
     if config.metrics_port is not None:
         port = config.metrics_port + index if config.metrics_port else 0
         serve_metrics(runtimes, config.metrics_address, port, server.stats)

@@ -166,6 +166,10 @@ class Config:
     # Undecoded client bytes all connections of one bridge process may hold; a connection that
     # would take the total past it is closed.
     max_buffered_bytes: int = 256 * 1024 * 1024
+    # The bridge's gRPC server limits (bridge.grpc), as GrpcServer keywords; unset ones keep
+    # the server's defaults (docs/grpc-server.md). None for max_message: derived from the
+    # listeners' max_frame_size.
+    grpc_limits: dict[str, Any] = field(default_factory=dict)
     envoy_admin_address: str = "127.0.0.1"
     envoy_admin_port: int = 9901
     message_timeout: float = 5.0
@@ -295,6 +299,23 @@ def line_finder(text: str) -> Callable[[list], int | None]:
     return find
 
 
+def _grpc_limits(raw: dict[str, Any]) -> dict[str, Any]:
+    """bridge.grpc as GrpcServer keywords."""
+    limits: dict[str, Any] = {}
+    for key in ("max_concurrent_streams", "max_frame_size", "max_continuations", "connection_window"):
+        if key in raw:
+            limits[key] = raw[key]
+    if "max_header_list_size" in raw:
+        limits["max_header_list_size"] = parse_size(raw["max_header_list_size"])
+    if "max_message_size" in raw:
+        limits["max_message"] = parse_size(raw["max_message_size"])
+    for kind in ("reset", "ping", "settings"):
+        if f"{kind}_rate" in raw:
+            limits[f"{kind}_burst"] = raw[f"{kind}_rate"]["burst"]
+            limits[f"{kind}_rate"] = float(raw[f"{kind}_rate"]["per_second"])
+    return limits
+
+
 def _first_unknown(error) -> list:
     """For an unknown-key error, the key itself, so that its own line is named."""
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
@@ -414,6 +435,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
         metrics_address=bridge.get("metrics_address", "127.0.0.1"),
         log_level=bridge.get("log_level", "info"),
         max_buffered_bytes=parse_size(bridge.get("max_buffered_bytes", "256MiB")),
+        grpc_limits=_grpc_limits(bridge.get("grpc") or {}),
         envoy_admin_address=envoy.get("admin_address", "127.0.0.1"),
         envoy_admin_port=envoy.get("admin_port", 9901),
         message_timeout=parse_duration(envoy.get("message_timeout", "5s")),

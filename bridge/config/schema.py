@@ -16,6 +16,12 @@ _size = {
     "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}],
     "x-forms": "bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB",
 }
+_rate = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["burst", "per_second"],
+    "properties": {"burst": {"type": "integer", "minimum": 1}, "per_second": {"type": "number", "exclusiveMinimum": 0}},
+}
 _name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
 _port = {"type": "integer", "minimum": 0, "maximum": 65535}
 _kv_list = {
@@ -126,6 +132,21 @@ SCHEMA: dict[str, Any] = {
                 "metrics_address": {"type": "string", "minLength": 1},
                 "log_level": {"enum": ["debug", "info", "warning", "error"]},
                 "max_buffered_bytes": _size,
+                "grpc": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "max_concurrent_streams": {"type": "integer", "minimum": 1},
+                        "max_header_list_size": _size,
+                        "max_frame_size": {"type": "integer", "minimum": 16384, "maximum": 16777215},
+                        "max_message_size": _size,
+                        "max_continuations": {"type": "integer", "minimum": 1},
+                        "connection_window": {"type": "integer", "minimum": 65535, "maximum": 2147483647},
+                        "reset_rate": _rate,
+                        "ping_rate": _rate,
+                        "settings_rate": _rate,
+                    },
+                },
             },
         },
         "envoy": {

@@ -168,10 +168,12 @@ def serve_methods(runtimes: dict[str, ListenerRuntime]) -> dict:
     }
 
 
-async def serve(address: str, runtimes: dict[str, ListenerRuntime]) -> GrpcServer:
-    """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it."""
-    max_message = message_limit(runtime.config.max_frame_size for runtime in runtimes.values())
-    server = GrpcServer(serve_methods(runtimes), max_message=max_message)
+async def serve(address: str, runtimes: dict[str, ListenerRuntime], limits: dict | None = None) -> GrpcServer:
+    """Start the gRPC server (ext_proc + grpc.health.v1) on ``address`` and return it;
+    ``limits``: GrpcServer keywords (the config's bridge.grpc)."""
+    limits = dict(limits or {})
+    max_message = limits.pop("max_message", None) or message_limit(runtime.config.max_frame_size for runtime in runtimes.values())
+    server = GrpcServer(serve_methods(runtimes), max_message=max_message, **limits)
     try:
         await server.start(address)
     except (OSError, ValueError) as exc:

@@ -442,3 +442,19 @@ def test_errors_name_the_line_in_the_file(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load(path)
     assert "listeners[0].codec: unknown codec 'b'" in str(caught.value) and str(caught.value).endswith("(line 5)")
+
+
+def test_bridge_grpc_limits_become_the_grpc_servers_keywords():
+    raw = yaml.safe_load((ROOT / "examples" / "awesomerpc.yaml").read_text())
+    raw["bridge"]["grpc"] = {
+        "max_concurrent_streams": 10,
+        "max_header_list_size": "32KiB",
+        "max_message_size": "8MiB",
+        "reset_rate": {"burst": 50, "per_second": 5},
+    }
+    config = parse(raw, "x.yaml", ROOT / "examples")
+    assert config.grpc_limits == {"max_concurrent_streams": 10, "max_header_list_size": 32768, "max_message": 8 * 1024 * 1024, "reset_burst": 50, "reset_rate": 5.0}
+    from bridge.transport.grpc_server import GrpcServer
+
+    server = GrpcServer({}, **config.grpc_limits)  # every key is one the server takes
+    assert server.max_message == 8 * 1024 * 1024
