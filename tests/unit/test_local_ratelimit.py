@@ -4,6 +4,8 @@ config errors that name the field, and examples/governance.yaml."""
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import pytest
@@ -246,7 +248,14 @@ def test_local_ratelimit_is_built_in_by_name():
 
 
 def test_the_governance_example_validates(capsys):
-    assert cli_main(["validate", "-c", str(GOVERNANCE), "--no-envoy"]) == 0
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert cli_main(["validate", "-c", str(GOVERNANCE), "--no-envoy"]) == 0
+    finally:
+        # The command installs its JSON handler on this test's captured stderr; later tests
+        # must not log into that stream once pytest has closed it.
+        root.handlers[:], root.level = handlers, level
     runtime = build_runtimes(load(GOVERNANCE))["awesomerpc"]
     assert [f.name for f in runtime.chain.filters] == ["local_ratelimit", "ratelimit", "fault", "fault"]
 
