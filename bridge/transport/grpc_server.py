@@ -437,39 +437,11 @@ class GrpcServer:
       ``settings_burst``/``settings_rate`` (100, 10/s): past them, GOAWAY(ENHANCE_YOUR_CALM).
     """
 
-    def __init__(
-        self,
-        methods: dict[str, Factory],
-        max_message: int = DEFAULT_MAX_MESSAGE,
-        *,
-        max_concurrent_streams: int = 100,
-        max_header_list_size: int = DEFAULT_MAX_HEADER_LIST,
-        max_frame_size: int = http2.DEFAULT_FRAME,
-        max_continuations: int = 32,
-        connection_window: int | None = None,
-        reset_burst: int = 200,
-        reset_rate: float = 100.0,
-        ping_burst: int = 100,
-        ping_rate: float = 20.0,
-        settings_burst: int = 100,
-        settings_rate: float = 10.0,
-    ) -> None:
+    def __init__(self, methods: dict[str, Factory], max_message: int = DEFAULT_MAX_MESSAGE, **limits) -> None:
+        """``limits``: the keywords of ``server_limits`` (their defaults are there, once)."""
         self.methods = methods
         self.max_message = max_message
-        self.limits = server_limits(
-            max_message,
-            max_concurrent_streams=max_concurrent_streams,
-            max_header_list_size=max_header_list_size,
-            max_frame_size=max_frame_size,
-            max_continuations=max_continuations,
-            connection_window=connection_window,
-            reset_burst=reset_burst,
-            reset_rate=reset_rate,
-            ping_burst=ping_burst,
-            ping_rate=ping_rate,
-            settings_burst=settings_burst,
-            settings_rate=settings_rate,
-        )
+        self.limits = server_limits(max_message, **limits)
         self.stats = GrpcStats()
         self.connections: set[GrpcConnection] = set()
         self.stopping = False
