@@ -259,8 +259,8 @@ def test_envoys_network_ratelimit_filter_gets_the_test_services_answers(tmp_path
         wait_until(lambda: port_open(listen), 10, "envoy's ratelimit listener", proc)
         # port_open's probe connection asked the service once; start counting from here.
         wait_until(lambda: stack.envoy_stat("ratelimit.rl.total") >= 1, 5, "the probe's check")
-        time.sleep(0.2)  # the probe's request has reached the service
         probes = stack.envoy_stat("ratelimit.rl.total")
+        wait_until(lambda: len(service.logic.requests) >= probes, 5, "the probe's request reaching the service")
         service.logic.counters.clear()
         service.logic.requests.clear()
 

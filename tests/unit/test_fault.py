@@ -134,7 +134,7 @@ async def test_a_connection_that_closes_during_a_delay_cancels_it():
     assert f.stats.active_faults == 2
     h.close()
     assert f.stats.active_faults == 0
-    await asyncio.sleep(0.12)
+    await asyncio.sleep(0.12)  # past the 50 ms delay: a timer left behind would have fired by now
     assert routed(h) == [] and h.stats.internal_error == 0 and h.stats.filter_error == 0
 
 
