@@ -13,30 +13,10 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encode_frame
 from examples.awesomerpc.protocol import ERROR_CODES
 from bridge.sdk.codec import ErrorType
-from tests.integration.harness import awesomerpc_config, cmd_route, free_port, read_until_closed, run_async, Stack, wait_until
+from tests.integration.harness import cmd_route, free_port, read_until_closed, run_async, Stack, wait_until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
 CMD_CLOSE = 99  # the example backend closes the connection without answering
-
-
-@pytest.fixture
-def stack(tmp_path):
-    """Factory: stack(routes, backends=..., extra_clusters=..., **listener_options) -> a started Stack."""
-    started: list[Stack] = []
-
-    def make(routes, backends=("v1", "v2"), extra_clusters=None, cluster_options=None, **listener_options):
-        ports = {name: free_port() for name in backends}
-        cfg = awesomerpc_config(free_port(), {**ports, **(extra_clusters or {})}, routes, **listener_options)
-        for cluster in cfg["clusters"]:
-            cluster.update((cluster_options or {}).get(cluster["name"], {}))
-        s = Stack(tmp_path, cfg, ports)
-        started.append(s)
-        s.listen_port = cfg["listeners"][0]["port"]
-        return s.start()
-
-    yield make
-    for s in started:
-        s.stop()
 
 
 def run(coro):

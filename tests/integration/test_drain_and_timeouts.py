@@ -10,12 +10,11 @@ import asyncio
 import time
 import urllib.request
 
-import pytest
 
 from bridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import awesomerpc_config, cmd_route, free_port, run_async, Stack, wait_until
+from tests.integration.harness import cmd_route, run_async, Stack, wait_until
 
 CMD_FAST = 2
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
@@ -42,23 +41,6 @@ class RecordingClient(AwesomeRpcClient):
         except asyncio.TimeoutError:
             return None
         return self._closed_reason
-
-
-@pytest.fixture
-def stack(tmp_path):
-    started: list[Stack] = []
-
-    def make(routes, backends=("v1",), envoy_args=None, **listener_options) -> Stack:
-        ports = {name: free_port() for name in backends}
-        cfg = awesomerpc_config(free_port(), ports, routes, **listener_options)
-        s = Stack(tmp_path, cfg, ports, envoy_args=envoy_args)
-        started.append(s)
-        s.listen_port = cfg["listeners"][0]["port"]
-        return s.start()
-
-    yield make
-    for s in started:
-        s.stop()
 
 
 def run(coro):
