@@ -2,7 +2,7 @@
 
 ``python -m bench.inproc [--protocol awesomerpc|dubbo] [--depth N] [--requests N]``
 
-Drives one bridge gRPC connection (bridge.transport.grpc_server) with the bytes Envoy would send it: an
+Drives one bridge gRPC connection (metabridge.transport.grpc_server) with the bytes Envoy would send it: an
 ext_proc ``Process`` stream, each request as a ``read_data`` message and each response as a
 ``write_data`` message carrying HCM's HTTP/2 DATA frame for the tunnel. Every answer the bridge
 writes is parsed and the responses reaching the client are checked. The figure is CPU time per
@@ -22,14 +22,14 @@ from hpack import Encoder
 
 from bench import wire
 from bench.stacks import bridge_listener_config
-from bridge.transport import http2
-from bridge._proto.network_ext_proc_pb2 import Data, ProcessingRequest, ProcessingResponse
-from bridge.config.model import parse
-from bridge.transport.grpc_server import GrpcConnection
-from bridge.runner import install_event_loop
-from bridge.core.runtime import build_runtimes
-from bridge.transport.ext_proc import SERVICE_NAME, serve_methods
-from bridge.wire import LISTENER_METADATA_KEY, UPSTREAM_HOST_HEADER
+from metabridge.transport import http2
+from metabridge._proto.network_ext_proc_pb2 import Data, ProcessingRequest, ProcessingResponse
+from metabridge.config.model import parse
+from metabridge.transport.grpc_server import GrpcConnection
+from metabridge.runner import install_event_loop
+from metabridge.core.runtime import build_runtimes
+from metabridge.transport.ext_proc import SERVICE_NAME, serve_methods
+from metabridge.wire import LISTENER_METADATA_KEY, UPSTREAM_HOST_HEADER
 
 
 class _Transport:

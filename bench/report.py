@@ -149,7 +149,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def _envoy_version() -> str:
-    from bridge.config.bootstrap import find_envoy
+    from metabridge.config.bootstrap import find_envoy
 
     try:
         out = subprocess.run([find_envoy(), "--version"], capture_output=True, text=True, timeout=30).stdout

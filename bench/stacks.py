@@ -3,8 +3,8 @@
 - ``direct``: the client talks to the echo backend itself (the load generator's ceiling).
 - ``tcp_proxy``: Envoy forwarding TCP (bench.native).
 - ``generic_proxy``: Envoy's native generic_proxy with its Dubbo codec (bench.native).
-- ``metabridge``: Envoy + the bridge (``python -m bridge.cli run``), per-request routing with
-  the awesomerpc or Dubbo codec, the bootstrap rendered by bridge.config.bootstrap.
+- ``metabridge``: Envoy + the bridge (``python -m metabridge.cli run``), per-request routing with
+  the awesomerpc or Dubbo codec, the bootstrap rendered by metabridge.config.bootstrap.
 
 Every Envoy runs with ``--concurrency 1``.
 """
@@ -50,7 +50,7 @@ class PathSpec:
 
 
 def _envoy_bin() -> str:
-    from bridge.config.bootstrap import find_envoy
+    from metabridge.config.bootstrap import find_envoy
 
     return find_envoy()
 
@@ -102,8 +102,8 @@ class Stack:
         envoy.wait_until(lambda: port_open(listen_port), 10, f"listening on port {listen_port}")
 
     def _start_bridge(self, admin_port: int, listen_port: int) -> str:
-        from bridge.config import bootstrap as envoy_config
-        from bridge.config.model import load
+        from metabridge.config import bootstrap as envoy_config
+        from metabridge.config.model import load
 
         protocol = self.spec.protocol
         socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"
@@ -116,7 +116,7 @@ class Stack:
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         config_model = load(config_path)
         bootstrap = envoy_config.render_yaml(config_model)
-        args = [sys.executable, "-m", "bridge.cli", "--log-level", "warning", "run", "-c", str(config_path)]
+        args = [sys.executable, "-m", "metabridge.cli", "--log-level", "warning", "run", "-c", str(config_path)]
         bridge = self.children["bridge"] = Child(f"bridge ({self.spec.name})", args, self._log("bridge"))
         for address in config_model.worker_addresses():
             bridge.wait_until(lambda a=address: _bridge_serving(a), 30, f"serving on {address}")

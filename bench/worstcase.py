@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.wire import hessian_string
-from bridge.config.model import parse_size
-from bridge.registry import load_codec_class
-from bridge.sdk.codec import Codec, CodecError, DecodeStatus, Metadata
+from metabridge.config.model import parse_size
+from metabridge.registry import load_codec_class
+from metabridge.sdk.codec import Codec, CodecError, DecodeStatus, Metadata
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024

@@ -7,9 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
-from bridge import logs
-from bridge.config.model import ConfigError, load
-from bridge.registry import CodecLoadError
+from metabridge import logs
+from metabridge.config.model import ConfigError, load
+from metabridge.registry import CodecLoadError
 
 log = logging.getLogger("metabridge")
 
@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(validate)
     validate.add_argument("--no-envoy", action="store_true", help="skip `envoy --mode validate`")
 
+    from metabridge.kit import check, scaffold
+
+    new_codec = sub.add_parser("new-codec", help="scaffold a codec with its tests, an example config, a backend and a client")
+    scaffold.add_arguments(new_codec)
+    check_codec = sub.add_parser("check-codec", help="run the conformance checks on a codec")
+    check.add_arguments(check_codec)
+
     health = sub.add_parser("health", help="ask a running bridge's grpc.health.v1 service; exit 0 when SERVING")
     health.add_argument("--address", required=True, help="unix:PATH or HOST:PORT")
     health.add_argument("--timeout", type=float, default=2.0)
@@ -85,10 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "health":
             logs.setup(args.log_level or "warning")
             return _health(args)
+        if args.command in ("new-codec", "check-codec"):
+            from metabridge.kit import check, scaffold
+
+            logs.setup(args.log_level or "warning")
+            return (scaffold if args.command == "new-codec" else check).main(args)
         config = load(args.config)
         logs.setup(args.log_level or config.log_level)
         if args.command == "run":
-            from bridge.runner import run
+            from metabridge.runner import run
 
             return run(config, listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level)
         if args.command == "render":
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metabridge: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from bridge.config.bootstrap import EnvoyConfigError
+        from metabridge.config.bootstrap import EnvoyConfigError
 
         if not isinstance(exc, EnvoyConfigError):
             raise
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _render(config, args) -> int:
-    from bridge.config import bootstrap as envoy_config
+    from metabridge.config import bootstrap as envoy_config
 
     text = envoy_config.render_yaml(config, **_render_kwargs(args))
     if args.check:
@@ -122,8 +134,8 @@ def _render(config, args) -> int:
 
 
 def _validate(config, args) -> int:
-    from bridge.config import bootstrap as envoy_config
-    from bridge.core.runtime import build_runtimes
+    from metabridge.config import bootstrap as envoy_config
+    from metabridge.core.runtime import build_runtimes
 
     build_runtimes(config)  # imports and checks every codec, compiles every route
     unknown = sorted(

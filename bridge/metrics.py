@@ -1,4 +1,4 @@
-"""Prometheus exposition of the per-listener counters (bridge.stats) and the filters' own
+"""Prometheus exposition of the per-listener counters (metabridge.stats) and the filters' own
 counters, read at scrape time.
 
 Counters stay plain integers on the hot path; this collector turns them into
@@ -11,7 +11,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import REGISTRY, CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from bridge.stats import COUNTERS, GAUGES
+from metabridge.stats import COUNTERS, GAUGES
 
 
 class ListenerStatsCollector(Collector):

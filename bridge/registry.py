@@ -22,8 +22,8 @@ import re
 import sys
 from pathlib import Path
 
-from bridge.sdk.codec import REQUIRED_METHODS, Codec
-from bridge.sdk.filter import FILTER_HOOKS, Filter
+from metabridge.sdk.codec import REQUIRED_METHODS, Codec
+from metabridge.sdk.filter import FILTER_HOOKS, Filter
 
 ENTRY_POINT_GROUP = "metabridge.codecs"
 FILTER_ENTRY_POINT_GROUP = "metabridge.filters"
@@ -86,7 +86,7 @@ def load_filter_class(ref: str, base_dir: Path | str = ".") -> type[Filter]:
     """Resolve a filter reference and check it is a Filter with callable hooks."""
     cls = _resolve(ref, base_dir, FILTER_ENTRY_POINT_GROUP)
     if not (inspect.isclass(cls) and issubclass(cls, Filter)):
-        raise CodecLoadError(f"{ref!r}: expected a subclass of bridge.sdk.filter.Filter, got {cls!r}")
+        raise CodecLoadError(f"{ref!r}: expected a subclass of metabridge.sdk.filter.Filter, got {cls!r}")
     missing = [h for h in FILTER_HOOKS if not callable(getattr(cls, h, None))]
     if missing:
         raise CodecLoadError(f"{ref!r}: {cls.__name__} hooks are not callable: {', '.join(missing)}")

@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from bridge import logs
-from bridge.config.model import Config
-from bridge.logs import event
-from bridge.metrics import serve_metrics
-from bridge.core.runtime import build_runtimes, reload_routes
-from bridge.transport.ext_proc import serve
+from metabridge import logs
+from metabridge.config.model import Config
+from metabridge.logs import event
+from metabridge.metrics import serve_metrics
+from metabridge.core.runtime import build_runtimes, reload_routes
+from metabridge.transport.ext_proc import serve
 
 log = logging.getLogger("metabridge.runner")
 
@@ -63,7 +63,7 @@ class EnvoySupervisor:
     """Starts Envoy with the rendered bootstrap and restarts it if it dies unexpectedly."""
 
     def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str) -> None:
-        from bridge.config import bootstrap as envoy_config
+        from metabridge.config import bootstrap as envoy_config
 
         self._bin = envoy_bin or envoy_config.find_envoy()
         self._dir = tempfile.TemporaryDirectory(prefix="metabridge-envoy-")

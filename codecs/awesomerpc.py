@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from bridge.sdk.codec import Codec, CodecError, DecodeStatus, Direction, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
+from metabridge.sdk.codec import Codec, CodecError, DecodeStatus, Direction, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
 
 HEADER = struct.Struct("!BIIhh")
 """version u8, flow u32, len u32, cmd i16, rsp_code i16: the whole header, 13 bytes."""

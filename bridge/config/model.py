@@ -15,8 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from bridge.config.schema import DURATION, SCHEMA, explain
-from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
+from metabridge.config.schema import DURATION, SCHEMA, explain
+from metabridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 
 
 class ConfigError(Exception):

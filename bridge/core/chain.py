@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from bridge.core.request import ActiveRequest
-from bridge.core.router import route_request
-from bridge.logs import failure
-from bridge.sdk.codec import ErrorType
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.core.request import ActiveRequest
+from metabridge.core.router import route_request
+from metabridge.logs import failure
+from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.filter import Filter, FilterStatus
 
 log = logging.getLogger("metabridge.filters")
 

@@ -4,15 +4,15 @@ Sans-IO toward its transport. The transport feeds ``receive_client`` (the client
 ``receive_upstream`` (HCM's HTTP/2 bytes), then calls ``take`` for what to send: bytes for HCM,
 bytes for the client, and whether to close the connection. Work that starts on a timer or when
 a filter resumes a paused request ends with a call to ``wake``, after which the transport takes
-the output again. Time comes from a Clock (bridge.core.clock).
+the output again. Time comes from a Clock (metabridge.core.clock).
 
 Every request is accounted for: it gets its response or exactly one local reply (the codec's
 ``on_error``), or, when not even that can be built, the connection is closed. Exceptions from
-the codec are contained here (``codec_error``); those from filters in bridge.core.chain.
+the codec are contained here (``codec_error``); those from filters in metabridge.core.chain.
 
 The class is split by job: this module has the request side, completion and replies; the
-response side is bridge.core.responses, streams bridge.core.streams, tunnel failures and
-drains bridge.core.upstream_events, timers and buffer accounting bridge.core.timers.
+response side is metabridge.core.responses, streams metabridge.core.streams, tunnel failures and
+drains metabridge.core.upstream_events, timers and buffer accounting metabridge.core.timers.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ import random
 from collections import deque
 from collections.abc import Callable
 
-from bridge.core.clock import Clock
-from bridge.core.pool import Link, UpstreamPool
-from bridge.core.request import ActiveRequest
-from bridge.core.responses import ResponseMatching
-from bridge.core.router import route_request
-from bridge.core.streams import StreamFrames
-from bridge.core.timers import ConnectionTimers
-from bridge.core.upstream_events import UpstreamEvents
-from bridge.core.tunnels import (
+from metabridge.core.clock import Clock
+from metabridge.core.pool import Link, UpstreamPool
+from metabridge.core.request import ActiveRequest
+from metabridge.core.responses import ResponseMatching
+from metabridge.core.router import route_request
+from metabridge.core.streams import StreamFrames
+from metabridge.core.timers import ConnectionTimers
+from metabridge.core.upstream_events import UpstreamEvents
+from metabridge.core.tunnels import (
     ConnectionDraining,
     ConnectionLost,
     TunnelClosed,
@@ -40,8 +40,8 @@ from bridge.core.tunnels import (
     TunnelState,
     Upstream,
 )
-from bridge.logs import event, failure
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata
+from metabridge.logs import event, failure
+from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata
 
 log = logging.getLogger("metabridge.connection")
 
@@ -52,7 +52,7 @@ _STREAM_FOLLOWERS = (MessageType.STREAM_DATA, MessageType.STREAM_CLOSE_ONE_WAY, 
 
 class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimers):
     def __init__(self, listener, clock: Clock, connection_id: str = "", wake: Callable[[], None] | None = None) -> None:
-        self.listener = listener  # bridge.core.runtime.ListenerRuntime
+        self.listener = listener  # metabridge.core.runtime.ListenerRuntime
         self.stats = stats = listener.stats
         self.clock = clock
         self.id = connection_id
@@ -91,7 +91,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._in_event = False
         now = clock.now()
         self._last_activity = now
-        # Request deadlines (bridge.core.timers): requests in deadline order in a FIFO, the few
+        # Request deadlines (metabridge.core.timers): requests in deadline order in a FIFO, the few
         # that arrive with an earlier deadline than the last one in a heap; one timer.
         self._deadline_fifo: deque[ActiveRequest] = deque()
         self._deadline_heap: list = []

@@ -18,10 +18,10 @@ import random
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
-from bridge.core.tunnels import Tunnel
+from metabridge.core.tunnels import Tunnel
 
 if TYPE_CHECKING:
-    from bridge.core.request import ActiveRequest
+    from metabridge.core.request import ActiveRequest
 
 SLOT_BACKOFF = 1.0  # seconds a slot rests after its tunnel failed to connect
 

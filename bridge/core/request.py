@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bridge.sdk.codec import ErrorType, Metadata
+from metabridge.sdk.codec import ErrorType, Metadata
 
 if TYPE_CHECKING:
-    from bridge.core.connection import Connection
-    from bridge.core.pool import Link
-    from bridge.core.router import Route
+    from metabridge.core.connection import Connection
+    from metabridge.core.pool import Link
+    from metabridge.core.router import Route
 
 
 class ActiveRequest:

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from bridge.core.pool import Link
-from bridge.core.request import ActiveRequest
-from bridge.sdk.codec import CodecError, DecodeStatus, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
+from metabridge.core.pool import Link
+from metabridge.core.request import ActiveRequest
+from metabridge.sdk.codec import CodecError, DecodeStatus, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
 
 _WAIT = DecodeStatus.WAIT_FOR_DATA
 

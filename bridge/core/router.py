@@ -22,8 +22,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from bridge.config.model import HeaderMatch, RouteConfig
-from bridge.sdk.codec import ErrorType
+from metabridge.config.model import HeaderMatch, RouteConfig
+from metabridge.sdk.codec import ErrorType
 
 Predicate = Callable[[Mapping[str, str]], bool]
 
@@ -88,8 +88,8 @@ class Route:
     request_mutation: dict[str, str]
     response_mutation: dict[str, str]
     timeout: float | None = None  # seconds; None: the listener's request_timeout
-    mirrors: tuple = ()  # bridge.config.model.MirrorPolicy
-    retry: object | None = None  # bridge.config.model.RetryPolicy
+    mirrors: tuple = ()  # metabridge.config.model.MirrorPolicy
+    retry: object | None = None  # metabridge.config.model.RetryPolicy
     hash_policy: tuple[str, ...] = ()  # header keys whose values choose the host (RING_HASH / MAGLEV)
 
     def pick_cluster(self, rand: Callable[[], float] = random.random) -> str:

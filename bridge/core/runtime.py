@@ -6,14 +6,14 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 
-from bridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, load
-from bridge.core.chain import FilterChain
-from bridge.core.router import Router
-from bridge.filters import build_filters
-from bridge.logs import event
-from bridge.registry import CodecLoadError, load_codecs
-from bridge.sdk.codec import Codec, Direction
-from bridge.stats import ListenerStats
+from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, load
+from metabridge.core.chain import FilterChain
+from metabridge.core.router import Router
+from metabridge.filters import build_filters
+from metabridge.logs import event
+from metabridge.registry import CodecLoadError, load_codecs
+from metabridge.sdk.codec import Codec, Direction
+from metabridge.stats import ListenerStats
 
 log = logging.getLogger("metabridge.runtime")
 

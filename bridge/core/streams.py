@@ -7,8 +7,8 @@ sides are closed.
 
 from __future__ import annotations
 
-from bridge.core.request import ActiveRequest
-from bridge.sdk.codec import ErrorType, Metadata, MessageType
+from metabridge.core.request import ActiveRequest
+from metabridge.sdk.codec import ErrorType, Metadata, MessageType
 
 _STREAM_ENDS = (MessageType.STREAM_CLOSE_TWO_WAY, MessageType.RESPONSE, MessageType.ERROR)
 

@@ -8,8 +8,8 @@ import itertools
 import logging
 from collections import deque
 
-from bridge.logs import event
-from bridge.sdk.codec import ErrorType
+from metabridge.logs import event
+from metabridge.sdk.codec import ErrorType
 
 log = logging.getLogger("metabridge.connection")
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from bridge import wire
-from bridge.transport.http2 import CANCEL, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError
+from metabridge import wire
+from metabridge.transport.http2 import CANCEL, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
 HOST_OVERRIDE_HEADER = wire.HOST_OVERRIDE_HEADER

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 
-from bridge.core.pool import Link
-from bridge.core.request import ActiveRequest
-from bridge.core.tunnels import ConnectionDraining, TunnelState
-from bridge.logs import event
-from bridge.sdk.codec import ErrorType
+from metabridge.core.pool import Link
+from metabridge.core.request import ActiveRequest
+from metabridge.core.tunnels import ConnectionDraining, TunnelState
+from metabridge.logs import event
+from metabridge.sdk.codec import ErrorType
 
 log = logging.getLogger("metabridge.connection")
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import inspect
 
-from bridge.registry import CodecLoadError, load_filter_class
-from bridge.sdk.filter import Filter
+from metabridge.registry import CodecLoadError, load_filter_class
+from metabridge.sdk.filter import Filter
 
 # name -> "module:Class" of the filters that ship with metabridge (imported when used).
 BUILTIN: dict[str, str] = {
-    "local_ratelimit": "bridge.filters.local_ratelimit:LocalRateLimitFilter",
-    "fault": "bridge.filters.fault:FaultFilter",
-    "ratelimit": "bridge.filters.ratelimit:RateLimitFilter",
+    "local_ratelimit": "metabridge.filters.local_ratelimit:LocalRateLimitFilter",
+    "fault": "metabridge.filters.fault:FaultFilter",
+    "ratelimit": "metabridge.filters.ratelimit:RateLimitFilter",
 }
 
 

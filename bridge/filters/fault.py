@@ -13,7 +13,7 @@ when it arrives; ``percentage`` is 0-100 and defaults to 100. A delayed request 
 event loop (``call_later``) and then resumes with the next filter, or, if it was also chosen for
 an abort, gets its error reply after the delay, as Envoy's fault filter does. Nothing else
 waits: other requests on the connection and other connections go on. The abort is the codec's
-error reply for ``abort.error`` (one of bridge.sdk.codec.ErrorType). See docs/filters/fault.md.
+error reply for ``abort.error`` (one of metabridge.sdk.codec.ErrorType). See docs/filters/fault.md.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import random
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bridge.config.model import parse_duration
-from bridge.config.schema import DURATION
-from bridge.filters.local_ratelimit import MATCH_SCHEMA, check_config, compile_match
-from bridge.sdk.codec import ErrorType
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.config.model import parse_duration
+from metabridge.config.schema import DURATION
+from metabridge.filters.local_ratelimit import MATCH_SCHEMA, check_config, compile_match
+from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.filter import Filter, FilterStatus
 
 _PERCENTAGE = {"type": "number", "minimum": 0, "maximum": 100}
 CONFIG_SCHEMA: dict[str, Any] = {

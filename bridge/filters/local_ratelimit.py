@@ -30,11 +30,11 @@ from typing import Any
 
 import jsonschema
 
-from bridge.config import model
-from bridge.config.schema import DURATION, SCHEMA
-from bridge.core.router import Predicate, compile_header_matches
-from bridge.sdk.codec import ErrorType
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.config import model
+from metabridge.config.schema import DURATION, SCHEMA
+from metabridge.core.router import Predicate, compile_header_matches
+from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.filter import Filter, FilterStatus
 
 # A route's `match` (headers: exact | prefix | suffix | regex | present, invert), as the config
 # file's schema defines it, so a filter's match is checked exactly as a route's is.

@@ -43,13 +43,13 @@ from typing import Any
 
 import jsonschema
 
-from bridge._proto.ratelimit_pb2 import RateLimitDescriptor, RateLimitRequest, RateLimitResponse
-from bridge.config import model
-from bridge.config.schema import DURATION, SCHEMA
-from bridge.core.router import compile_header_matches
-from bridge.logs import event
-from bridge.sdk.codec import ErrorType
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge._proto.ratelimit_pb2 import RateLimitDescriptor, RateLimitRequest, RateLimitResponse
+from metabridge.config import model
+from metabridge.config.schema import DURATION, SCHEMA
+from metabridge.core.router import compile_header_matches
+from metabridge.logs import event
+from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.filter import Filter, FilterStatus
 
 log = logging.getLogger("metabridge.filters.ratelimit")
 

@@ -37,6 +37,10 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+# The codec contract's version (major, minor): minor grows with additions a codec may ignore,
+# major with anything that could break an existing codec.
+CODEC_API_VERSION = (1, 0)
+
 DEFAULT_MAX_FRAME_SIZE = 4 * 1024 * 1024
 
 
@@ -196,7 +200,8 @@ class Metadata:
 
 
 class Codec:
-    """Base class for codecs. Subclasses set ``name`` and implement the four methods.
+    """Base class for codecs. Subclasses set ``name`` and implement decode, encode and on_error
+    (heartbeat_reply and is_retriable are optional).
 
     ``has_request_id``: True when responses carry the request's id (matched by id, in any
     order); False when responses come back in request order.
@@ -234,4 +239,4 @@ class Codec:
         return False
 
 
-REQUIRED_METHODS = ("decode", "encode", "on_error", "heartbeat_reply")
+REQUIRED_METHODS = ("decode", "encode", "on_error")

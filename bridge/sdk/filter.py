@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from bridge.core.request import ActiveRequest
-    from bridge.sdk.codec import Metadata
+    from metabridge.core.request import ActiveRequest
+    from metabridge.sdk.codec import Metadata
 
 
 class FilterStatus(enum.Enum):

@@ -17,13 +17,13 @@ import os
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
-from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
-from bridge.core.clock import LoopClock
-from bridge.core.connection import Connection
-from bridge.core.runtime import ListenerRuntime
-from bridge.logs import event
-from bridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler, message_limit
-from bridge.wire import LISTENER_METADATA_KEY
+from metabridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
+from metabridge.core.clock import LoopClock
+from metabridge.core.connection import Connection
+from metabridge.core.runtime import ListenerRuntime
+from metabridge.logs import event
+from metabridge.transport.grpc_server import INVALID_ARGUMENT, NOT_FOUND, GrpcError, GrpcServer, Stream, StreamHandler, message_limit
+from metabridge.wire import LISTENER_METADATA_KEY
 
 log = logging.getLogger("metabridge.server")
 

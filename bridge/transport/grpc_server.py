@@ -2,7 +2,7 @@
 
 Why not grpcio's server: every ext_proc message costs a round trip between grpcio's C core, its
 poller thread and the event loop (tens of µs each, four messages per proxied request), several
-times the bridge's own work. Here one asyncio Protocol per HTTP/2 connection (bridge.transport.http2 does
+times the bridge's own work. Here one asyncio Protocol per HTTP/2 connection (metabridge.transport.http2 does
 the framing) hands whole gRPC messages to the stream's handler in the same call, and everything
 a batch of received frames produces leaves in one socket write.
 
@@ -29,9 +29,9 @@ import os
 import struct
 from typing import Callable, Iterable
 
-from bridge.transport import http2
-from bridge.transport.http2 import ENHANCE_YOUR_CALM, MAX_WINDOW, NO_ERROR, PROTOCOL_ERROR, H2Stream, Http2Connection, Limits, Pieces, ProtocolError, u32
-from bridge.logs import event
+from metabridge.transport import http2
+from metabridge.transport.http2 import ENHANCE_YOUR_CALM, MAX_WINDOW, NO_ERROR, PROTOCOL_ERROR, H2Stream, Http2Connection, Limits, Pieces, ProtocolError, u32
+from metabridge.logs import event
 
 log = logging.getLogger("metabridge.grpc")
 
@@ -259,7 +259,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
 
     def _held(self) -> int:
         """Answers waiting for the client's flow-control windows plus partial messages: what
-        the connection's receive window is kept shut by (bridge.transport.http2)."""
+        the connection's receive window is kept shut by (metabridge.transport.http2)."""
         held = Http2Connection._held(self)
         if held > self.limits.connection_window:
             raise ProtocolError(ENHANCE_YOUR_CALM, f"the client does not read: {held} bytes of answers wait for its flow-control windows")
@@ -272,7 +272,7 @@ class GrpcConnection(asyncio.Protocol, Http2Connection):
     # ---- HTTP/2 events ---------------------------------------------------------------------
 
     def on_headers(self, stream_id: int, headers: dict[str, str], end_stream: bool) -> None:
-        # bridge.transport.http2 has checked the stream's state: a stream in ``streams`` gets its
+        # metabridge.transport.http2 has checked the stream's state: a stream in ``streams`` gets its
         # trailers, any other is new (within the concurrent-streams limit).
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client

@@ -1,8 +1,8 @@
 """HTTP/2 for the bridge's two kinds of connection, without I/O: frames in, frames out.
 
 The bridge speaks HTTP/2 twice per proxied request: as a gRPC server to Envoy's ext_proc client
-(bridge.transport.grpc_server) and as a client to Envoy's HTTP connection manager through the tunnels
-(bridge.core.tunnels). Both peers are Envoy, both hot paths are DATA frames on long-lived streams,
+(metabridge.transport.grpc_server) and as a client to Envoy's HTTP connection manager through the tunnels
+(metabridge.core.tunnels). Both peers are Envoy, both hot paths are DATA frames on long-lived streams,
 and a general-purpose HTTP/2 state machine costs more per frame than everything else the bridge
 does for a request. This module keeps what those two connections need: frame parsing with
 ``struct``, HEADERS/CONTINUATION assembly with ``hpack``, SETTINGS, PING, RST_STREAM, GOAWAY and
@@ -71,7 +71,7 @@ class Limits:
     """What one HTTP/2 connection accepts from its peer. The defaults are the tunnels' (their
     peer is Envoy's HCM, on a connection the bridge opened itself through ext_proc, so the
     rates are generous); the gRPC server, reachable by any peer, passes stricter ones
-    (bridge.transport.grpc_server.server_limits)."""
+    (metabridge.transport.grpc_server.server_limits)."""
 
     max_concurrent_streams: int = 100  # streams the peer may have open (advertised; REFUSED_STREAM past it)
     max_header_list_size: int = 65536  # decoded size of a header block, RFC 9113 6.5.2 accounting (advertised)

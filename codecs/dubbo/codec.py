@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bridge.sdk.codec import (
+from metabridge.sdk.codec import (
     DEFAULT_MAX_FRAME_SIZE,
     Codec,
     CodecError,
@@ -26,7 +26,7 @@ from bridge.sdk.codec import (
     ResponseStatus,
     take_frame,
 )
-from bridge.config.model import parse_size
+from metabridge.config.model import parse_size
 
 from .frames import build_error_response, build_heartbeat
 from .hessian2 import HessianError, HessianLimitError, Reader, encode_string, encode_string_map

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from bridge.sdk.codec import (
+from metabridge.sdk.codec import (
     DEFAULT_MAX_FRAME_SIZE,
     Codec,
     CodecError,

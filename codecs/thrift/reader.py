@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import struct
 
-from bridge.sdk.codec import CodecError
+from metabridge.sdk.codec import CodecError
 
 from .wire import (
     APPLICATION_EXCEPTION_MESSAGE_FIELD,

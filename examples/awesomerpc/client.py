@@ -17,7 +17,7 @@ import asyncio
 import logging
 from typing import NamedTuple
 
-from bridge.sdk.codec import CodecError, DecodeStatus, Metadata
+from metabridge.sdk.codec import CodecError, DecodeStatus, Metadata
 from examples.awesomerpc.protocol import HEARTBEAT_CMD, AwesomeRpcCodec, encode_frame
 
 __all__ = ["AwesomeRpcClient", "ConnectionClosed", "Reply", "call_sync", "encode_frame"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bridge.registry import load_codec_class
+from metabridge.registry import load_codec_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CODEC_REF = "codecs/awesomerpc.py:AwesomeRpcCodec"

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import signal
 
-from bridge.sdk.codec import CodecError, DecodeStatus, Metadata, MessageType
+from metabridge.sdk.codec import CodecError, DecodeStatus, Metadata, MessageType
 from examples.awesomerpc.protocol import AwesomeRpcCodec, encode_frame
 
 DELAY_CMD = 98

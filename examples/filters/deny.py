@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 
-from bridge.config.model import parse_duration
-from bridge.sdk.codec import ErrorType
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.config.model import parse_duration
+from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.filter import Filter, FilterStatus
 
 
 class DenyFilter(Filter):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from bridge.sdk.codec import Codec, CodecError, DecodeStatus, Error, MalformedFrame, Metadata, MessageType, ResponseStatus, take_frame
+from metabridge.sdk.codec import Codec, CodecError, DecodeStatus, Error, MalformedFrame, Metadata, MessageType, ResponseStatus, take_frame
 
 from .protocol import FLAG_ERROR, HEADER_SIZE, STREAM_TYPES, FrameType, ProtocolError, encode_frame, parse_frame, parse_headers, peek_header
 

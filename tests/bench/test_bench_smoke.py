@@ -19,7 +19,7 @@ import yaml
 from bench import native
 from bench.scenarios import matrix
 from bench.stacks import DIRECT, METABRIDGE
-from bridge.config.bootstrap import validate_with_envoy
+from metabridge.config.bootstrap import validate_with_envoy
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bridge.sdk.codec import DecodeStatus, Metadata
+from metabridge.sdk.codec import DecodeStatus, Metadata
 from examples.awesomerpc.client import AwesomeRpcClient, Reply, call_sync, encode_frame
 from examples.awesomerpc.protocol import AwesomeRpcCodec
 

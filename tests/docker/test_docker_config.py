@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bridge.config import model as config_module
+from metabridge.config import model as config_module
 from tests.docker.conftest import COMPOSE_FILE, REPO_ROOT
 
 DOCKER_CONFIG = "examples/docker.yaml"

@@ -16,8 +16,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from bridge.registry import load_codec_class
-from bridge.sdk.codec import DecodeStatus, Error, Metadata
+from metabridge.registry import load_codec_class
+from metabridge.sdk.codec import DecodeStatus, Error, Metadata
 
 # codecs/ is not importable as a package (``codecs`` is a standard-library module): load the
 # codec the way the bridge does.

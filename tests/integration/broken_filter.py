@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.sdk.filter import Filter, FilterStatus
 
 
 class BrokenFilter(Filter):

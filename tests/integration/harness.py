@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import yaml
 
-from bridge.config import bootstrap as envoy_config
-from bridge.config.model import load
+from metabridge.config import bootstrap as envoy_config
+from metabridge.config.model import load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,10 +115,10 @@ class Stack:
         wait_until(lambda: port_open(port), 10, f"backend {name}", proc)
 
     def start_bridge(self) -> None:
-        proc = self._spawn("bridge", [sys.executable, "-m", "bridge.cli", "--log-level", "debug", "run", "-c", str(self.config_path)])
+        proc = self._spawn("bridge", [sys.executable, "-m", "metabridge.cli", "--log-level", "debug", "run", "-c", str(self.config_path)])
         for address in load(self.config_path).worker_addresses():
             sock = Path(address[len("unix:"):])
-            wait_until(lambda: sock.exists() and subprocess.run([sys.executable, "-m", "bridge.cli", "health", "--address", address], capture_output=True).returncode == 0, 15, f"bridge at {address}", proc)
+            wait_until(lambda: sock.exists() and subprocess.run([sys.executable, "-m", "metabridge.cli", "health", "--address", address], capture_output=True).returncode == 0, 15, f"bridge at {address}", proc)
 
     def start_envoy(self) -> None:
         bootstrap = self.tmp / "bootstrap.yaml"

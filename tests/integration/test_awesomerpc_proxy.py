@@ -12,7 +12,7 @@ import pytest
 
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encode_frame
 from examples.awesomerpc.protocol import ERROR_CODES
-from bridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType
 from tests.integration.harness import cmd_route, free_port, read_until_closed, run_async, Stack, wait_until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering

@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 
-from bridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from examples.awesomerpc.protocol import ERROR_CODES
 from tests.integration.harness import cmd_route, run_async, Stack, wait_until

@@ -141,6 +141,6 @@ def test_heartbeats_answered_by_bridge_and_garbage_closes_only_that_connection(p
 
 
 def test_example_config_validates():
-    result = subprocess.run([sys.executable, "-m", "bridge.cli", "validate", "-c", "examples/dubbo.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "metabridge.cli", "validate", "-c", "examples/dubbo.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "examples/dubbo.yaml: OK" in result.stdout

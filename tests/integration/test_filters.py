@@ -12,7 +12,7 @@ import pytest
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from examples.awesomerpc.protocol import ERROR_CODES
-from bridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType
 from tests.integration.harness import example_config, free_port, REPO, run_async, Stack
 
 OVER_LIMIT = ERROR_CODES[ErrorType.OVER_LIMIT]

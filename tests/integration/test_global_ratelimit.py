@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import yaml
 
-from bridge.config import bootstrap as envoy_config
-from bridge.sdk.codec import ErrorType
+from metabridge.config import bootstrap as envoy_config
+from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed
 from examples.awesomerpc.protocol import ERROR_CODES
 from tests.integration.harness import Stack, awesomerpc_config, cmd_route, example_config, free_port, port_open, run_async, wait_until

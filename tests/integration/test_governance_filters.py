@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from bridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient
 from examples.awesomerpc.protocol import ERROR_CODES
 from tests.integration.harness import REPO, Stack, example_config, free_port, run_async
@@ -54,7 +54,7 @@ def make_stack(tmp_path):
 
 
 def test_metabridge_validate_accepts_the_governance_example():
-    done = subprocess.run([sys.executable, "-m", "bridge.cli", "validate", "-c", "examples/governance.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "metabridge.cli", "validate", "-c", "examples/governance.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
 

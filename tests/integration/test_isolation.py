@@ -24,8 +24,8 @@ import h2.events
 import pytest
 import yaml
 
-from bridge.config import bootstrap as envoy_config
-from bridge.wire import CLUSTER_HEADER, HOST_OVERRIDE_HEADER, UPSTREAM_HOST_HEADER
+from metabridge.config import bootstrap as envoy_config
+from metabridge.wire import CLUSTER_HEADER, HOST_OVERRIDE_HEADER, UPSTREAM_HOST_HEADER
 from examples.awesomerpc.client import AwesomeRpcClient, encode_frame
 from examples.awesomerpc.protocol import HEADER_SIZE
 from tests.integration.harness import Stack, awesomerpc_config, free_port, multi_endpoint_cluster, wait_until

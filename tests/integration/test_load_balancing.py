@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
-from bridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.protocol import ERROR_CODES
 from tests.integration.harness import awesomerpc_config, free_port, multi_endpoint_cluster, run_async, Stack
 

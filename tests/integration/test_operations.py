@@ -14,7 +14,7 @@ import urllib.request
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
-from bridge.config.model import load
+from metabridge.config.model import load
 from tests.integration.harness import awesomerpc_config, cmd_route, free_port, Stack, wait_until
 
 
@@ -118,7 +118,7 @@ def test_worker_processes_share_the_connections(tmp_path):
         os.kill(worker_pids[0], signal.SIGKILL)
         wait_until(lambda: len(re.findall(r'"worker_started"', stack.log("bridge"))) == 3, 15, "worker restart")
         worker0 = load(stack.config_path).worker_addresses()[0]
-        wait_until(lambda: subprocess.run([sys.executable, "-m", "bridge.cli", "health", "--address", worker0], capture_output=True).returncode == 0, 15, "restarted worker")
+        wait_until(lambda: subprocess.run([sys.executable, "-m", "metabridge.cli", "health", "--address", worker0], capture_output=True).returncode == 0, 15, "restarted worker")
         time.sleep(1.5)  # Envoy's next health check of the bridge cluster sees it again
         assert asyncio.run(many(4, first=0)) == [b"v1|w", b"v2|w"] * 2
     finally:

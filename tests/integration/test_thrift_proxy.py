@@ -123,6 +123,6 @@ def test_garbage_closes_only_that_connection(proxy, variant):
 
 
 def test_example_config_validates():
-    result = subprocess.run([sys.executable, "-m", "bridge.cli", "validate", "-c", "examples/thrift.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-m", "metabridge.cli", "validate", "-c", "examples/thrift.yaml"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "examples/thrift.yaml: OK" in result.stdout

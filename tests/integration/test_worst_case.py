@@ -25,7 +25,7 @@ from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TSocket
 
 from bench import worstcase
-from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
+from metabridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 from examples.awesomerpc.client import encode_frame
 from tests.integration.harness import Stack, awesomerpc_config, free_port, proxy_factory
 from tests.peers.dubbo_peers import _recv_exactly as recv_exactly  # raises ConnectionError if the proxy closes

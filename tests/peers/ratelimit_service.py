@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from bridge._proto import ratelimit_pb2_grpc
-from bridge._proto.ratelimit_pb2 import RateLimitDescriptor, RateLimitRequest, RateLimitResponse
+from metabridge._proto import ratelimit_pb2_grpc
+from metabridge._proto.ratelimit_pb2 import RateLimitDescriptor, RateLimitRequest, RateLimitResponse
 from tests.peers.cli import serve_until_terminated
 from tests.peers.tcp_server import LOOPBACK
 

@@ -19,13 +19,13 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
-from bridge import wire
-from bridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
-from bridge.config.model import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
-from bridge.core.router import Router
-from bridge.core.runtime import ListenerRuntime
-from bridge.registry import load_codec_class
-from bridge.transport.ext_proc import ExtProcCall
+from metabridge import wire
+from metabridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
+from metabridge.config.model import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
+from metabridge.core.router import Router
+from metabridge.core.runtime import ListenerRuntime
+from metabridge.registry import load_codec_class
+from metabridge.transport.ext_proc import ExtProcCall
 
 # The test's HCM is h2 with raw (bytes) header names.
 CLUSTER_HEADER = wire.CLUSTER_HEADER.encode()

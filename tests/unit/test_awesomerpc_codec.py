@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType, ResponseStatus
-from bridge.registry import load_codec_class
+from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType, ResponseStatus
+from metabridge.registry import load_codec_class
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AwesomeRpcCodec = load_codec_class("codecs/awesomerpc.py:AwesomeRpcCodec", REPO_ROOT)

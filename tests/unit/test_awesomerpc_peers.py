@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sdk.codec import Metadata
+from metabridge.sdk.codec import Metadata
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, Reply, call_sync, encode_frame
 from examples.awesomerpc.protocol import AwesomeRpcCodec
 from examples.awesomerpc.server import serve

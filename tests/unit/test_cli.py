@@ -1,4 +1,4 @@
-"""The `metabridge` command, run as `python -m bridge.cli` in a subprocess as a user would run it."""
+"""The `metabridge` command, run as `python -m metabridge.cli` in a subprocess as a user would run it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ EXAMPLE = "examples/awesomerpc.yaml"
 
 
 def metabridge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "metabridge.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -130,7 +130,7 @@ def test_codec_rejecting_its_options_is_a_clean_config_error(tmp_path):
     (tmp_path / "picky.py").write_text(
         textwrap.dedent(
             """\
-            from bridge.sdk.codec import Codec
+            from metabridge.sdk.codec import Codec
 
 
             class Picky(Codec):
@@ -166,7 +166,7 @@ def test_the_bridge_raises_its_soft_open_file_limit_to_the_hard_one():
     import sys
 
     code = (
-        "import resource; from bridge.runner import raise_open_file_limit; "
+        "import resource; from metabridge.runner import raise_open_file_limit; "
         "raise_open_file_limit(); print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
     )
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
-from bridge.config.model import Config, ConfigError, HeaderMatch, WeightedCluster, load, parse, parse_duration, parse_size
+from metabridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
+from metabridge.config.model import Config, ConfigError, HeaderMatch, WeightedCluster, load, parse, parse_duration, parse_size
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -454,7 +454,7 @@ def test_bridge_grpc_limits_become_the_grpc_servers_keywords():
     }
     config = parse(raw, "x.yaml", ROOT / "examples")
     assert config.grpc_limits == {"max_concurrent_streams": 10, "max_header_list_size": 32768, "max_message": 8 * 1024 * 1024, "reset_burst": 50, "reset_rate": 5.0}
-    from bridge.transport.grpc_server import GrpcServer
+    from metabridge.transport.grpc_server import GrpcServer
 
     server = GrpcServer({}, **config.grpc_limits)  # every key is one the server takes
     assert server.max_message == 8 * 1024 * 1024

@@ -14,9 +14,9 @@ from dubbo_ssl.codec.encoder import Request as SslRequest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata, ResponseStatus
-from bridge.config.model import load
-from bridge.registry import load_codec_class, load_codecs
+from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata, ResponseStatus
+from metabridge.config.model import load
+from metabridge.registry import load_codec_class, load_codecs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DubboCodec = load_codec_class("codecs/dubbo:DubboCodec", REPO_ROOT)

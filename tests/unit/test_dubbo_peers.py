@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sdk.codec import DecodeStatus, Error, ErrorType, MessageType, Metadata, ResponseStatus
-from bridge.registry import load_codec_class
+from metabridge.sdk.codec import DecodeStatus, Error, ErrorType, MessageType, Metadata, ResponseStatus
+from metabridge.registry import load_codec_class
 from dubbo.codec.hessian2 import DubboHeartBeatResponse, DubboResponse
 from tests.helpers import decode_frames
 from tests.peers.dubbo_peers import (

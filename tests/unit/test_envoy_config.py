@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.config.model import load, parse
-from bridge.config.bootstrap import (
+from metabridge.config.model import load, parse
+from metabridge.config.bootstrap import (
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
     HOST_OVERRIDE_HEADER,

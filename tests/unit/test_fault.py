@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from bridge.core.chain import FilterChain
-from bridge.filters import BUILTIN
-from bridge.filters.fault import FaultFilter
-from bridge.filters.local_ratelimit import LocalRateLimitFilter
-from bridge.sdk.filter import Filter
+from metabridge.core.chain import FilterChain
+from metabridge.filters import BUILTIN
+from metabridge.filters.fault import FaultFilter
+from metabridge.filters.local_ratelimit import LocalRateLimitFilter
+from metabridge.sdk.filter import Filter
 from tests.unit.connection_harness import OVER_LIMIT, ROUTES, TIMEOUT, UNSPECIFIED, Harness, encode_frame, in_loop, parse_frames, route, wait_until
 
 CMD_5 = {"headers": [{"name": "cmd", "exact": "5"}]}
@@ -187,7 +187,7 @@ async def test_a_rate_limiter_before_the_fault_filter_refuses_before_any_delay()
 
 
 def test_fault_is_built_in_by_name():
-    assert BUILTIN["fault"] == "bridge.filters.fault:FaultFilter"
+    assert BUILTIN["fault"] == "metabridge.filters.fault:FaultFilter"
 
 
 @pytest.mark.parametrize(

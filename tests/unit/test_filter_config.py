@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.config.model import load, parse
-from bridge.core.runtime import build_runtimes
-from bridge.registry import CodecLoadError
+from metabridge.config.model import load, parse
+from metabridge.core.runtime import build_runtimes
+from metabridge.registry import CodecLoadError
 from tests.unit.connection_harness import OVER_LIMIT, Harness, encode_frame, in_loop, parse_frames, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _with_filters(filters) -> dict:
     [
         ([{"name": "nonesuch"}], "unknown filter 'nonesuch'"),
         ([{"name": "deny", "ref": "filters/deny.py:DenyFilter", "config": {}}], "rejects its config: KeyError"),
-        ([{"name": "deny", "ref": "filters/deny.py:asyncio"}], "expected a subclass of bridge.sdk.filter.Filter"),
+        ([{"name": "deny", "ref": "filters/deny.py:asyncio"}], "expected a subclass of metabridge.sdk.filter.Filter"),
         ([{"name": "deny", "ref": "filters/missing.py:X"}], "no such file or folder"),
     ],
 )

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bridge.transport.grpc_server import INTERNAL, GrpcError, GrpcServer, Stream, StreamHandler
-from bridge.transport.ext_proc import HealthCall, SERVICE_NAME
+from metabridge.transport.grpc_server import INTERNAL, GrpcError, GrpcServer, Stream, StreamHandler
+from metabridge.transport.ext_proc import HealthCall, SERVICE_NAME
 
 ECHO = "/test.Echo/Chat"
 
@@ -251,12 +251,12 @@ def test_process_over_grpcio_reaches_a_session():
     """The bridge's own Process method, called by grpcio's generated ext_proc client."""
     from bench.stacks import bridge_listener_config
     from bench import wire
-    from bridge._proto import network_ext_proc_pb2 as pb
-    from bridge._proto.network_ext_proc_pb2_grpc import NetworkExternalProcessorStub
-    from bridge.config.model import parse
-    from bridge.core.runtime import build_runtimes
-    from bridge.transport.ext_proc import serve
-    from bridge.wire import LISTENER_METADATA_KEY
+    from metabridge._proto import network_ext_proc_pb2 as pb
+    from metabridge._proto.network_ext_proc_pb2_grpc import NetworkExternalProcessorStub
+    from metabridge.config.model import parse
+    from metabridge.core.runtime import build_runtimes
+    from metabridge.transport.ext_proc import serve
+    from metabridge.wire import LISTENER_METADATA_KEY
 
     async def body():
         runtimes = build_runtimes(parse(bridge_listener_config(wire.AWESOMERPC, routes=1, listen_port=1, backend_port=2)))

@@ -12,9 +12,9 @@ from hpack import Encoder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.core.tunnels import ConnectionLost, Upstream
-from bridge.transport import http2
-from bridge.transport.http2 import (
+from metabridge.core.tunnels import ConnectionLost, Upstream
+from metabridge.transport import http2
+from metabridge.transport.http2 import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -104,7 +104,7 @@ def test_parser_raises_only_protocol_errors(data, cuts, server):
 @FUZZ
 @given(st.binary(max_size=3000))
 def test_tunnel_side_never_raises(data):
-    """The client side (bridge.core.tunnels) fed anything by 'HCM': events, never an exception."""
+    """The client side (metabridge.core.tunnels) fed anything by 'HCM': events, never an exception."""
     upstream = Upstream()
     upstream.open_tunnel("cluster")
     upstream.output()

@@ -13,7 +13,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamEnded, StreamReset, TrailersReceived
 
-from bridge.transport.grpc_server import GrpcServer
+from metabridge.transport.grpc_server import GrpcServer
 from tests.unit.test_http2_states import ECHO, HOLD, METHODS, message
 
 HEADERS = [(":method", "POST"), (":scheme", "http"), (":path", ECHO), (":authority", "x"), ("content-type", "application/grpc")]

@@ -17,9 +17,9 @@ import time
 import pytest
 from hpack import Decoder, Encoder
 
-from bridge.transport import http2
-from bridge.transport.grpc_server import GrpcConnection, GrpcServer, Stream, StreamHandler
-from bridge.transport.http2 import (
+from metabridge.transport import http2
+from metabridge.transport.grpc_server import GrpcConnection, GrpcServer, Stream, StreamHandler
+from metabridge.transport.http2 import (
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -681,11 +681,11 @@ def test_stats_count_calls_refusals_and_resets():
     assert server.stats.connection_errors == 1 and server.stats.connections_calmed == 0
 
 
-# ---- the same state table on the tunnels' side (bridge.core.tunnels, the client) ----------------
+# ---- the same state table on the tunnels' side (metabridge.core.tunnels, the client) ----------------
 
 
 def _hcm_upstream():
-    from bridge.core.tunnels import Upstream
+    from metabridge.core.tunnels import Upstream
 
     upstream = Upstream()
     tunnel = upstream.open_tunnel("cluster")
@@ -696,7 +696,7 @@ def _hcm_upstream():
 
 
 def test_tunnel_frames_after_the_bridge_reset_it_are_ignored():
-    from bridge.core.tunnels import ConnectionLost, TunnelData
+    from metabridge.core.tunnels import ConnectionLost, TunnelData
 
     upstream, tunnel, hcm = _hcm_upstream()
     upstream.close_tunnel(tunnel, reset=True)
@@ -708,7 +708,7 @@ def test_tunnel_frames_after_the_bridge_reset_it_are_ignored():
 
 
 def test_tunnel_frames_on_idle_streams_lose_the_connection():
-    from bridge.core.tunnels import ConnectionLost
+    from metabridge.core.tunnels import ConnectionLost
 
     upstream, _, _ = _hcm_upstream()
     events = upstream.receive(frame(DATA, 0, 5, b"never opened"))
@@ -716,7 +716,7 @@ def test_tunnel_frames_on_idle_streams_lose_the_connection():
 
 
 def test_message_limit_follows_the_listeners_frame_size():
-    from bridge.transport.grpc_server import message_limit
+    from metabridge.transport.grpc_server import message_limit
 
     assert message_limit([]) == 4 * 1024 * 1024
     assert message_limit([1 << 20, 16 << 20]) == 2 * (16 << 20) + 64 * 1024

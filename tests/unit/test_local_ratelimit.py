@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.cli import main as cli_main
-from bridge.config.model import load, parse
-from bridge.core.chain import FilterChain
-from bridge.core.runtime import build_runtimes
-from bridge.filters import BUILTIN, build_filters
-from bridge.filters.local_ratelimit import LocalRateLimitFilter
-from bridge.registry import CodecLoadError
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.cli import main as cli_main
+from metabridge.config.model import load, parse
+from metabridge.core.chain import FilterChain
+from metabridge.core.runtime import build_runtimes
+from metabridge.filters import BUILTIN, build_filters
+from metabridge.filters.local_ratelimit import LocalRateLimitFilter
+from metabridge.registry import CodecLoadError
+from metabridge.sdk.filter import Filter, FilterStatus
 from tests.unit.connection_harness import OVER_LIMIT, ROUTE_NOT_FOUND, Harness, encode_frame, in_loop, parse_frames
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.config.model import load
-from bridge.core.runtime import build_runtimes
-from bridge.metrics import ListenerStatsCollector
+from metabridge.config.model import load
+from metabridge.core.runtime import build_runtimes
+from metabridge.metrics import ListenerStatsCollector
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +33,7 @@ def test_filters_counters_are_exported_per_listener_and_place_in_the_chain():
 
 
 def test_the_grpc_servers_counters_are_exported():
-    from bridge.transport.grpc_server import GrpcStats
+    from metabridge.transport.grpc_server import GrpcStats
 
     stats = GrpcStats()
     stats.streams_reset = 3

@@ -3,11 +3,11 @@ deadlines, limits and contained codec failures (through the ext_proc transport, 
 
 from __future__ import annotations
 
-from bridge.config.model import ClusterConfig, Endpoint, HeaderMatch, RouteConfig, WeightedCluster
-from bridge.core.chain import FilterChain
-from bridge.core.runtime import ByteBudget
-from bridge.sdk.codec import Direction, ErrorType, Metadata
-from bridge.sdk.filter import Filter, FilterStatus
+from metabridge.config.model import ClusterConfig, Endpoint, HeaderMatch, RouteConfig, WeightedCluster
+from metabridge.core.chain import FilterChain
+from metabridge.core.runtime import ByteBudget
+from metabridge.sdk.codec import Direction, ErrorType, Metadata
+from metabridge.sdk.filter import Filter, FilterStatus
 from tests.unit.connection_harness import (
     CLOSE,
     OVER_LIMIT,

@@ -12,15 +12,15 @@ import time
 import grpc
 import pytest
 
-from bridge.config.model import parse
-from bridge.core.chain import FilterChain
-from bridge.filters import BUILTIN, build_filters
-from bridge.core.runtime import build_runtimes
-from bridge.filters.ratelimit import RateLimitFilter, RateLimitStats
-from bridge.metrics import ListenerStatsCollector
-from bridge.registry import CodecLoadError
-from bridge._proto import ratelimit_pb2
-from bridge._proto.ratelimit_pb2 import RateLimitRequest, RateLimitResponse
+from metabridge.config.model import parse
+from metabridge.core.chain import FilterChain
+from metabridge.filters import BUILTIN, build_filters
+from metabridge.core.runtime import build_runtimes
+from metabridge.filters.ratelimit import RateLimitFilter, RateLimitStats
+from metabridge.metrics import ListenerStatsCollector
+from metabridge.registry import CodecLoadError
+from metabridge._proto import ratelimit_pb2
+from metabridge._proto.ratelimit_pb2 import RateLimitRequest, RateLimitResponse
 from tests.peers.ratelimit_service import AioServer, Limit, RateLimitLogic, limit
 from tests.unit.connection_harness import OVER_LIMIT, REPO_ROOT, UNSPECIFIED, Harness, encode_frame, parse_frames, wait_until
 
@@ -313,7 +313,7 @@ def test_a_bad_config_is_refused_naming_the_field(config, problem):
 
 
 def test_it_is_a_builtin_filter_named_ratelimit_and_its_counters_are_exported():
-    assert BUILTIN["ratelimit"] == "bridge.filters.ratelimit:RateLimitFilter"
+    assert BUILTIN["ratelimit"] == "metabridge.filters.ratelimit:RateLimitFilter"
     raw = {
         "codecs": {"awesomerpc": {"ref": str(REPO_ROOT / "codecs/awesomerpc.py") + ":AwesomeRpcCodec"}},
         "listeners": [

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bridge.sdk.codec import Codec, DecodeStatus
-from bridge.config.model import parse
-from bridge.registry import ENTRY_POINT_GROUP, CodecLoadError, check_codec_class, load_codec_class, load_codecs
+from metabridge.sdk.codec import Codec, DecodeStatus
+from metabridge.config.model import parse
+from metabridge.registry import ENTRY_POINT_GROUP, CodecLoadError, check_codec_class, load_codec_class, load_codecs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 GOOD_CODEC = '''
-from bridge.sdk.codec import Codec, DecodeStatus
+from metabridge.sdk.codec import Codec, DecodeStatus
 
 
 class {cls}(Codec):
@@ -253,7 +253,7 @@ def test_missing_methods(tmp_path, forget_modules):
         """,
     )
     message = load_error("duck.py:Duck", tmp_path)
-    assert message.endswith("Duck does not implement the codec contract: missing encode, on_error, heartbeat_reply")
+    assert message.endswith("Duck does not implement the codec contract: missing encode, on_error")
 
 
 def test_duck_typed_class_with_every_method_is_accepted():
@@ -275,7 +275,7 @@ def test_methods_not_overridden(tmp_path, forget_modules):
     write(
         tmp_path / "lazy.py",
         """\
-        from bridge.sdk.codec import Codec
+        from metabridge.sdk.codec import Codec
 
 
         class Lazy(Codec):

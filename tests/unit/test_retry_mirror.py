@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.config.model import ClusterConfig, Endpoint, HeaderMatch, MirrorPolicy, RetryPolicy, RouteConfig, WeightedCluster
+from metabridge.config.model import ClusterConfig, Endpoint, HeaderMatch, MirrorPolicy, RetryPolicy, RouteConfig, WeightedCluster
 from tests.unit.connection_harness import TIMEOUT, UNSPECIFIED, Harness, encode_frame, in_loop, parse_frames, wait_until
 
 HOST = b"x-metabridge-host"

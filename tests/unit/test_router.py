@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-import bridge.core.router as router_module
-from bridge.sdk.codec import Headers
-from bridge.config.model import HeaderMatch, RouteConfig, WeightedCluster
-from bridge.core.router import Router
+import metabridge.core.router as router_module
+from metabridge.sdk.codec import Headers
+from metabridge.config.model import HeaderMatch, RouteConfig, WeightedCluster
+from metabridge.core.router import Router
 
 
 def route(name: str, *matchers: HeaderMatch, cluster: str | None = None, weighted=None, request_mutation=None, response_mutation=None) -> RouteConfig:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from h2.errors import ErrorCodes
 
-from bridge._proto.network_ext_proc_pb2 import ProcessingResponse
-from bridge.sdk.codec import DecodeStatus, MalformedFrame
+from metabridge._proto.network_ext_proc_pb2 import ProcessingResponse
+from metabridge.sdk.codec import DecodeStatus, MalformedFrame
 from tests.unit.connection_harness import (
     BAD_RESPONSE,
     CLOSE,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config.model import load
-from bridge.registry import load_codec_class, load_codecs
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, Metadata, MessageType, ResponseStatus
+from metabridge.config.model import load
+from metabridge.registry import load_codec_class, load_codecs
+from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MalformedFrame, Metadata, MessageType, ResponseStatus
 from examples.streamrpc.client import ConnectionClosed, StreamRpcClient
 from examples.streamrpc.protocol import FLAG_ERROR, HEADER, HEADER_SIZE, FrameType, ProtocolError, encode_frame, parse_frame
 from examples.streamrpc.server import serve

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from thriftpy2.thrift import TApplicationException, TMessageType
 
-from bridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType, ResponseStatus
-from bridge.registry import load_codec_class
+from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, Metadata, MessageType, ResponseStatus
+from metabridge.registry import load_codec_class
 from tests.helpers import decode_frames
 from tests.peers.thrift_peers import Variant, echo_thrift, encode_message, read_exception_reply, sample_payload
 

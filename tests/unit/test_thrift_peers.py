@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from bridge.sdk.codec import Error, ErrorType, Metadata, MessageType, ResponseStatus
-from bridge.registry import load_codec_class
+from metabridge.sdk.codec import Error, ErrorType, Metadata, MessageType, ResponseStatus
+from metabridge.registry import load_codec_class
 from tests.helpers import decode_frames
 from tests.peers.thrift_peers import (
     BUFFERED_COMPACT,
