@@ -45,6 +45,8 @@ with warnings.catch_warnings():
     from envoy_data_plane.envoy.extensions.load_balancing_policies.round_robin import v3 as round_robin_v3
     from envoy_data_plane.envoy.extensions.retry.host.previous_hosts import v3 as previous_hosts_v3
     from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http_v3
+    from envoy_data_plane.envoy.type import v3 as type_v3
+    from envoy_data_plane.envoy.type.matcher import v3 as matcher_v3
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from metabridge.config.model import ClusterConfig, Config, ListenerConfig
@@ -100,6 +102,21 @@ _FALLBACK_POLICIES: dict[str, tuple[str, type[betterproto2.Message]]] = {
 }
 # How often the retry's host selection may re-pick when it lands on the host that just failed.
 RETRY_HOST_SELECTION_ATTEMPTS = 5
+HASH_LB_POLICIES = ("RING_HASH", "MAGLEV")
+# RING_HASH / MAGLEV clusters keep every host in their ring, healthy or not: Envoy's panic mode
+# (healthy hosts below this percentage) builds the ring over all hosts, and at 100 % it is on
+# whenever any host is unhealthy. Otherwise a health change rebuilds the ring over the healthy
+# hosts with more entries each (ring_hash: ceil(minimum_ring_size / hosts) per host), and about a
+# third of the surviving hosts' keys move as well as the lost host's.
+HASH_PANIC_THRESHOLD = 100.0
+# A hashed tunnel whose connect fails is retried on the next hosts of the ring (ring_hash steps to
+# the next entry per host-selection attempt, maglev re-hashes), skipping hosts already tried. With
+# one host of three down a run of its entries on the ring is rarely longer than a few, so 32
+# attempts reach a live host for every key; each attempt is a lookup, not a connect.
+HASH_HOST_SELECTION_ATTEMPTS = 32
+# Connect retries of a hashed tunnel: enough to step over this many dead hosts in a row (each
+# costs a refused connect, or the cluster's connect_timeout when connects time out).
+HASH_MAX_CONNECT_RETRIES = 3
 
 _UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _ZERO = timedelta(0)  # 0s disables an Envoy timeout
@@ -284,6 +301,10 @@ def _service_cluster(cluster: ClusterConfig, overrides: dict[str, str], used: se
         result.load_balancing_policy = _override_host_policy(cluster.lb_policy)
     else:
         result.lb_policy = cluster_v3.ClusterLbPolicy[cluster.lb_policy]
+        # A fixed ring: health changes move no key; a dead host's keys walk on by connect retry.
+        result.common_lb_config = cluster_v3.ClusterCommonLbConfig(
+            healthy_panic_threshold=type_v3.Percent(value=HASH_PANIC_THRESHOLD)
+        )
     # Each tunnel is one upstream TCP connection: max_connections caps tunnels, and tunnels beyond
     # it wait in the pending queue (an overflow there is an immediate 503 "UO"). max_retries
     # bounds the tunnel route's connect-failure retries in flight: Envoy's default of 3 turned a
@@ -339,10 +360,46 @@ def _set_header(key: str, value: str) -> core_v3.HeaderValueOption:
     )
 
 
-def _tunnel_route() -> route_v3.Route:
+def _connect_retry(num_retries: int, host_selection_attempts: int) -> route_v3.RetryPolicy:
+    return route_v3.RetryPolicy(
+        retry_on="connect-failure",
+        num_retries=num_retries,
+        retry_host_predicate=[
+            route_v3.RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=AnyProto.pack(previous_hosts_v3.PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=host_selection_attempts,
+        # The retry goes to another host: no reason to wait Envoy's default 25 ms.
+        retry_back_off=route_v3.RetryPolicyRetryBackOff(base_interval=timedelta(milliseconds=1)),
+    )
+
+
+def _tunnel_route(hashed: ClusterConfig | None = None) -> route_v3.Route:
+    """The route of the bridge's tunnels: to the cluster named in CLUSTER_HEADER, or, with
+    ``hashed``, the route of that RING_HASH / MAGLEV cluster's tunnels (matched on the header)."""
+    match = route_v3.RouteMatch(connect_matcher=route_v3.RouteMatchConnectMatcher())
+    if hashed is None:
+        # One more try, on another host, when the connect fails. This is how a tunnel asked
+        # for an unhealthy endpoint falls back: the override_host policy picks it anyway, the
+        # connect fails (the rendered health check is a TCP connect) and the retry gets the
+        # cluster's own lb_policy choice, which skips unhealthy hosts. The tunnel's bytes
+        # are replayed; nothing has reached a backend yet.
+        retry = _connect_retry(1, RETRY_HOST_SELECTION_ATTEMPTS)
+    else:
+        match.headers = [
+            route_v3.HeaderMatcher(name=CLUSTER_HEADER, string_match=matcher_v3.StringMatcher(exact=hashed.name))
+        ]
+        # The cluster's ring holds every host (HASH_PANIC_THRESHOLD), so a key whose host is down
+        # is moved by the retry to the next live host on the ring: the same host for that key on
+        # every connection and every bridge worker, and no other key moves.
+        retry = _connect_retry(
+            max(1, min(len(hashed.endpoints) - 1, HASH_MAX_CONNECT_RETRIES)), HASH_HOST_SELECTION_ATTEMPTS
+        )
     return route_v3.Route(
-        name="tunnel",
-        match=route_v3.RouteMatch(connect_matcher=route_v3.RouteMatchConnectMatcher()),
+        name="tunnel" if hashed is None else f"tunnel-{hashed.name}",
+        match=match,
         route=route_v3.RouteAction(
             cluster_header=CLUSTER_HEADER,
             # Terminate CONNECT here: each stream becomes a raw TCP connection to the cluster.
@@ -354,24 +411,7 @@ def _tunnel_route() -> route_v3.Route:
             hash_policy=[
                 route_v3.RouteActionHashPolicy(header=route_v3.RouteActionHashPolicyHeader(header_name=HASH_KEY_HEADER))
             ],
-            # One more try, on another host, when the connect fails. This is how a tunnel asked
-            # for an unhealthy endpoint falls back: the override_host policy picks it anyway, the
-            # connect fails (the rendered health check is a TCP connect) and the retry gets the
-            # cluster's own lb_policy choice, which skips unhealthy hosts. The tunnel's bytes
-            # are replayed; nothing has reached a backend yet.
-            retry_policy=route_v3.RetryPolicy(
-                retry_on="connect-failure",
-                num_retries=1,
-                retry_host_predicate=[
-                    route_v3.RetryPolicyRetryHostPredicate(
-                        name="envoy.retry_host_predicates.previous_hosts",
-                        typed_config=AnyProto.pack(previous_hosts_v3.PreviousHostsPredicate()),
-                    )
-                ],
-                host_selection_retry_max_attempts=RETRY_HOST_SELECTION_ATTEMPTS,
-                # The retry goes to another host: no reason to wait Envoy's default 25 ms.
-                retry_back_off=route_v3.RetryPolicyRetryBackOff(base_interval=timedelta(milliseconds=1)),
-            ),
+            retry_policy=retry,
             # A tunnel lives as long as the bridge keeps it; the bridge runs per-request timeouts.
             timeout=_ZERO,
             idle_timeout=_ZERO,
@@ -385,14 +425,20 @@ def _tunnel_route() -> route_v3.Route:
     )
 
 
-def _hcm_filter(listener: ListenerConfig) -> listener_v3.Filter:
+def _hcm_filter(listener: ListenerConfig, hashed: list[ClusterConfig]) -> listener_v3.Filter:
     hcm = hcm_v3.HttpConnectionManager(
         # The bridge speaks prior-knowledge HTTP/2 (HTTP/1.1 loses pipelined requests here).
         codec_type=hcm_v3.HttpConnectionManagerCodecType.HTTP2,
         stat_prefix=listener.name,
         route_config=route_v3.RouteConfiguration(
             name=listener.name,
-            virtual_hosts=[route_v3.VirtualHost(name=listener.name, domains=["*"], routes=[_tunnel_route()])],
+            virtual_hosts=[
+                route_v3.VirtualHost(
+                    name=listener.name,
+                    domains=["*"],
+                    routes=[*(_tunnel_route(c) for c in hashed), _tunnel_route()],
+                )
+            ],
         ),
         http_filters=[
             hcm_v3.HttpFilter(
@@ -420,14 +466,16 @@ def _hcm_filter(listener: ListenerConfig) -> listener_v3.Filter:
     return listener_v3.Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyProto.pack(hcm))
 
 
-def _listener(listener: ListenerConfig, bind_address: str | None, message_timeout: float) -> listener_v3.Listener:
+def _listener(
+    listener: ListenerConfig, bind_address: str | None, message_timeout: float, hashed: list[ClusterConfig]
+) -> listener_v3.Listener:
     return listener_v3.Listener(
         name=listener.name,
         address=core_v3.Address(
             socket_address=core_v3.SocketAddress(address=bind_address or listener.address, port_value=listener.port)
         ),
         filter_chains=[
-            listener_v3.FilterChain(filters=[_ext_proc_filter(listener, message_timeout), _hcm_filter(listener)])
+            listener_v3.FilterChain(filters=[_ext_proc_filter(listener, message_timeout), _hcm_filter(listener, hashed)])
         ],
     )
 
@@ -469,6 +517,7 @@ def build_bootstrap(
     if BRIDGE_CLUSTER in config.clusters:
         raise EnvoyConfigError(f"{config.source}: cluster name {BRIDGE_CLUSTER!r} is reserved for the bridge; rename the cluster")
     addresses = config.worker_addresses() if bridge_addresses is None else list(bridge_addresses)
+    hashed = [c for c in config.clusters.values() if c.lb_policy in HASH_LB_POLICIES]
     clusters = [_bridge_cluster(addresses)]
     clusters += [_service_cluster(c, overrides, used) for c in config.clusters.values()]
     unused = sorted(set(overrides) - used)
@@ -487,7 +536,7 @@ def build_bootstrap(
             )
         ),
         static_resources=bootstrap_v3.BootstrapStaticResources(
-            listeners=[_listener(lst, listener_address, config.message_timeout) for lst in config.listeners],
+            listeners=[_listener(lst, listener_address, config.message_timeout, hashed) for lst in config.listeners],
             clusters=clusters,
         ),
     )

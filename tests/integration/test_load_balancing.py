@@ -17,7 +17,7 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import awesomerpc_config, free_port, multi_endpoint_cluster, run_async, Stack
+from tests.integration.harness import awesomerpc_config, free_port, multi_endpoint_cluster, run_async, Stack, wait_until
 
 HOSTS = ("h0", "h1", "h2")
 CMD = 1
@@ -270,3 +270,94 @@ def test_killed_host_leaves_traffic_to_the_others(pool_stack):
     assert not after_errors, f"{sum(after_errors.values())} of {len(after)} requests sent after h2's tunnel was dropped got error replies: {dict(after_errors)}"
     assert still_open and not isinstance(last, BaseException) and host_of(last) in {"h0", "h1"}, (still_open, last)
     print(f"before the kill: {dict(before)}; after: {dict(after_hosts)} of {len(after)}; error replies: {dict(errors)}")
+
+
+# ---- consistent hashing ---------------------------------------------------------------------------------
+
+KEYS = range(1000, 2000)  # awesomerpc's one routable header is cmd: 1000 cmds are 1000 hash keys
+KEY_CONNECTIONS = 8  # Envoy spreads them over the bridge workers (4 each with 2 workers)
+
+
+def start_hashed_stack(tmp, lb_policy: str, workers: int) -> Stack:
+    ports = {name: free_port() for name in HOSTS}
+    cfg = awesomerpc_config(free_port(), {}, [{"route": {"cluster": "ring"}, "hash_policy": ["cmd"]}], request_timeout="5s")
+    cfg["bridge"] = {"workers": workers}
+    # Every key a connection has not seen yet costs a tunnel (an upstream connection) until its
+    # host is known: 8 connections learning 375 keys each need more than Envoy's default 1024.
+    breakers = {"max_connections": 20000, "max_pending_requests": 20000}
+    health = {"interval": "200ms", "timeout": "200ms", "unhealthy_threshold": 1}
+    cfg["clusters"] = [multi_endpoint_cluster("ring", [ports[h] for h in HOSTS], lb_policy=lb_policy, circuit_breakers=breakers, health_check=health)]
+    stack = Stack(tmp, cfg, ports)
+    stack.listen_port = cfg["listeners"][0]["port"]
+    try:
+        return stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+
+
+async def hosts_of_keys(stack: Stack, keys, connections: int = KEY_CONNECTIONS, rounds: int = 3) -> dict[int, set[str]]:
+    """Send every key on ``rounds`` of the ``connections`` (fresh ones), all connections at once:
+    key -> the hosts that answered it."""
+    keys = list(keys)
+    seen: dict[int, set[str]] = {k: set() for k in keys}
+    clients = [await connect(stack) for _ in range(connections)]
+
+    async def send(i: int, client: AwesomeRpcClient) -> None:
+        for round_ in range(rounds):
+            mine = keys[(i + round_) % connections :: connections]
+            for start in range(0, len(mine), 10):
+                batch = mine[start : start + 10]
+                for key, reply in zip(batch, await asyncio.gather(*(client.call(k, b"x") for k in batch))):
+                    seen[key].add(host_of(reply))
+
+    try:
+        await asyncio.gather(*(send(i, c) for i, c in enumerate(clients)))
+    finally:
+        for c in clients:
+            c.close()
+            await c.wait_closed()
+    return seen
+
+
+def envoy_clusters(stack: Stack) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/clusters", timeout=2) as r:
+        return r.read().decode()
+
+
+def one_host_per_key(seen: dict[int, set[str]], what: str) -> dict[int, str]:
+    split = {k: sorted(h) for k, h in seen.items() if len(h) != 1}
+    assert not split, f"{what}: {len(split)} keys answered by more than one host across connections, e.g. {list(split.items())[:5]}"
+    return {k: next(iter(h)) for k, h in seen.items()}
+
+
+@pytest.mark.parametrize("lb_policy", ["RING_HASH", "MAGLEV"])
+def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts_keys_move(tmp_path, lb_policy):
+    """1000 keys, each sent on 3 of 8 connections spread over 2 bridge workers: one host per key,
+    keys spread over the 3 hosts. Then h2 is stopped and Envoy's health check marks it down: every
+    key of h0 and h1 stays where it was; h2's keys go to h0 and h1, one host per key again."""
+    stack = start_hashed_stack(tmp_path, lb_policy, workers=2)
+    try:
+        placement = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "all hosts up")
+        shares = {h: sum(1 for p in placement.values() if p == h) / len(placement) for h in HOSTS}
+        assert all(0.20 <= share <= 0.47 for share in shares.values()), shares
+        # Both bridge workers carried connections (Envoy's cx_total per worker address).
+        workers = {}
+        for line in envoy_clusters(stack).splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == "metabridge_bridge" and parts[2] == "cx_total":
+                workers[parts[1]] = int(parts[3])
+        assert len(workers) == 2 and min(workers.values()) >= KEY_CONNECTIONS // 2 - 1, f"connections per bridge worker: {workers}"
+
+        stack.stop_process("backend-h2")
+        down = f"ring::127.0.0.1:{stack.backends['h2']}::health_flags::/failed_active_hc"
+        wait_until(lambda: down in envoy_clusters(stack), 10, "Envoy's health check marking h2 down")
+        after = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "h2 down")
+        moved = {k: (placement[k], after[k]) for k in KEYS if placement[k] != "h2" and after[k] != placement[k]}
+        assert not moved, f"{len(moved)} keys of the surviving hosts moved (before, after), e.g. {list(moved.items())[:5]}"
+        lost = [k for k in KEYS if placement[k] == "h2"]
+        landed = Counter(after[k] for k in lost)
+        assert set(landed) <= {"h0", "h1"} and sum(landed.values()) == len(lost), landed
+        print(f"{lb_policy}: shares {shares}; h2's {len(lost)} keys went to {dict(landed)}; bridge workers' connections {workers}")
+    finally:
+        stack.stop()

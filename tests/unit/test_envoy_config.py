@@ -129,7 +129,9 @@ def test_rich_config_structure():
         assert "max_connection_duration" not in str(manager)
         (vhost,) = manager["route_config"]["virtual_hosts"]
         assert vhost["domains"] == ["*"]
-        (route,) = vhost["routes"]
+        # The hash clusters' own routes first (see test_hash_clusters_keep_every_host_...), then the route of all others.
+        assert [r["name"] for r in vhost["routes"]] == ["tunnel-hashed", "tunnel-maglev", "tunnel"]
+        route = vhost["routes"][-1]
         assert route["match"] == {"connect_matcher": {}}
         assert route["route"]["cluster_header"] == CLUSTER_HEADER
         assert route["route"]["upgrade_configs"] == [{"upgrade_type": "CONNECT", "connect_config": {}}]
@@ -137,6 +139,7 @@ def test_rich_config_structure():
         retry = route["route"]["retry_policy"]
         assert retry["retry_on"] == "connect-failure"  # only before any byte reached a backend
         assert retry["num_retries"] == 1
+        assert retry["host_selection_retry_max_attempts"] == "5"
         assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
         added = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
         assert added == {UPSTREAM_HOST_HEADER: "%UPSTREAM_HOST%", RESPONSE_FLAGS_HEADER: "%RESPONSE_FLAGS%"}
@@ -200,6 +203,30 @@ def test_hash_policies_keep_plain_lb_policy(cluster, lb_policy):
     rendered = clusters_by_name(build_bootstrap(rich_config()))[cluster]
     assert rendered["lb_policy"] == lb_policy
     assert "load_balancing_policy" not in rendered
+
+
+@pytest.mark.parametrize(("cluster", "endpoints", "retries"), [("hashed", 1, 1), ("maglev", 3, 2), ("maglev", 9, 3)])
+def test_hash_clusters_keep_every_host_in_the_ring_and_walk_it_on_connect_failure(cluster, endpoints, retries):
+    raw = copy.deepcopy(RICH_CONFIG)
+    for entry in raw["clusters"]:
+        if entry["name"] == cluster:
+            entry["endpoints"] = [{"address": "127.0.0.1", "port": 17000 + i} for i in range(endpoints)]
+    bootstrap = build_bootstrap(parse(raw, "configs/rich.yaml"))
+    # Panic at 100 %: any unhealthy host puts the cluster in panic, where the ring is built over
+    # every host, so a health change never rebuilds it with more entries per surviving host.
+    assert clusters_by_name(bootstrap)[cluster]["common_lb_config"] == {"healthy_panic_threshold": {"value": 100.0}}
+    assert "common_lb_config" not in clusters_by_name(bootstrap)["ips"], "per-request policies keep Envoy's panic default"
+    for listener in bootstrap["static_resources"]["listeners"]:
+        routes = {r["name"]: r for r in network_filters(listener)[1]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]}
+        route = routes[f"tunnel-{cluster}"]
+        assert route["match"] == {"connect_matcher": {}, "headers": [{"name": CLUSTER_HEADER, "string_match": {"exact": cluster}}]}
+        assert route["route"]["cluster_header"] == CLUSTER_HEADER
+        assert route["route"]["hash_policy"] == routes["tunnel"]["route"]["hash_policy"]
+        assert route["response_headers_to_add"] == routes["tunnel"]["response_headers_to_add"]
+        retry = route["route"]["retry_policy"]
+        assert (retry["retry_on"], retry["num_retries"]) == ("connect-failure", retries)  # hosts - 1, at least 1, at most 3
+        assert retry["host_selection_retry_max_attempts"] == "32"  # ring entries stepped over per retry
+        assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
 
 
 def test_bridge_cluster_gives_each_client_connection_its_own_http2_connection():
