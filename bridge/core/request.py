@@ -34,6 +34,7 @@ class ActiveRequest:
         "deadline",
         "attempt",
         "state",
+        "request_mutation",
         "response_mutation",
         "response",
         "error",
@@ -48,6 +49,7 @@ class ActiveRequest:
         "expires",
         "mirror",
         "hash_key",
+        "reply_size",
     )
 
     def __init__(self, connection: Connection, metadata: Metadata, received: float) -> None:
@@ -63,6 +65,7 @@ class ActiveRequest:
         self.deadline = 0.0
         self.attempt = 0  # forwarding attempts (a connect failure re-dispatches to another host)
         self.state: dict[str, Any] = {}  # filters' own per-request state, by filter name
+        self.request_mutation: dict[str, str] | None = None  # extra headers for the upstream request, set by filters
         self.response_mutation: dict[str, str] | None = None  # extra headers for the reply, set by filters
         self.response: Metadata | None = None  # the decoded response, while filters need it
         self.error: ErrorType | None = None
@@ -77,6 +80,7 @@ class ActiveRequest:
         self.expires = 0.0  # the overall deadline (``deadline`` is the current try's)
         self.mirror = False  # a copy for a mirror cluster: its reply is read and dropped
         self.hash_key = ""  # the route's hash_policy values: RING_HASH / MAGLEV choose the host by it
+        self.reply_size = 0  # bytes of a reply the bridge built (a local reply, a mutated response); else len(response.frame)
 
     @property
     def upstream_host(self) -> str:

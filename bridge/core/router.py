@@ -170,8 +170,11 @@ def route_request(request) -> None:
     request.route = route
     request.cluster = route.pick_cluster()
     frame = metadata.frame
-    if route.request_mutation:
-        frame = connection.encode_request(request, route.request_mutation)
+    mutation = route.request_mutation
+    if request.request_mutation:  # a filter's headers (a trace context) on top of the route's
+        mutation = {**mutation, **request.request_mutation}
+    if mutation:
+        frame = connection.encode_request(request, mutation)
         if frame is None:
             return  # answered: the mutation could not be applied
     timeout = route.timeout if route.timeout is not None else connection.listener.config.request_timeout
