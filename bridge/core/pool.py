@@ -9,7 +9,8 @@ while every request of one long-lived client
 connection picks a slot by the cluster's lb_policy: ROUND_ROBIN rotates, LEAST_REQUEST takes
 the slot with the fewest requests in flight, RANDOM draws one. A slot whose tunnel failed to
 connect waits ``SLOT_BACKOFF`` before it is tried again (its requests go to other slots).
-The pool is keyed by cluster (a hash key joins the key once hash policies exist).
+A route with a hash policy on a RING_HASH / MAGLEV cluster uses HashedHosts instead: Envoy's
+ring picks each key's host.
 """
 
 from __future__ import annotations
