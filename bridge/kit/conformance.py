@@ -41,7 +41,7 @@ MUTATION = {"x-check": "1"}
 _REQUEST_TYPES = frozenset({MessageType.REQUEST, MessageType.ONEWAY, MessageType.HEARTBEAT, MessageType.STREAM_INIT})
 _RESPONSE_TYPES = frozenset({MessageType.RESPONSE, MessageType.ERROR})
 _REPLIED_TYPES = frozenset({MessageType.REQUEST, MessageType.ONEWAY, MessageType.STREAM_INIT})  # what on_error answers
-_COST_SECONDS = 0.02  # time spent measuring one operation on one sample
+_COST_SECONDS = 0.01  # time spent measuring one operation on one sample
 _COST_MEMORY = 32 * 1024 * 1024  # bytes of pre-built input buffers per measurement
 _SHRINK_SECONDS = 1.0  # per fuzz failure
 _MAX_FUZZ_FAILURES = 5  # distinct fuzz failures reported
@@ -581,18 +581,19 @@ class _Checker:
 
 def _per_call(inputs: Callable[[int], list], call: Callable[[Any], Any], size: int) -> float:
     """Microseconds per ``call``, timed with perf_counter over enough calls for about
-    _COST_SECONDS; the inputs are built beforehand so their cost is not counted."""
-    n, elapsed = 1, 0.0
-    limit = max(1, _COST_MEMORY // max(size, 1))
+    _COST_SECONDS (a short first run sets the count); the inputs are built beforehand so their
+    cost is not counted."""
+    limit = max(10, _COST_MEMORY // max(size, 1))
+    n = 10
     while True:
         batch = inputs(n)
         start = time.perf_counter()
         for item in batch:
             call(item)
         elapsed = time.perf_counter() - start
-        if elapsed >= _COST_SECONDS or n >= limit:
+        if elapsed >= _COST_SECONDS / 2 or n >= limit:
             return elapsed / n * 1e6
-        n = min(limit, n * 10 if elapsed < _COST_SECONDS / 10 else int(n * _COST_SECONDS / elapsed) + 1)
+        n = min(limit, max(n * 2, int(n * _COST_SECONDS / max(elapsed, 1e-9))))
 
 
 class _Mutator:
