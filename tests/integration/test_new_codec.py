@@ -48,11 +48,13 @@ def project(tmp_path_factory):
     return folder, port
 
 
-def test_generated_tests_pass(project):
+def test_generated_tests_and_conformance_check_pass(project):
     folder, _ = project
     done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"], cwd=folder, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "test_codec.py::test_conforms PASSED" in done.stdout, done.stdout
+    checked = subprocess.run([str(BIN / "metabridge"), "check-codec", f"./{NAME}.py:GreetrpcCodec", "--samples", "samples.py"], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and "result: OK" in checked.stdout, checked.stdout + checked.stderr
 
 
 class _Processes:

@@ -26,7 +26,7 @@ def test_writes_a_project_whose_config_loads(tmp_path):
     assert {e.port for c in config.clusters.values() for e in c.endpoints} == {12001}
     build_runtimes(config)  # imports and checks the generated codec, compiles the routes
     readme = (target / "README.md").read_text()
-    for command in ("python -m pytest", "python backend.py", "metabridge run -c myrpc.yaml --with-envoy", "python client.py"):
+    for command in ("python -m pytest", "metabridge check-codec ./myrpc.py:MyrpcCodec --samples samples.py", "python backend.py", "metabridge run -c myrpc.yaml --with-envoy", "python client.py"):
         assert command in readme
 
 
