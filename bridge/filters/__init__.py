@@ -17,6 +17,7 @@ BUILTIN: dict[str, str] = {
     "local_ratelimit": "metabridge.filters.local_ratelimit:LocalRateLimitFilter",
     "fault": "metabridge.filters.fault:FaultFilter",
     "ratelimit": "metabridge.filters.ratelimit:RateLimitFilter",
+    "access_log": "metabridge.filters.access_log:AccessLogFilter",
 }
 
 
