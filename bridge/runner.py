@@ -208,6 +208,12 @@ class WorkerSupervisor:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGHUP)
 
+    def forward(self, sig: int) -> None:
+        """Pass a signal on to every live worker (SIGUSR1: access logs reopen their files)."""
+        for proc in self._procs.values():
+            if proc.is_alive():
+                os.kill(proc.pid, sig)
+
     def stop(self) -> None:
         self._stopping = True
         for proc in self._procs.values():
@@ -237,6 +243,7 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             workers = WorkerSupervisor(config, addresses)
             workers.start()
             loop.add_signal_handler(signal.SIGHUP, workers.reload)
+            loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
             watchers.append(asyncio.ensure_future(workers.watch()))
             await workers.wait_ready()
         if with_envoy:
