@@ -264,20 +264,24 @@ class _Checker:
 
     def decode_whole(self, check: str, name: str, data: bytes, direction: Direction, codec: Codec | None = None) -> Metadata | None:
         """Decode ``data`` as one whole frame; a failure (and None) unless it is exactly one."""
+        metadata, problem = self.decode_problem(data, direction, codec)
+        if problem:
+            self.fail(check, f"{name}: {problem}")
+        return metadata
+
+    def decode_problem(self, data: bytes, direction: Direction, codec: Codec | None = None) -> tuple[Metadata | None, str | None]:
+        """(metadata, None) when ``data`` decodes as exactly one whole frame, else (None, why not)."""
         codec = codec or self.new(direction)
         buffer, metadata = bytearray(data), Metadata()
         try:
             status = codec.decode(buffer, metadata)
         except Exception as exc:
-            self.fail(check, f"{name}: decode ({direction.value} direction) raised {_describe(exc)}")
-            return None
+            return None, f"decode ({direction.value} direction) raised {_describe(exc)}"
         if status is not DecodeStatus.DONE:
-            self.fail(check, f"{name}: decode ({direction.value} direction) returned {status} for a whole {len(data)}-byte frame")
-            return None
+            return None, f"decode ({direction.value} direction) returned {status} for a whole {len(data)}-byte frame"
         if buffer:
-            self.fail(check, f"{name}: decode consumed {len(data) - len(buffer)} of the frame's {len(data)} bytes; it must remove exactly one whole frame")
-            return None
-        return metadata
+            return None, f"decode consumed {len(data) - len(buffer)} of the frame's {len(data)} bytes; it must remove exactly one whole frame"
+        return metadata, None
 
     def run(self) -> Report:
         try:
@@ -331,7 +335,7 @@ class _Checker:
                 request, response = self.decoded.get(f"request {i}"), self.decoded.get(f"response {i}")
                 if request is not None and response is not None and request.request_id != response.request_id:
                     self.fail(check, f"response {i} carries request id {response.request_id!r}, request {i} has {request.request_id!r}: responses[i] must answer requests[i]")
-        return f"{len(self.all)} sample frames decode whole, alone and back to back, and re-encode to the same metadata"
+        return f"{len(self.all)} sample frames: each must decode whole, alone and back to back, and re-encode to the same metadata"
 
     def _back_to_back(self, check: str, sample: _Sample) -> None:
         """Two copies of a frame in one buffer: decode must take exactly the first, then the second."""
@@ -362,7 +366,7 @@ class _Checker:
                     break
             else:
                 self.decode_whole(check, f"{sample.name} (after growing byte by byte on one instance)", sample.data, sample.direction, growing)
-        return f"{prefixes} proper prefixes get WAIT_FOR_DATA and nothing consumed (one instance growing, and a fresh one each)"
+        return f"{prefixes} proper prefixes: each must get WAIT_FOR_DATA with nothing consumed (on one instance growing, and on a fresh one)"
 
     @staticmethod
     def _truncated(codec: Codec, prefix: bytes) -> str | None:
@@ -401,7 +405,7 @@ class _Checker:
             small = _shrink(data, same, time.perf_counter() + _SHRINK_SECONDS)
             message = self._fuzz_one(small, direction)[1]
             self.fail(check, f"a {direction.value}-direction decode of {len(small)} bytes (shrunk from {len(data)}) {message}; only CodecError and its subclasses may escape decode", small)
-        return f"{inputs} random and mutated inputs in {self.fuzz_seconds:g} s (seed {self.seed})"
+        return f"{inputs} random and mutated inputs in {self.fuzz_seconds:g} s (seed {self.seed}): only CodecError may escape decode"
 
     def _fuzz_one(self, data: bytes, direction: Direction) -> tuple[tuple, str] | None:
         """Decode ``data`` frame after frame on a fresh instance; (signature, what went wrong) or None."""
@@ -427,39 +431,48 @@ class _Checker:
     # -- error replies ----------------------------------------------------------------------------
 
     def check_error_replies(self, check: str) -> str:
-        replies = 0
+        replies = requests = 0
         for i in range(len(self.samples.requests)):
             name = f"request {i}"
             if name not in self.decoded or self.decoded[name].message_type not in _REPLIED_TYPES:
                 continue
+            requests += 1
+            problems: dict[str, list[str]] = {}  # what is wrong -> the error types it is wrong for
             for error_type in ErrorType:
                 codec = self.new(Direction.REQUEST)
                 request = self.decode_whole(check, name, self.samples.requests[i], Direction.REQUEST, codec)
                 if request is None:
                     break
                 request.frame = b""  # as the bridge does once the request has been sent upstream
-                label = f"on_error({error_type.name}) for {name}"
-                try:
-                    reply = codec.on_error(request, Error(error_type, "check-codec error reply"))
-                except Exception as exc:
-                    self.fail(check, f"{label} raised {_describe(exc)} (it must not need metadata.frame, which the bridge releases once a request is sent)")
-                    continue
-                if not isinstance(reply, (bytes, bytearray, memoryview)):
-                    self.fail(check, f"{label} returned {type(reply).__name__}, not bytes")
-                    continue
-                if not reply and request.message_type is MessageType.ONEWAY:
-                    continue  # a oneway request's client reads no reply
                 replies += 1
-                decoded = self.decode_whole(check, f"the reply of {label}", bytes(reply), Direction.RESPONSE)
-                if decoded is None:
-                    continue
-                if decoded.message_type not in _RESPONSE_TYPES:
-                    self.fail(check, f"the reply of {label} decodes as {decoded.message_type.name}, not RESPONSE or ERROR")
-                if decoded.response_status is not ResponseStatus.ERROR:
-                    self.fail(check, f"the reply of {label} decodes with response_status {decoded.response_status.name}; an error reply must say ERROR")
-                if self.cls.has_request_id and decoded.request_id != request.request_id:
-                    self.fail(check, f"the reply of {label} carries request id {decoded.request_id!r}, the request has {request.request_id!r} (has_request_id is True, so the client matches replies by id)")
-        return f"{replies} replies ({len(ErrorType)} error types) decode as error responses{' with the request id' if self.cls.has_request_id else ''}"
+                for problem in self._error_reply_problems(codec, request, error_type):
+                    problems.setdefault(problem, []).append(error_type.name)
+            for problem, types in problems.items():
+                which = "every ErrorType" if len(types) == len(ErrorType) else ", ".join(types)
+                self.fail(check, f"on_error for {name} ({which}): {problem}")
+        with_id = " with the request's id" if self.cls.has_request_id else ""
+        return f"{replies} replies to {requests} requests ({len(ErrorType)} error types each): each must decode as an error response{with_id}"
+
+    def _error_reply_problems(self, codec: Codec, request: Metadata, error_type: ErrorType) -> list[str]:
+        try:
+            reply = codec.on_error(request, Error(error_type, "check-codec error reply"))
+        except Exception as exc:
+            return [f"raised {_describe(exc)} (it must not need metadata.frame, which the bridge releases once a request is sent)"]
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            return [f"returned {type(reply).__name__}, not bytes"]
+        if not reply and request.message_type is MessageType.ONEWAY:
+            return []  # a oneway request's client reads no reply
+        decoded, problem = self.decode_problem(bytes(reply), Direction.RESPONSE)
+        if decoded is None:
+            return [f"the reply: {problem}"]
+        problems = []
+        if decoded.message_type not in _RESPONSE_TYPES:
+            problems.append(f"the reply decodes as {decoded.message_type.name}, not RESPONSE or ERROR")
+        if decoded.response_status is not ResponseStatus.ERROR:
+            problems.append(f"the reply decodes with response_status {decoded.response_status.name}; an error reply must say ERROR")
+        if self.cls.has_request_id and decoded.request_id != request.request_id:
+            problems.append(f"the reply carries request id {decoded.request_id!r}, the request has {request.request_id!r} (has_request_id is True, so the client matches replies by id)")
+        return problems
 
     # -- mutation ---------------------------------------------------------------------------------
 
@@ -500,7 +513,7 @@ class _Checker:
                 self.note(check, f"{label} changed the frame, but decode shows no headers for this message, so the mutation could not be seen")
         if unchanged:
             self.note(check, f"encode returned the frame unchanged for {', '.join(unchanged)}: the codec does not carry the header x-check there (fine when the protocol has nowhere to put it)")
-        return f"{carried} frames carry the mutation {MUTATION} in their decoded headers"
+        return f"{carried} frames carry the mutation {MUTATION} into their decoded headers"
 
     # -- heartbeats -------------------------------------------------------------------------------
 
@@ -530,7 +543,7 @@ class _Checker:
                 self.fail(check, f"the heartbeat_reply to {name} decodes with response_status {decoded.response_status.name}, not OK")
             if self.cls.has_request_id and decoded.request_id != metadata.request_id:
                 self.fail(check, f"the heartbeat_reply to {name} carries request id {decoded.request_id!r}, the heartbeat has {metadata.request_id!r}")
-        return f"{len(self.samples.heartbeats)} heartbeats decode as HEARTBEAT and heartbeat_reply decodes as a reply"
+        return f"{len(self.samples.heartbeats)} heartbeat samples: each must decode as HEARTBEAT, and heartbeat_reply as an OK reply"
 
     # -- max_frame_size ---------------------------------------------------------------------------
 
@@ -559,7 +572,7 @@ class _Checker:
                 if status is DecodeStatus.DONE:
                     self.fail(check, f"{sample.name}: decoded a {size}-byte frame with max_frame_size {size - 1}; call self.check_frame_size with the frame's size")
                     break
-        return f"{checked} frames one byte over max_frame_size raise FrameTooLarge (the largest of each direction before it is whole); at the limit they decode"
+        return f"{checked} frames: one byte over max_frame_size each must raise FrameTooLarge (the largest of each direction before it is whole), at the limit decode"
 
     # -- cost -------------------------------------------------------------------------------------
 
