@@ -141,6 +141,9 @@ class Report:
             for failure in failed:
                 lines.extend("        " + line for line in str(failure).removeprefix(f"{check}: ").splitlines())
             lines.extend(f"        note: {note}" for c, note in self.notes if c == check)
+        for failure in self.failures:
+            if failure.check not in self.checks:
+                lines.append(f"  FAIL  {failure}")
         if self.cost:
             lines.append("  cost per message (decode; encode with no mutation):")
             width = max(len(c.sample) for c in self.cost)
