@@ -137,14 +137,7 @@ def _validate(config, args) -> int:
     from metabridge.config import bootstrap as envoy_config
     from metabridge.core.runtime import build_runtimes
 
-    build_runtimes(config)  # imports and checks every codec, compiles every route
-    unknown = sorted(
-        ({w.name for listener in config.listeners for route in listener.routes for w in route.clusters}
-         | {m.cluster for listener in config.listeners for route in listener.routes for m in route.mirrors})
-        - set(config.clusters)
-    )
-    for name in unknown:
-        print(f"metabridge: warning: {config.source}: routes name cluster {name!r}, which is not defined under 'clusters' (requests routed there get CLUSTER_NOT_FOUND)", file=sys.stderr)
+    build_runtimes(config)  # imports and checks every codec and filter (routes and clusters: by load)
     if not args.no_envoy:
         try:
             envoy_config.validate_with_envoy(envoy_config.render_yaml(config))

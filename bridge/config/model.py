@@ -6,6 +6,7 @@ every error names the file, the path inside it and the problem.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from metabridge.config.schema import DURATION, SCHEMA, explain
+from metabridge.config.schema import SCHEMA, explain
+from metabridge.config.units import parse_duration, parse_size  # also for filters' and codecs' options
 from metabridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 
 
@@ -24,26 +26,6 @@ class ConfigError(Exception):
 
 
 _DEFAULT_LISTEN = "unix:/tmp/metabridge.sock"
-
-
-def parse_duration(text: str) -> float:
-    """'250ms' / '5s' / '2m' / '1h' -> seconds."""
-    m = re.fullmatch(DURATION, text)
-    if not m:
-        raise ValueError(f"not a duration: {text!r}")
-    unit = m.group(2)
-    number = float(text[: -len(unit)])
-    return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-
-
-def parse_size(value: int | str) -> int:
-    """4194304 / '4MiB' / '512 KiB' -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"([0-9]+) ?(B|KiB|MiB|GiB)?", value)
-    if not m:
-        raise ValueError(f"not a size: {value!r}")
-    return int(m.group(1)) * {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -175,6 +157,12 @@ class Config:
     message_timeout: float = 5.0
     envoy_concurrency: int = 1
     base_dir: Path = Path(".")
+    lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)  # see line_index
+
+    def at(self, where: str) -> str:
+        """What an error about ``where`` ("codecs.x.ref") appends: " (line N)" when the file has it."""
+        line = line_of(self.lines, where)
+        return f" (line {line})" if line else ""
 
     def worker_addresses(self, listen: str | None = None) -> list[str]:
         """Where each bridge worker process listens: worker i of N gets '<path>.<i>' (Unix
@@ -218,6 +206,14 @@ def _listen_problem(listen: str, workers: int) -> str | None:
     if last > 65535:
         return f"{listen!r}: {workers} workers listen on ports {port}..{last}, past 65535; choose a lower port"
     return None
+
+
+def _undefined(kind: str, name: str, section: str, defined) -> str:
+    """The problem of a reference to a name that is not defined under ``section``."""
+    close = difflib.get_close_matches(name, list(defined), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    known = f"known: {', '.join(sorted(defined))}" if defined else f"there are no {section}"
+    return f"unknown {kind} {name!r}{hint}; define it under {section!r} ({known})"
 
 
 def _mutation(items: list[dict[str, str]] | None) -> dict[str, str]:
@@ -271,32 +267,37 @@ def _parts(where: str) -> list:
     return [int(index) if index else name for name, index in _PATH_PART.findall(where)]
 
 
-def line_finder(text: str) -> Callable[[list], int | None]:
-    """For a YAML text, the line (1-based) of the value at a path of keys and indices: the
-    deepest part of the path the document has."""
+def line_index(text: str) -> dict[tuple, int]:
+    """For a YAML text, the line (1-based) of each value by its path of keys and indices."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        root = None
+        return {}
+    index: dict[tuple, int] = {}
+    pending = [((), root)] if root is not None else []
+    while pending and len(index) < 100_000:  # aliases can make a small text a huge tree
+        path, node = pending.pop()
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            pending.extend((path + (key.value,), value) for key, value in node.value if isinstance(key, yaml.ScalarNode))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend((path + (i,), item) for i, item in enumerate(node.value))
+    return index
 
-    def find(path: list) -> int | None:
-        node = root
-        if node is None:
-            return None
-        line = node.start_mark.line + 1
-        for part in path:
-            if isinstance(node, yaml.MappingNode):
-                node = next((value for key, value in node.value if key.value == part), None)
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-                node = node.value[part]
-            else:
-                node = None
-            if node is None:
-                return line
-            line = node.start_mark.line + 1
-        return line
 
-    return find
+def line_finder(text: str) -> Callable[[list], int | None]:
+    """For a YAML text, a function from a path of keys and indices to the line of its deepest
+    part the document has."""
+    lines = line_index(text)
+    return lambda path: line_of(lines, path)
+
+
+def line_of(lines: dict[tuple, int], path: list | str) -> int | None:
+    """The line of the deepest part of ``path`` (a list, or "listeners[0].codec") the file has."""
+    key = tuple(_parts(path) if isinstance(path, str) else path)
+    while key and key not in lines:
+        key = key[:-1]
+    return lines.get(key)
 
 
 def _grpc_limits(raw: dict[str, Any]) -> dict[str, Any]:
@@ -324,12 +325,13 @@ def _first_unknown(error) -> list:
     return []
 
 
-def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines: Callable[[list], int | None] | None = None) -> Config:
+def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines: dict[tuple, int] | None = None) -> Config:
     """Validate a loaded YAML document and build the Config; ConfigError names what is wrong
-    (and the line, when ``lines`` can find it in the file's text)."""
+    (and the line, when ``lines``, the file's line_index, has it)."""
+    lines = lines or {}
 
     def located(where: str, message: str, path: list | None = None) -> str:
-        line = lines(_parts(where) if path is None else path) if lines else None
+        line = line_of(lines, where if path is None else path)
         return f"{source}: {where}: {message}" + (f" (line {line})" if line else "")
 
     validator = jsonschema.Draft202012Validator(SCHEMA)
@@ -379,7 +381,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
             problems.append(f"{where}.port: {address}:{entry['port']} is used by another listener")
         ports.add((address, entry["port"]))
         if entry["codec"] not in codecs:
-            problems.append(f"{where}.codec: unknown codec {entry['codec']!r}; define it under 'codecs' (known: {', '.join(sorted(codecs))})")
+            problems.append(f"{where}.codec: {_undefined('codec', entry['codec'], 'codecs', codecs)}")
         routes = []
         for j, raw_route in enumerate(entry["routes"]):
             for k, header in enumerate((raw_route.get("match") or {}).get("headers", ())):
@@ -391,6 +393,13 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
             route = _route(raw_route, j)
             if sum(w.weight for w in route.clusters) == 0:
                 problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
+            targets = [("route.cluster", route.clusters[0].name)] if "cluster" in raw_route["route"] else [
+                (f"route.weighted_clusters[{k}].name", w.name) for k, w in enumerate(route.clusters)
+            ]
+            targets += [(f"request_mirror_policies[{k}].cluster", m.cluster) for k, m in enumerate(route.mirrors)]
+            for at, cluster in targets:
+                if cluster not in clusters:
+                    problems.append(f"{where}.routes[{j}].{at}: {_undefined('cluster', cluster, 'clusters', clusters)}")
             routes.append(route)
         max_frame_size = parse_size(entry.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE))
         max_client_buffer = parse_size(entry.get("max_client_buffer", 2 * max_frame_size))
@@ -441,6 +450,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
         message_timeout=parse_duration(envoy.get("message_timeout", "5s")),
         envoy_concurrency=envoy.get("concurrency", 1),
         base_dir=base_dir,
+        lines=lines,
     )
 
 
@@ -455,4 +465,4 @@ def load(path: str | Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(raw, str(path), path.parent, line_finder(text))
+    return parse(raw, str(path), path.parent, line_index(text))

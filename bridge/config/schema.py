@@ -5,24 +5,20 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-# \Z, not $: the schema checks patterns with re.search, where $ also matches before a final
-# newline, so "5s\n" would pass the schema and then fail to parse. The size must not be 0.
-DURATION = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)\Z"
-_SIZE = r"^0*[1-9][0-9]* ?(B|KiB|MiB|GiB)?\Z"
+from metabridge.config.units import DURATION, SIZE, duration_problem, size_problem
 
+__all__ = ["DURATION", "DURATION_VALUE", "SCHEMA", "SIZE_VALUE", "explain"]
 
-_duration = {"type": "string", "pattern": DURATION, "x-forms": "a number and a unit: 250ms, 5s, 1.5m, 1h"}
-_size = {
-    "oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE}],
-    "x-forms": "bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB",
-}
+# The syntax of durations and sizes is defined (and explained) in units; x-unit names it for explain().
+DURATION_VALUE: dict[str, Any] = {"type": "string", "pattern": DURATION, "x-unit": "duration"}
+SIZE_VALUE: dict[str, Any] = {"oneOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": SIZE}], "x-unit": "size"}
 _rate = {
     "type": "object",
     "additionalProperties": False,
     "required": ["burst", "per_second"],
     "properties": {"burst": {"type": "integer", "minimum": 1}, "per_second": {"type": "number", "exclusiveMinimum": 0}},
 }
-_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+$"}
+_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+\Z", "x-unit": "name"}
 _port = {"type": "integer", "minimum": 0, "maximum": 65535}
 _kv_list = {
     "type": "array",
@@ -85,7 +81,7 @@ _route = {
         },
         "request_mutation": _kv_list,
         "response_mutation": _kv_list,
-        "timeout": _duration,
+        "timeout": DURATION_VALUE,
         "hash_policy": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
         "request_mirror_policies": {
             "type": "array",
@@ -106,7 +102,7 @@ _route = {
                     "minItems": 1,
                     "items": {"enum": ["connect_failure", "reset", "no_healthy_upstream", "timeout", "retriable_error"]},
                 },
-                "per_try_timeout": _duration,
+                "per_try_timeout": DURATION_VALUE,
             },
         },
     },
@@ -131,15 +127,15 @@ SCHEMA: dict[str, Any] = {
                 "metrics_port": _port,
                 "metrics_address": {"type": "string", "minLength": 1},
                 "log_level": {"enum": ["debug", "info", "warning", "error"]},
-                "max_buffered_bytes": _size,
+                "max_buffered_bytes": SIZE_VALUE,
                 "grpc": {
                     "type": "object",
                     "additionalProperties": False,
                     "properties": {
                         "max_concurrent_streams": {"type": "integer", "minimum": 1},
-                        "max_header_list_size": _size,
+                        "max_header_list_size": SIZE_VALUE,
                         "max_frame_size": {"type": "integer", "minimum": 16384, "maximum": 16777215},
-                        "max_message_size": _size,
+                        "max_message_size": SIZE_VALUE,
                         "max_continuations": {"type": "integer", "minimum": 1},
                         "connection_window": {"type": "integer", "minimum": 65535, "maximum": 2147483647},
                         "reset_rate": _rate,
@@ -155,7 +151,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "admin_address": {"type": "string"},
                 "admin_port": _port,
-                "message_timeout": _duration,
+                "message_timeout": DURATION_VALUE,
                 "concurrency": {"type": "integer", "minimum": 1},
             },
         },
@@ -184,15 +180,15 @@ SCHEMA: dict[str, Any] = {
                     "codec": _name,
                     "routes": {"type": "array", "items": _route},
                     "filters": {"type": "array", "items": _filter},
-                    "max_frame_size": _size,
-                    "frame_timeout": _duration,
+                    "max_frame_size": SIZE_VALUE,
+                    "frame_timeout": DURATION_VALUE,
                     "max_requests_in_flight": {"type": "integer", "minimum": 1},
-                    "max_client_buffer": _size,
-                    "max_upstream_queue": _size,
-                    "drain_probe_interval": _duration,
-                    "request_timeout": _duration,
-                    "idle_timeout": _duration,
-                    "tunnel_setup_timeout": _duration,
+                    "max_client_buffer": SIZE_VALUE,
+                    "max_upstream_queue": SIZE_VALUE,
+                    "drain_probe_interval": DURATION_VALUE,
+                    "request_timeout": DURATION_VALUE,
+                    "idle_timeout": DURATION_VALUE,
+                    "tunnel_setup_timeout": DURATION_VALUE,
                     "tunnels_per_cluster": {"type": "integer", "minimum": 1, "maximum": 64},
                 },
             },
@@ -205,7 +201,7 @@ SCHEMA: dict[str, Any] = {
                 "required": ["name", "endpoints"],
                 "properties": {
                     "name": _name,
-                    "connect_timeout": _duration,
+                    "connect_timeout": DURATION_VALUE,
                     "lb_policy": {"enum": ["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]},
                     "endpoints": {
                         "type": "array",
@@ -229,8 +225,8 @@ SCHEMA: dict[str, Any] = {
                         "type": "object",
                         "additionalProperties": False,
                         "properties": {
-                            "interval": _duration,
-                            "timeout": _duration,
+                            "interval": DURATION_VALUE,
+                            "timeout": DURATION_VALUE,
                             "unhealthy_threshold": {"type": "integer", "minimum": 1},
                             "healthy_threshold": {"type": "integer", "minimum": 1},
                         },
@@ -243,14 +239,15 @@ SCHEMA: dict[str, Any] = {
 
 
 def explain(error) -> str:
-    """A schema error as a user reads it: the accepted forms of a duration or a size, and the
-    nearest valid key for an unknown one (jsonschema's own wording stays for the rest)."""
-    forms = error.schema.get("x-forms") if isinstance(error.schema, dict) else None
-    if forms is None:
-        parent = error.parent
-        forms = parent.schema.get("x-forms") if parent is not None and isinstance(parent.schema, dict) else None
-    if forms is not None:
-        return f"{error.instance!r} is not valid here; use {forms}"
+    """A schema error as a user reads it: what is wrong with a duration or a size and the forms
+    accepted, and the nearest valid key for an unknown one (jsonschema's wording for the rest)."""
+    unit = _unit(error.schema) or (_unit(error.parent.schema) if error.parent is not None else None)
+    if unit == "duration":
+        return duration_problem(error.instance)
+    if unit == "size":
+        return size_problem(error.instance)
+    if unit == "name" and isinstance(error.instance, str):
+        return f"{error.instance!r} is not a name: use letters, digits, '_', '.' and '-'"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = sorted(error.schema.get("properties", {}))
         unknown = [key for key in error.instance if key not in known]
@@ -260,3 +257,7 @@ def explain(error) -> str:
             hints.append(f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return "; ".join(hints) + f"; valid keys: {', '.join(known)}"
     return error.message
+
+
+def _unit(schema: object) -> str | None:
+    return schema.get("x-unit") if isinstance(schema, dict) else None

@@ -104,7 +104,8 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
         try:
             runtime.new_codec()  # a codec that rejects its options fails here, at start-up
         except Exception as exc:
-            raise CodecLoadError(f"{config.source}: codecs.{listener.codec}.options: {type(exc).__name__}: {exc}") from exc
+            where = f"codecs.{listener.codec}.options"
+            raise CodecLoadError(f"{config.source}: {where}: {type(exc).__name__}: {exc}{config.at(where)}") from exc
         runtimes[listener.name] = runtime
     return runtimes
 

@@ -56,18 +56,26 @@ def test_validate_the_example_with_envoy():
     assert result.stdout.strip() == f"{EXAMPLE}: OK (1 listener(s), 2 cluster(s))"
 
 
-def test_validate_warns_about_routes_to_undefined_clusters(tmp_path):
+def test_validate_refuses_routes_to_undefined_clusters(tmp_path):
     config = yaml.safe_load((ROOT / EXAMPLE).read_text())
     config["codecs"]["awesomerpc"]["ref"] = str(ROOT / "codecs" / "awesomerpc.py") + ":AwesomeRpcCodec"
-    config["listeners"][0]["routes"][0]["route"] = {"cluster": "ghost"}
+    config["listeners"][0]["routes"][0]["route"] = {"cluster": "awesomrpc-v1"}
     config["listeners"][0]["routes"][1]["request_mirror_policies"] = [{"cluster": "shade"}]
     path = tmp_path / "ghost.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     result = metabridge("validate", "--no-envoy", "-c", str(path))
-    assert result.returncode == 0, result.stderr
-    assert "warning" in result.stderr and "'ghost'" in result.stderr and "CLUSTER_NOT_FOUND" in result.stderr
-    assert "'shade'" in result.stderr, "mirror clusters are checked too"
-    assert result.stderr.count("warning") == 2, "only the undefined ones"
+    assert_clean_failure(result, 2)
+    lines = result.stderr.splitlines()
+    assert lines[0] == "metabridge: invalid config:"
+    route_line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "awesomrpc-v1" in text)
+    mirror_line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "shade" in text)
+    assert lines[1:] == [
+        f"  {path}: listeners[0].routes[0].route.cluster: unknown cluster 'awesomrpc-v1' (did you mean 'awesomerpc-v1'?);"
+        f" define it under 'clusters' (known: awesomerpc-v1, awesomerpc-v2) (line {route_line})",
+        f"  {path}: listeners[0].routes[1].request_mirror_policies[0].cluster: unknown cluster 'shade';"
+        f" define it under 'clusters' (known: awesomerpc-v1, awesomerpc-v2) (line {mirror_line})",
+    ]
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(

@@ -378,7 +378,7 @@ def test_parse_size(value, size):
     assert parse_size(value) == size
 
 
-@pytest.mark.parametrize("value", ["", "MiB", "1MB", "1.5MiB", "-1", "4 mib", "1MiB\n", "4  MiB"])
+@pytest.mark.parametrize("value", ["", "MiB", "1MB", "1.5MiB", "-1", "4 mib", "1MiB\n", "4  MiB", "0", 0, True])
 def test_parse_size_rejects(value):
     with pytest.raises(ValueError, match="not a size"):
         parse_size(value)
@@ -408,6 +408,10 @@ def test_default_bridge_address_is_a_unix_socket():
     assert parse(minimal()).worker_addresses() == ["unix:/tmp/metabridge.sock"]
 
 
+DURATION_FORMS = "(accepted: a number and a unit (ms, s, m or h): 250ms, 5s, 1m, 1.5h)"
+SIZE_FORMS = "(accepted: bytes, or a whole number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB)"
+
+
 def test_schema_errors_say_the_accepted_forms_and_the_nearest_key():
     raw = {
         "codecs": {"a": {"ref": "x.py:A"}},
@@ -416,10 +420,135 @@ def test_schema_errors_say_the_accepted_forms_and_the_nearest_key():
     }
     with pytest.raises(ConfigError) as caught:
         parse(raw, "x.yaml")
-    text = str(caught.value)
-    assert "x.yaml: listeners[0]: unknown key 'request_timout' (did you mean 'request_timeout'?)" in text
-    assert "x.yaml: listeners[0].max_frame_size: '1MB' is not valid here; use bytes, or a number with B, KiB, MiB or GiB: 65536, 64KiB, 4MiB" in text
-    assert "x.yaml: listeners[0].idle_timeout: '5 s' is not valid here; use a number and a unit: 250ms, 5s, 1.5m, 1h" in text
+    assert str(caught.value).splitlines() == [
+        "invalid config:",
+        "  x.yaml: listeners[0]: unknown key 'request_timout' (did you mean 'request_timeout'?); valid keys: address, codec, drain_probe_interval, filters, "
+        "frame_timeout, idle_timeout, max_client_buffer, max_frame_size, max_requests_in_flight, max_upstream_queue, name, port, request_timeout, routes, "
+        "tunnel_setup_timeout, tunnels_per_cluster",
+        f"  x.yaml: listeners[0].idle_timeout: '5 s' is not a duration: no space between the number and the unit: 5s {DURATION_FORMS}",
+        f"  x.yaml: listeners[0].max_frame_size: '1MB' is not a size: use 1MiB or 1000000 {SIZE_FORMS}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("1MB", "'1MB' is not a size: use 1MiB or 1000000"),
+        ("4kb", "'4kb' is not a size: use 4KiB or 4000"),
+        ("4 mib", "'4 mib' is not a size: units are written MiB: 4MiB"),
+        ("1.5MiB", "'1.5MiB' is not a size: it must be a whole number; use 1536KiB"),
+        ("4  MiB", "'4  MiB' is not a size: one space at most between the number and the unit: 4MiB"),
+        ("1TiB", "'1TiB' is not a size: unknown unit 'TiB'"),
+        ("MiB", "'MiB' is not a size: it needs a number, e.g. 4MiB"),
+        ("1MiB\n", "'1MiB\\n' is not a size: remove the spaces or line breaks around it: 1MiB"),
+        ("0", "'0' is not a size: it must be at least 1 byte"),
+        (0, "0 is not a size: it must be at least 1 byte"),
+        (-5, "-5 is not a size: it must be at least 1 byte"),
+        (1.5, "1.5 is not a size: it must be a whole number of bytes"),
+        ("lots", "'lots' is not a size"),
+    ],
+)
+def test_size_errors_say_what_is_wrong_and_the_accepted_forms(tmp_path, value, problem):
+    raw = minimal()
+    raw["listeners"][0]["max_frame_size"] = value
+    path, message = load_error(tmp_path, raw)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "max_frame_size" in text)
+    assert message.splitlines()[1:] == [f"  {path}: listeners[0].max_frame_size: {problem} {SIZE_FORMS} (line {line})"]
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("5", "'5' is not a duration: it needs a unit, e.g. 5s or 5ms"),
+        (5000, "5000 is not a duration: it needs a unit, e.g. 5000s or 5000ms"),
+        ("5 s", "'5 s' is not a duration: no space between the number and the unit: 5s"),
+        ("5S", "'5S' is not a duration: units are lower case: 5s"),
+        ("5sec", "'5sec' is not a duration: use 5s"),
+        ("2 minutes", "'2 minutes' is not a duration: use 2m"),
+        ("1d", "'1d' is not a duration: use 24h"),
+        ("-1s", "'-1s' is not a duration: a duration cannot be negative"),
+        ("10us", "'10us' is not a duration: unknown unit 'us'"),
+        ("5s\n", "'5s\\n' is not a duration: remove the spaces or line breaks around it: 5s"),
+        ("often", "'often' is not a duration"),
+    ],
+)
+def test_duration_errors_say_what_is_wrong_and_the_accepted_forms(tmp_path, value, problem):
+    raw = minimal()
+    raw["clusters"][1]["health_check"] = {"interval": value}
+    path, message = load_error(tmp_path, raw)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "interval" in text)
+    assert message.splitlines()[1:] == [f"  {path}: clusters[1].health_check.interval: {problem} {DURATION_FORMS} (line {line})"]
+
+
+def test_no_error_shows_a_regular_expression(tmp_path):
+    raw = minimal()
+    raw["listeners"][0].update(name="front door", request_timeout="soon", max_frame_size="big")
+    raw["clusters"][0]["name"] = "one/two"
+    _, message = load_error(tmp_path, raw)
+    assert "^" not in message and "\\Z" not in message and "does not match" not in message
+    assert "'front door' is not a name: use letters, digits, '_', '.' and '-'" in message
+    assert "'one/two' is not a name" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "problem"),
+    [
+        (lambda raw: raw["listeners"][0].update(idle_timout="5s"), "listeners[0]", "unknown key 'idle_timout' (did you mean 'idle_timeout'?); valid keys: "),
+        (lambda raw: raw.update(cluster=[]), "(top level)", "unknown key 'cluster' (did you mean 'clusters'?); valid keys: bridge, clusters, codecs, envoy, listeners"),
+        (lambda raw: raw["clusters"][0].update(lb_polcy="RANDOM"), "clusters[0]", "unknown key 'lb_polcy' (did you mean 'lb_policy'?)"),
+        (lambda raw: raw["codecs"]["demo"].update(option={}), "codecs.demo", "unknown key 'option' (did you mean 'options'?); valid keys: options, ref"),
+        (lambda raw: raw["listeners"][0]["routes"][0]["route"].update(timeout="1s"), "listeners[0].routes[0].route", "unknown key 'timeout'; valid keys: cluster, weighted_clusters"),
+    ],
+)
+def test_unknown_keys_name_the_nearest_valid_one_and_their_line(tmp_path, change, where, problem):
+    raw = minimal()
+    change(raw)
+    path, message = load_error(tmp_path, raw)
+    key = problem.split("'")[1]
+    line = [n for n, text in enumerate(path.read_text().splitlines(), 1) if text.lstrip(" -").startswith(f"{key}:")][-1]  # the added key is the last
+    assert_names(message, path, where, problem, f"(line {line})")
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "name", "hint"),
+    [
+        (lambda route: route.update(route={"cluster": "onee"}), "listeners[0].routes[0].route.cluster", "onee", " (did you mean 'one'?)"),
+        (lambda route: route.update(route={"weighted_clusters": [{"name": "one", "weight": 1}, {"name": "tow", "weight": 1}]}), "listeners[0].routes[0].route.weighted_clusters[1].name", "tow", " (did you mean 'two'?)"),
+        (lambda route: route.update(request_mirror_policies=[{"cluster": "shadow"}]), "listeners[0].routes[0].request_mirror_policies[0].cluster", "shadow", ""),
+    ],
+    ids=["route", "weighted", "mirror"],
+)
+def test_a_route_naming_an_undefined_cluster_is_an_error(tmp_path, change, where, name, hint):
+    raw = minimal()
+    change(raw["listeners"][0]["routes"][0])
+    path, message = load_error(tmp_path, raw)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if name in text)
+    assert message.splitlines()[1:] == [f"  {path}: {where}: unknown cluster {name!r}{hint}; define it under 'clusters' (known: one, two) (line {line})"]
+
+
+def test_an_undefined_cluster_without_any_cluster_defined(tmp_path):
+    raw = minimal()
+    raw["clusters"] = []
+    raw["listeners"][0]["routes"] = [{"route": {"cluster": "one"}}]
+    path, message = load_error(tmp_path, raw)
+    assert_names(message, path, "listeners[0].routes[0].route.cluster", "unknown cluster 'one'; define it under 'clusters' (there are no clusters)")
+
+
+def test_an_unknown_codec_suggests_the_nearest(tmp_path):
+    raw = minimal()
+    raw["listeners"][0]["codec"] = "dmeo"
+    path, message = load_error(tmp_path, raw)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "dmeo" in text)
+    assert message.splitlines()[1:] == [f"  {path}: listeners[0].codec: unknown codec 'dmeo' (did you mean 'demo'?); define it under 'codecs' (known: demo) (line {line})"]
+
+
+def test_config_knows_the_line_of_each_path(tmp_path):
+    config = load(write(tmp_path, minimal()))
+    text = write(tmp_path, minimal()).read_text().splitlines()
+    assert config.at("codecs.demo.ref") == f" (line {next(n for n, t in enumerate(text, 1) if 'ref:' in t)})"
+    assert config.at("clusters[1].endpoints[0].port") == f" (line {next(n for n, t in enumerate(text, 1) if 'port: 16002' in t)})"
+    assert config.at("clusters[1].no_such_key") == config.at("clusters[1]")  # the deepest part the file has
+    assert parse(minimal()).at("codecs.demo.ref") == ""  # no file, no line
 
 
 def test_errors_name_the_line_in_the_file(tmp_path):
