@@ -22,7 +22,7 @@ from pathlib import Path
 from metabridge import logs
 from metabridge.config.model import Config
 from metabridge.logs import event
-from metabridge.metrics import serve_metrics
+from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.core.runtime import build_runtimes, reload_routes
 from metabridge.transport.ext_proc import serve
 
@@ -114,29 +114,30 @@ def raise_open_file_limit() -> None:
     event(log, logging.DEBUG, "open_file_limit", soft=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-async def _start_bridge(config: Config, address: str, index: int):
-    """One bridge: the gRPC server, its /metrics (on metrics_port + index) and route reload on SIGHUP."""
+async def _start_bridge(config: Config, address: str, index: int, admin_dir: str | None = None):
+    """One bridge: the gRPC server, its admin endpoint and route reload on SIGHUP. A worker
+    (``admin_dir`` set) answers its supervisor's admin on a Unix socket there instead."""
     raise_open_file_limit()
     runtimes = build_runtimes(config)
     server = await serve(address, runtimes, config.grpc_limits)
-    if config.metrics_port is not None:
-        port = config.metrics_port + index if config.metrics_port else 0
-        serve_metrics(runtimes, config.metrics_address, port, server.stats)
-        event(log, logging.INFO, "metrics_listening", address=f"{config.metrics_address}:{port}")
+    if admin_dir is not None:
+        serve_worker_socket(LocalAdmin(config, runtimes, server), worker_socket(admin_dir, index))
+    elif config.metrics_port is not None:
+        serve_admin(LocalAdmin(config, runtimes, server), config.metrics_address, config.metrics_port)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
     return server
 
 
-def _worker_main(config: Config, address: str, index: int, log_level: str) -> None:
+def _worker_main(config: Config, address: str, index: int, log_level: str, admin_dir: str | None = None) -> None:
     """Entry point of a worker process: serve one address until SIGTERM."""
     logs.setup(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     install_event_loop()
-    asyncio.run(_serve_until_stopped(config, address, index))
+    asyncio.run(_serve_until_stopped(config, address, index, admin_dir))
 
 
-async def _serve_until_stopped(config: Config, address: str, index: int) -> None:
-    server = await _start_bridge(config, address, index)
+async def _serve_until_stopped(config: Config, address: str, index: int, admin_dir: str | None = None) -> None:
+    server = await _start_bridge(config, address, index, admin_dir)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
@@ -169,11 +170,15 @@ class WorkerSupervisor:
         self._procs: dict[str, multiprocessing.Process] = {}
         self._budget = _RestartBudget("a bridge worker")
         self._stopping = False
+        # With bridge.metrics_port: where the workers answer the supervisor's admin endpoint.
+        self._admin_dir = tempfile.TemporaryDirectory(prefix="metabridge-admin-") if config.metrics_port is not None else None
+        self.admin_sockets = [worker_socket(self._admin_dir.name, i) for i in range(len(addresses))] if self._admin_dir else []
 
     def _start(self, address: str) -> None:
         index = self._addresses.index(address)
         level = logging.getLevelName(logging.getLogger().level).lower()
-        proc = self._context.Process(target=_worker_main, args=(self._config, address, index, level), name=f"metabridge-worker {address}", daemon=False)
+        admin_dir = self._admin_dir.name if self._admin_dir else None
+        proc = self._context.Process(target=_worker_main, args=(self._config, address, index, level, admin_dir), name=f"metabridge-worker {address}", daemon=False)
         proc.start()
         self._procs[address] = proc
         event(log, logging.INFO, "worker_started", pid=proc.pid, address=address)
@@ -224,6 +229,8 @@ class WorkerSupervisor:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+        if self._admin_dir:
+            self._admin_dir.cleanup()
 
 
 async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str) -> int:
@@ -246,6 +253,8 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
             watchers.append(asyncio.ensure_future(workers.watch()))
             await workers.wait_ready()
+            if config.metrics_port is not None:
+                serve_admin(SupervisorAdmin(workers.admin_sockets), config.metrics_address, config.metrics_port)
         if with_envoy:
             envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level)
             envoy.start()

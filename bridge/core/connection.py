@@ -42,6 +42,7 @@ from metabridge.core.tunnels import (
 )
 from metabridge.logs import event, failure
 from metabridge.sdk.codec import CodecError, DecodeStatus, Error, ErrorType, FrameTooLarge, MessageType, Metadata
+from metabridge.stats import RouteStats
 
 log = logging.getLogger("metabridge.connection")
 
@@ -184,6 +185,8 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         waiting = [*self._paused, *(r for link in self.pool.links() for r in link.pending())]
         for link in self.pool.links():
             self._cancel_setup_timer(link)
+        if self.active and not self._finished:
+            self.stats.cx_destroy_remote_with_active_rq += 1  # the client left before its replies
         for request in waiting:
             self._settle(request)
             self._complete(request)
@@ -358,15 +361,16 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         """Copies for the route's mirror clusters: sent beside the request, their replies read
         and dropped; nothing that happens to a copy reaches the client or delays its reply."""
         stats = self.stats
+        route = request.route
         oneway = request.metadata.message_type is MessageType.ONEWAY
-        for policy in request.route.mirrors:
+        for policy in route.mirrors:
             if policy.fraction < 100 and random.random() * 100 >= policy.fraction:
                 continue
             link = self.pool.pick(policy.cluster)
             if link is None:
-                stats.mirror_failed += 1
+                stats.mirror(route.name, policy.cluster).mirror_failed += 1
                 continue
-            stats.mirror_sent += 1
+            stats.mirror(route.name, policy.cluster).mirror_sent += 1
             self._send(link, frame)
             if oneway or request.is_stream:
                 continue
@@ -406,7 +410,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if not self._register(request, link):
             return True  # answered (an id clash on the new tunnel)
         request.attempt += 1
-        self.stats.request_retry += 1
+        self.stats.route(route.name, request.cluster).request_retry += 1
         event(log, logging.DEBUG, "request_retry", listener=self.listener.name, connection=self.id, cluster=request.cluster, reason=reason, attempt=request.attempt, request_id=request.metadata.request_id)
         request.deadline = min(request.expires, now + policy.per_try_timeout) if policy.per_try_timeout else request.expires
         self._add_deadline(request)
@@ -503,13 +507,23 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
                 del link.by_id[metadata.request_id]
         self._settle(request)
         if request.mirror:
-            self.stats.mirror_failed += 1  # a copy's failure is counted, never answered
+            self.stats.mirror(request.route.name, request.cluster).mirror_failed += 1  # counted, never answered
             return
-        self._local_reply(request.metadata, kind, message, request)
+        self._local_reply(request.metadata, kind, message, request, timed=True)
 
-    def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str, request: ActiveRequest | None) -> None:
+    def _route_stats(self, request: ActiveRequest | None) -> RouteStats:
+        """Where a request's outcome counts: its (route, cluster), or ("", "") before routing."""
+        route = request.route if request is not None else None
+        return self.stats.route(route.name, request.cluster) if route is not None else self.stats.route("", "")
+
+    def _local_reply(self, metadata: Metadata, kind: ErrorType, message: str, request: ActiveRequest | None, timed: bool = False) -> None:
+        """The codec's error reply; ``timed``: the request's time ends here (not after its
+        response was already timed)."""
+        stats = self._route_stats(request)
         stat = "local_response_" + kind.value
-        setattr(self.stats, stat, getattr(self.stats, stat) + 1)
+        setattr(stats, stat, getattr(stats, stat) + 1)
+        if timed and metadata.message_type is not MessageType.ONEWAY:
+            stats.observe((self._last_activity - request.received) * 1000.0)
         event(log, logging.INFO, "local_reply", listener=self.listener.name, connection=self.id, error=kind.value, message=message, request_id=metadata.request_id, operation=metadata.operation_name)
         if request is not None:
             request.error = kind
@@ -570,6 +584,8 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
 
     def _close_now(self, reason: str) -> None:
         event(log, logging.WARNING, "closing_connection", listener=self.listener.name, connection=self.id, reason=reason, requests_in_flight=self.active)
+        if self.active and not self._finished:
+            self.stats.cx_destroy_local_with_active_rq += 1
         self._finished = True
         self._close = True
 

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from metabridge.core.pool import Link
 from metabridge.core.request import ActiveRequest
 from metabridge.sdk.codec import CodecError, DecodeStatus, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
+from metabridge.stats import TIME_BOUNDS_MS
 
 _WAIT = DecodeStatus.WAIT_FOR_DATA
 
@@ -53,21 +56,28 @@ class ResponseMatching:
             self._on_response(request, metadata)
 
     def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
-        stats = self.stats
+        route = request.route
         if request.mirror:
             self._settle(request)
-            stats.mirror_response += 1  # read and dropped
+            self.stats.mirror(route.name, request.cluster).mirror_response += 1  # read and dropped
             return
-        retry = request.route.retry
+        retry = route.retry
         if retry is not None and "retriable_error" in retry.retry_on and request.link.codec.is_retriable(metadata) and self.retry(request, "retriable_error", request.link):
             return
-        request.first_response = self._last_activity
+        now = request.first_response = self._last_activity
         self._settle(request)
+        # Its outcome and time, by (route, cluster): RouteStats.observe, inline.
+        stats = self.stats.routes.get((route.name, request.cluster))
+        if stats is None:
+            stats = self.stats.route(route.name, request.cluster)
         stats.response += 1
         if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
             stats.response_error += 1
         else:
             stats.response_success += 1
+        ms = (now - request.received) * 1000.0
+        stats.buckets[bisect_left(TIME_BOUNDS_MS, ms)] += 1
+        stats.sum_ms += ms
         chain = self.listener.chain
         if chain.filters:
             request.response = metadata  # for filters only; dropped once they are done

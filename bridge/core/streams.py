@@ -32,7 +32,7 @@ class StreamFrames:
     def _on_stream_response(self, request: ActiveRequest, metadata: Metadata) -> None:
         if not request.first_response:
             request.first_response = self._last_activity
-        self.stats.response += 1
+        self._route_stats(request).response += 1
         self._queue_reply(metadata.frame, None)
         kind = metadata.message_type
         if kind in _STREAM_ENDS or (kind is MessageType.STREAM_CLOSE_ONE_WAY and request.client_closed):
