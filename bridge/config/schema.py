@@ -18,7 +18,8 @@ _rate = {
     "required": ["burst", "per_second"],
     "properties": {"burst": {"type": "integer", "minimum": 1}, "per_second": {"type": "number", "exclusiveMinimum": 0}},
 }
-_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+\Z", "x-unit": "name"}
+# '|' for Istio's names (outbound|PORT|SUBSET|HOST), which listeners and clusters from manifests take.
+_name = {"type": "string", "pattern": r"^[A-Za-z0-9_.|-]+\Z", "x-unit": "name"}
 _port = {"type": "integer", "minimum": 0, "maximum": 65535}
 _kv_list = {
     "type": "array",

@@ -112,9 +112,9 @@ class Upstream(Http2Connection):
         stream_id = self._next_stream_id
         self._next_stream_id += 2
         self.highest_stream_id = stream_id
-        # :authority must be non-empty (an empty one kills the whole HTTP/2 connection); Envoy
-        # does not connect to it, CLUSTER_HEADER picks the cluster.
-        fields = [(":method", "CONNECT"), (":authority", cluster), (CLUSTER_HEADER, cluster)]
+        # :authority must be non-empty and valid (an empty one, or the '|' of Istio-style names,
+        # kills the whole HTTP/2 connection); Envoy does not connect to it, CLUSTER_HEADER picks the cluster.
+        fields = [(":method", "CONNECT"), (":authority", cluster.replace("|", "_")), (CLUSTER_HEADER, cluster)]
         if host:
             fields.append((HOST_OVERRIDE_HEADER, host))
         if hash_key:
