@@ -17,11 +17,27 @@ EPILOG = """examples:
   metabridge validate -c examples/awesomerpc.yaml
   metabridge render -c examples/awesomerpc.yaml -o envoy/bootstrap.yaml
   metabridge run -c examples/awesomerpc.yaml --with-envoy
+  metabridge validate --manifests examples/mesh --no-envoy   # Kubernetes manifests (docs/mesh.md)
 """
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", required=True, type=Path, help="the metabridge YAML config file")
+    p.add_argument("-c", "--config", type=Path, help="the metabridge YAML config file (with --manifests: the base config, optional)")
+    p.add_argument("--manifests", type=Path, metavar="DIR", help="a folder of Kubernetes manifests (ServiceEntry, Service, DestinationRule, MetaRouter, ...) to derive listeners, routes and clusters from")
+
+
+def _load(args):
+    """The config file, or the manifests (with the file as their base); warnings go to stderr."""
+    if args.manifests is None:
+        if args.config is None:
+            raise ConfigError("give -c CONFIG, --manifests DIR, or both")
+        return load(args.config)
+    from metabridge.config import mesh
+
+    loaded = mesh.load(args.manifests, args.config)
+    for warning in loaded.warnings:
+        print(f"metabridge: warning: {warning}", file=sys.stderr)
+    return loaded.config
 
 
 def _render_kwargs(args) -> dict:
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
 
             logs.setup(args.log_level or "warning")
             return (scaffold if args.command == "new-codec" else check).main(args)
-        config = load(args.config)
+        config = _load(args)
         logs.setup(args.log_level or config.log_level)
         if args.command == "run":
             from metabridge.runner import run
