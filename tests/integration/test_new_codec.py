@@ -4,21 +4,17 @@ backend, as its README says."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import socket
 import subprocess
 import sys
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import free_port, port_open, wait_until
+from tests.integration.commands import BIN, Processes
+from tests.integration.harness import free_port, port_open
 
 NAME = "greetrpc"
-BIN = Path(sys.executable).parent  # the console scripts installed beside this Python
 
 
 def _bindable(port: int) -> bool:
@@ -57,48 +53,16 @@ def test_generated_tests_and_conformance_check_pass(project):
     assert checked.returncode == 0 and "result: OK" in checked.stdout, checked.stdout + checked.stderr
 
 
-class _Processes:
-    """Processes started in the project folder, each in its own session, output to a log file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "wb")
-        proc = subprocess.Popen(args, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name}.log\n{(self.folder / f'{name}.log').read_text(errors='replace')[-4000:]}" for name in self.procs)
-
-    def stop(self) -> None:
-        # SIGTERM to the process only: `metabridge run` stops its Envoy itself.
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session (Envoy)
-            proc.wait()
-
-
 def test_run_with_envoy_routes_the_client_to_the_backend(project):
     folder, port = project
-    procs = _Processes(folder)
+    procs = Processes(folder)
     try:
         backend = procs.start("backend", [sys.executable, "backend.py"])
-        wait_until(lambda: port_open(port + 1), 15, "the generated backend", backend)
+        procs.wait(lambda: port_open(port + 1), 15, "the generated backend", backend)
         bridge = procs.start("run", [str(BIN / "metabridge"), "run", "-c", f"{NAME}.yaml", "--with-envoy"])
         ready = f"http://127.0.0.1:{port + 2}/ready"
-        wait_until(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, 30, "Envoy started by metabridge run", bridge)
-        wait_until(lambda: port_open(port), 10, "Envoy's listener", bridge)
+        procs.wait(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, 30, "Envoy started by metabridge run", bridge)
+        procs.wait(lambda: port_open(port), 10, "Envoy's listener", bridge)
 
         def client(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run([sys.executable, "client.py", *args], cwd=folder, capture_output=True, text=True, timeout=30)
