@@ -378,7 +378,10 @@ class Translator:
                     if not chosen:
                         self.problems.warn(dest.rule, ["spec", "subsets", subset.index, "labels"], f"subset {name!r} selects no endpoint of {host.name} port {port.number}; its cluster is left out")
                         continue
-                    variants.append((name, chosen, {**base_policy, **policy}, header or base_header))
+                    # As Istio merges them: a subset's loadBalancer replaces the rule's whole loadBalancer.
+                    own_lb = "loadBalancer" in subset.policy
+                    inherited = {k: v for k, v in base_policy.items() if not (own_lb and k == "lb_policy")}
+                    variants.append((name, chosen, {**inherited, **policy}, header if own_lb else base_header))
                 for subset_name, endpoints, policy, header in variants:
                     name = cluster_name(port.number, subset_name, host.name)
                     clusters.append({"name": name, "endpoints": [{"address": a, "port": p} for a, p in sorted(endpoints)], **policy})
