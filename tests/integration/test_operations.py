@@ -30,7 +30,13 @@ def make_stack(tmp_path, routes, **bridge) -> Stack:
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
         text = r.read().decode()
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r'^(metabridge_\w+\{listener="awesomerpc"\}) ([0-9.e+]+)$', text, re.M)}
+    # Summed over the other labels (route, cluster) of the awesomerpc listener's series.
+    found: dict[str, float] = {}
+    for m in re.finditer(r'^(metabridge_\w+)\{([^}]*)\} ([0-9.e+]+)$', text, re.M):
+        if 'listener="awesomerpc"' in m.group(2).split(","):
+            key = m.group(1) + '{listener="awesomerpc"}'
+            found[key] = found.get(key, 0.0) + float(m.group(3))
+    return found
 
 
 def test_metrics_count_requests_and_local_replies(tmp_path):
@@ -91,7 +97,6 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path):
 
 def test_worker_processes_share_the_connections(tmp_path):
     metrics_port = free_port()
-    free_port()  # worker 1 takes metrics_port + 1
     stack = make_stack(tmp_path, [cmd_route(1, "v1"), cmd_route(2, "v2")], workers=2, metrics_port=metrics_port)
     try:
         stack.start()
@@ -108,9 +113,9 @@ def test_worker_processes_share_the_connections(tmp_path):
         # Envoy's gRPC health checks of the bridge workers are answered SERVING.
         wait_until(lambda: stack.envoy_stat("cluster.metabridge_bridge.health_check.success") >= 2, 10, "bridge health checks")
         assert stack.envoy_stat("cluster.metabridge_bridge.health_check.failure") == 0
-        per_worker = [scrape(metrics_port + i)['metabridge_request_total{listener="awesomerpc"}'] for i in range(2)]
-        assert sum(per_worker) == 20
-        assert min(per_worker) > 0, f"Envoy should spread connections over both workers: {per_worker}"
+        # One scrape of the supervisor counts both workers' requests (tests/integration/test_metrics.py
+        # checks that each worker served some).
+        assert scrape(metrics_port)['metabridge_request_total{listener="awesomerpc"}'] == 20
 
         # A worker that dies is restarted, and new connections keep working.
         worker_pids = [int(p) for p in re.findall(r'"event": "worker_started", "pid": (\d+)', stack.log("bridge"))]
