@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import struct
 import time
 
@@ -102,13 +103,18 @@ def _answers(written: bytes) -> list[ProcessingResponse]:
 # refusals, is measured), or a hash policy on the benchmark's route to a RING_HASH cluster.
 _LOCAL_RATELIMIT = {"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": 10**9, "tokens_per_fill": 10**9, "fill_interval": "1s"}}}
 _HASH_KEYS = {wire.AWESOMERPC: ["cmd"], wire.DUBBO: ["interface", "method"]}
-FEATURES = ("local_ratelimit", "hash_policy")
+# The access log writes every line to /dev/null: its formatting and writes are measured, not a disk.
+_ACCESS_LOG = {"name": "access_log", "config": {"path": os.devnull}}
+FEATURES = ("local_ratelimit", "hash_policy", "access_log")
 
 
 def bench_config(protocol: str, features: tuple[str, ...] = ()) -> dict:
     raw = bridge_listener_config(protocol, routes=1, listen_port=1, backend_port=2)
+    filters = raw["listeners"][0].setdefault("filters", [])
     if "local_ratelimit" in features:
-        raw["listeners"][0]["filters"] = [_LOCAL_RATELIMIT]
+        filters.append(_LOCAL_RATELIMIT)
+    if "access_log" in features:
+        filters.append(_ACCESS_LOG)
     if "hash_policy" in features:
         raw["listeners"][0]["routes"][-1]["hash_policy"] = _HASH_KEYS[protocol]
         raw["clusters"][0]["lb_policy"] = "RING_HASH"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import json
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ import signal
 import threading
 import time
 from collections import deque
+from json.encoder import encode_basestring_ascii as _quote
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -89,10 +89,17 @@ Record = tuple
 Formatter = Callable[[Record], str]
 
 
+_second: tuple[int, str] = (-1, "")  # the last whole second iso_time formatted, and its text
+
+
 def iso_time(seconds: float) -> str:
     """UTC with milliseconds, as Envoy's %START_TIME% prints by default."""
+    global _second
     whole = int(seconds)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
+    cached = _second  # one read: writer threads of other files may replace it meanwhile
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{int((seconds - whole) * 1000):03d}Z"
 
 
 def outcome(request) -> str:
@@ -110,29 +117,31 @@ def outcome(request) -> str:
     return "no_reply"
 
 
+def _json(value: Any) -> str:
+    if value is None:
+        return "null"
+    if type(value) is int:
+        return str(value)
+    return _quote(value if type(value) is str else str(value))
+
+
 def json_formatter(headers: Sequence[str]) -> Formatter:
-    names = tuple(headers)
+    """One JSON object per line, written out field by field (a third of json.dumps' time);
+    non-ASCII characters are \\u escapes."""
+    names = tuple(_quote(name) for name in headers)
 
     def format_json(r: Record) -> str:
-        entry = {
-            "start_time": iso_time(r[START]),
-            "listener": r[LISTENER],
-            "connection": r[CONNECTION],
-            "request_id": r[REQUEST_ID],
-            "operation": r[OPERATION],
-            "message_type": r[MESSAGE_TYPE],
-            "route": r[ROUTE],
-            "cluster": r[CLUSTER],
-            "upstream_host": r[UPSTREAM_HOST],
-            "outcome": r[OUTCOME],
-            "duration_ms": round(r[DURATION_S] * 1000, 3),
-            "bytes_in": r[BYTES_IN],
-            "bytes_out": r[BYTES_OUT],
-            "attempts": r[ATTEMPTS],
-        }
-        if names:
-            entry["headers"] = {name: value for name, value in zip(names, r[HEADERS]) if value is not None}
-        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+        line = (
+            f'{{"start_time":"{iso_time(r[START])}","listener":{_quote(r[LISTENER])},"connection":{_quote(r[CONNECTION])},'
+            f'"request_id":{_json(r[REQUEST_ID])},"operation":{_quote(r[OPERATION])},"message_type":"{r[MESSAGE_TYPE]}",'
+            f'"route":{_quote(r[ROUTE])},"cluster":{_quote(r[CLUSTER])},"upstream_host":{_quote(r[UPSTREAM_HOST])},'
+            f'"outcome":"{r[OUTCOME]}","duration_ms":{round(r[DURATION_S] * 1000, 3)},"bytes_in":{r[BYTES_IN]},'
+            f'"bytes_out":{r[BYTES_OUT]},"attempts":{r[ATTEMPTS]}'
+        )
+        if not names:
+            return line + "}"
+        present = ",".join(f"{name}:{_quote(value)}" for name, value in zip(names, r[HEADERS]) if value is not None)
+        return f'{line},"headers":{{{present}}}}}'
 
     return format_json
 

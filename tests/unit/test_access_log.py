@@ -216,3 +216,10 @@ async def test_a_failing_write_is_counted_and_logged_once(tmp_path, caplog):
     f.writer.drain()
     assert [e["request_id"] for e in lines(tmp_path / "gone" / "access.log")] == [3]
     assert "access_log_write_recovered" in [r.getMessage() for r in caplog.records]
+
+
+def test_json_escapes_what_a_peer_sent():
+    record = RECORD[:4] + ('Greeter/"echo"\n', "request", ('v"2', "ü€")) + RECORD[7:]
+    entry = json.loads(json_formatter(["x-canary", "x-name"])(record))
+    assert entry["operation"] == 'Greeter/"echo"\n' and entry["headers"] == {"x-canary": 'v"2', "x-name": "ü€"}
+    assert json.loads(json_formatter([])(RECORD[:3] + (None,) + RECORD[4:]))["request_id"] is None
