@@ -8,13 +8,19 @@ A reference is one of:
                           group of an installed package
 
 Files and folders are imported under a private module name (``_metabridge_codec_<stem>_<hash of the
-path>``), never as ``codecs``, which is a standard-library module.
+path>_<hash of the content>``), never as ``codecs``, which is a standard-library module. Loading a
+file again after it changed imports the new content under a new name and drops the old module
+from ``sys.modules`` (its classes live on in whatever still holds them, such as open
+connections' codecs); an unchanged file gives the same module. Modules and entry points are
+imported once, as Python does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import difflib
 import importlib
+import importlib.abc
 import importlib.metadata
 import importlib.util
 import inspect
@@ -33,35 +39,69 @@ class CodecLoadError(Exception):
     """A codec (or filter) reference that cannot be turned into a usable class."""
 
 
-def _module_name(path: Path) -> str:
-    """A private module name unique to this file or folder: two codecs both called codec.py must
-    not share (and so silently replace) one module."""
+def _module_prefix(path: Path) -> str:
+    """The start of the private module names of this file or folder: two codecs both called
+    codec.py must not share (and so silently replace) one module."""
     stem = re.sub(r"\W", "_", path.stem)
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
-    return f"_metabridge_codec_{stem}_{digest}"
+    return f"_metabridge_codec_{stem}_{digest}_"
+
+
+def _content_digest(path: Path) -> str:
+    """A hash of a file's bytes, or of every Python file's relative path and bytes in a folder."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if "__pycache__" not in p.parts)
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+class _SourceLoader(importlib.abc.Loader):
+    """Executes the source that was hashed, never a cached .pyc: a file rewritten within the same
+    second with the same size would otherwise run its old bytecode."""
+
+    def __init__(self, path: Path, source: bytes) -> None:
+        self._path = path
+        self._source = source
+
+    def exec_module(self, module) -> None:
+        exec(compile(self._source, str(self._path), "exec", dont_inherit=True), module.__dict__)
 
 
 def _import_path(path: Path, ref: str):
-    module_name = _module_name(path)
-    if module_name in sys.modules:
-        return sys.modules[module_name]
     if path.is_dir():
         init = path / "__init__.py"
         if not init.is_file():
             raise CodecLoadError(f"{ref!r}: folder {path} has no __init__.py")
-        spec = importlib.util.spec_from_file_location(module_name, init, submodule_search_locations=[str(path)])
-    elif path.is_file():
-        spec = importlib.util.spec_from_file_location(module_name, path)
-    else:
+    elif not path.is_file():
         raise CodecLoadError(f"{ref!r}: no such file or folder: {path}")
+    prefix = _module_prefix(path)
+    try:
+        module_name = prefix + _content_digest(path)
+    except OSError as exc:
+        raise CodecLoadError(f"{ref!r}: cannot read {path}: {exc.strerror}") from exc
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    if path.is_dir():
+        spec = importlib.util.spec_from_file_location(module_name, init, submodule_search_locations=[str(path)])
+    else:
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=_SourceLoader(path, path.read_bytes()))
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        del sys.modules[module_name]
+        _forget(module_name)
         raise CodecLoadError(f"{ref!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    for name in [n for n in sys.modules if n.startswith(prefix) and n != module_name and not n.startswith(module_name + ".")]:
+        del sys.modules[name]  # an earlier content of this file or folder, and its submodules
     return module
+
+
+def _forget(module_name: str) -> None:
+    """Drop a module and its submodules (a package's) from sys.modules."""
+    for name in [n for n in sys.modules if n == module_name or n.startswith(module_name + ".")]:
+        del sys.modules[name]
 
 
 def _from_entry_point(name: str, group: str):
@@ -93,6 +133,16 @@ def load_filter_class(ref: str, base_dir: Path | str = ".") -> type[Filter]:
     return cls
 
 
+def reference_path(ref: str, base_dir: Path | str = ".") -> Path | None:
+    """The file or folder a ``file.py:Class`` or ``dir:Class`` reference names (relative ones:
+    to ``base_dir``), or None for a module or an entry point."""
+    target, sep, _ = ref.rpartition(":")
+    if not sep or not ("/" in target or target.endswith(".py") or target.startswith(".")):
+        return None
+    path = Path(target)
+    return (path if path.is_absolute() else Path(base_dir) / path).resolve()
+
+
 def _resolve(ref: str, base_dir: Path | str, group: str):
     """The object a reference names: a file or folder's attribute, a module's, or an entry point."""
     if ":" not in ref:
@@ -101,12 +151,9 @@ def _resolve(ref: str, base_dir: Path | str, group: str):
         target, _, attr = ref.rpartition(":")
         if not attr:
             raise CodecLoadError(f"{ref!r}: missing class name after ':'")
-        looks_like_path = "/" in target or target.endswith(".py") or target.startswith(".")
-        if looks_like_path:
-            path = Path(target)
-            if not path.is_absolute():
-                path = Path(base_dir) / path
-            module = _import_path(path.resolve(), ref)
+        path = reference_path(ref, base_dir)
+        if path is not None:
+            module = _import_path(path, ref)
         else:
             try:
                 module = importlib.import_module(target)
@@ -115,7 +162,9 @@ def _resolve(ref: str, base_dir: Path | str, group: str):
         try:
             cls = getattr(module, attr)
         except AttributeError:
-            raise CodecLoadError(f"{ref!r}: {target} has no attribute {attr!r}") from None
+            close = difflib.get_close_matches(attr, [name for name in vars(module) if not name.startswith("_")], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise CodecLoadError(f"{ref!r}: {target} has no attribute {attr!r}{hint}") from None
     return cls
 
 
@@ -139,5 +188,5 @@ def load_codecs(config) -> dict[str, type[Codec]]:
         try:
             loaded[name] = load_codec_class(entry.ref, config.base_dir)
         except CodecLoadError as exc:
-            raise CodecLoadError(f"{config.source}: codecs.{name}.ref: {exc}") from exc
+            raise CodecLoadError(f"{config.source}: codecs.{name}.ref: {exc}{config.at(f'codecs.{name}.ref')}") from exc
     return loaded

@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from metabridge.core.tunnels import Tunnel
+from metabridge.sdk.codec import Direction
 
 if TYPE_CHECKING:
     from metabridge.core.request import ActiveRequest
@@ -125,6 +126,9 @@ class HashedHosts:
 class UpstreamPool:
     def __init__(self, connection) -> None:
         self._connection = connection
+        # The codec the connection started with (made with it): a reload changes the listener's
+        # codec for later connections only, so every tunnel of this one decodes with this.
+        self._codecs = connection.listener.codecs
         self._clusters: dict[str, ClusterSlots] = {}
         self._hashed: dict[str, HashedHosts] = {}
 
@@ -145,7 +149,7 @@ class UpstreamPool:
         if upstream.draining or upstream.lost:
             return next((link for link in hosts.by_host.values() if link is not avoid), None)
         connection = self._connection
-        link = Link(upstream.open_tunnel(cluster, hash_key=key), connection.listener.new_codec_for_responses(), None)
+        link = Link(upstream.open_tunnel(cluster, hash_key=key), self._codecs.new(Direction.RESPONSE), None)
         link.tunnel.owner = link
         link.hash_key = key
         hosts.probing[key] = link
@@ -206,7 +210,7 @@ class UpstreamPool:
     def _open(self, cluster: str, slot: Slot) -> Link:
         connection = self._connection
         tunnel = connection.upstream.open_tunnel(cluster, slot.host)
-        link = Link(tunnel, connection.listener.new_codec_for_responses(), slot)
+        link = Link(tunnel, self._codecs.new(Direction.RESPONSE), slot)
         tunnel.owner = link
         slot.link = link
         connection.on_link_opened(link)

@@ -1,4 +1,5 @@
-"""What every connection of one listener shares: codec class, routes, filter chain, stats, limits."""
+"""What every connection of one listener shares: codec class, routes, filter chain, stats, limits;
+and their reload on SIGHUP."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from metabridge.core.chain import FilterChain
 from metabridge.core.router import Router
 from metabridge.filters import build_filters
 from metabridge.logs import event
-from metabridge.registry import CodecLoadError, load_codecs
+from metabridge.registry import CodecLoadError, load_codec_class, load_codecs, reference_path
 from metabridge.sdk.codec import Codec, Direction
 from metabridge.stats import ListenerStats
 
@@ -32,6 +33,21 @@ class ByteBudget:
         self.used = 0
 
 
+@dataclass(frozen=True)
+class CodecFactory:
+    """A codec class with its options: what one connection makes all its codecs from, for its
+    whole life (a reload gives later connections another factory)."""
+
+    cls: type[Codec]
+    options: dict
+    max_frame_size: int
+
+    def new(self, direction: Direction = Direction.REQUEST) -> Codec:
+        codec = self.cls(max_frame_size=self.max_frame_size, options=self.options)
+        codec.direction = direction
+        return codec
+
+
 @dataclass
 class ListenerRuntime:
     config: ListenerConfig
@@ -47,18 +63,20 @@ class ListenerRuntime:
         if self.chain is None:
             self.chain = FilterChain((), self.config.name, self.stats)
         self._plans: dict[str, tuple[tuple[str, ...], str]] = {}
+        self.use_codec(self.codec_cls, self.codec_options)
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def new_codec(self, direction: Direction = Direction.REQUEST) -> Codec:
-        codec = self.codec_cls(max_frame_size=self.config.max_frame_size, options=self.codec_options)
-        codec.direction = direction
-        return codec
+    def use_codec(self, cls: type[Codec], options: dict) -> None:
+        """Connections opened from now on make their codecs from ``cls`` with ``options``;
+        open ones keep the factory they started with."""
+        self.codec_cls, self.codec_options = cls, options
+        self.codecs = CodecFactory(cls, options, self.config.max_frame_size)
 
-    def new_codec_for_responses(self) -> Codec:
-        return self.new_codec(Direction.RESPONSE)
+    def new_codec(self, direction: Direction = Direction.REQUEST) -> Codec:
+        return self.codecs.new(direction)
 
     def cluster_plan(self, cluster: str) -> tuple[tuple[str, ...], str]:
         """(the host each tunnel slot asks for, the cluster's lb_policy) for a connection's pool."""
@@ -111,11 +129,15 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
 
 
 def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
-    """Re-read the config file and swap in each listener's new routes, filters and timeouts.
+    """Re-read the config file: each listener's routes, filters and timeouts, and its codec when
+    the codec's file or folder, reference or options changed (SIGHUP).
 
-    Running connections pick the new routes up on their next request; nothing is disconnected.
-    Changes that need Envoy's bootstrap re-rendered (listeners, ports, codecs, clusters) are
-    reported and left alone. A config that does not load leaves everything as it was.
+    Running connections pick the new routes up on their next request and keep the codec they
+    started with; connections opened after the reload get the new codec. A codec that does not
+    load (import error, contract violation, options refused) is refused and logged, and the old
+    one stays; the routes are reloaded all the same. Changes that need Envoy's bootstrap
+    re-rendered (listeners, ports, clusters) are reported and left alone. A config that does not
+    load leaves everything as it was.
     """
     try:
         config = load(path)
@@ -124,6 +146,7 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
         event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
         return
     new = {listener.name: listener for listener in config.listeners}
+    loaded: dict[str, type[Codec] | CodecLoadError] = {}  # each codec imported once per reload
     for name, runtime in runtimes.items():
         listener = new.pop(name, None)
         if listener is None or listener.codec != runtime.config.codec or listener.port != runtime.config.port:
@@ -133,6 +156,38 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
         runtime.chain = FilterChain(chains[name], name, runtime.stats)
         runtime.config = listener
         runtime._plans.clear()
+        _reload_codec(runtime, config, loaded)
         event(log, logging.INFO, "routes_reloaded", listener=name, routes=len(listener.routes), filters=len(chains[name]))
     for name in new:
         event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
+    known = next(iter(runtimes.values())).clusters if runtimes else {}
+    for name, cluster in config.clusters.items():
+        if known.get(name) != cluster:
+            change = "new" if name not in known else "changed"
+            event(log, logging.WARNING, "reload_needs_restart", cluster=name, hint=f"{change} cluster: Envoy knows it as it was only until its bootstrap is re-rendered and it restarts (requests routed to a cluster Envoy does not have get CLUSTER_NOT_FOUND)")
+
+
+def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> None:
+    """Give the listener's later connections the codec the config names now, if it loads."""
+    entry = config.codecs[runtime.config.codec]
+    file = reference_path(entry.ref, config.base_dir)
+    if entry.name not in loaded:
+        try:
+            loaded[entry.name] = load_codec_class(entry.ref, config.base_dir)
+        except CodecLoadError as exc:
+            loaded[entry.name] = exc
+    cls = loaded[entry.name]
+    error = str(cls) if isinstance(cls, CodecLoadError) else None
+    if error is None:
+        try:
+            CodecFactory(cls, entry.options, runtime.config.max_frame_size).new()  # options refused here
+        except Exception as exc:  # noqa: BLE001 - whatever the codec raises refuses it
+            error = f"codecs.{entry.name}.options: {type(exc).__name__}: {exc}"
+    if error is not None:
+        event(log, logging.ERROR, "codec_reload_failed_keeping_old_codec", listener=runtime.name, codec=entry.name, ref=entry.ref, file=str(file) if file else None, error=error)
+        runtime.use_codec(runtime.codec_cls, runtime.codec_options)
+        return
+    changed = cls is not runtime.codec_cls or entry.options != runtime.codec_options
+    runtime.use_codec(cls, entry.options)
+    if changed:
+        event(log, logging.INFO, "codec_reloaded", listener=runtime.name, codec=entry.name, ref=entry.ref, file=str(file) if file else None, module=cls.__module__)

@@ -318,3 +318,85 @@ def test_load_codecs_names_the_config_entry(tmp_path, forget_modules):
         load_codecs(config)
     message = str(info.value)
     assert message.startswith(f"{tmp_path / 'metabridge.yaml'}: codecs.broken.ref: 'missing.py:Codec': no such file or folder")
+
+
+# ---- loading a file again after it changed (codec reload) -----------------------------------------
+
+
+def modules_of(path: Path) -> list[str]:
+    """The registry's modules for a file or folder in sys.modules (a package's submodules too)."""
+    from metabridge.registry import _module_prefix
+
+    return sorted(name for name in sys.modules if name.startswith(_module_prefix(path.resolve())))
+
+
+def test_a_changed_file_is_imported_again_and_its_old_module_dropped(tmp_path, forget_modules):
+    path = write(tmp_path / "versioned.py", codec_source(name="aaa"))
+    old = load_codec_class("versioned.py:GoodCodec", tmp_path)
+    old_codec = old()
+    write(path, codec_source(name="bbb"))  # same size, same second: no stale bytecode may run
+    new = load_codec_class("versioned.py:GoodCodec", tmp_path)
+    assert (old.name, new.name) == ("aaa", "bbb") and new is not old
+    assert modules_of(path) == [new.__module__], "only the current content stays imported"
+    # The old class lives on in what holds it (an open connection's codecs) and still works.
+    assert old_codec.on_error(None, type("E", (), {"message": "x"})()) == b"error:x"
+    assert load_codec_class("./versioned.py:GoodCodec", tmp_path) is new, "unchanged content: the same class"
+
+
+def test_reloading_many_times_keeps_one_module_per_file(tmp_path, forget_modules):
+    path = tmp_path / "churn.py"
+    for i in range(20):
+        write(path, codec_source(name=f"v{i}"))
+        assert load_codec_class("churn.py:GoodCodec", tmp_path).name == f"v{i}"
+    assert len(modules_of(path)) == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "cause"),
+    [("def broken(:\n", "SyntaxError"), ("import mb_not_installed_either\n", "ModuleNotFoundError"), ("raise RuntimeError('half-written')\n", "RuntimeError: half-written")],
+)
+def test_a_broken_rewrite_is_refused_and_the_old_module_stays(tmp_path, forget_modules, body, cause):
+    path = write(tmp_path / "flaky2.py", codec_source(name="good"))
+    old = load_codec_class("flaky2.py:GoodCodec", tmp_path)
+    write(path, body)
+    message = load_error("flaky2.py:GoodCodec", tmp_path)
+    assert message.startswith(f"'flaky2.py:GoodCodec': importing {path} failed: ") and cause in message
+    assert modules_of(path) == [old.__module__]
+    write(path, codec_source(name="good"))  # put back as it was: the module still imported
+    assert load_codec_class("flaky2.py:GoodCodec", tmp_path) is old
+
+
+def test_a_changed_package_folder_is_imported_again_with_its_submodules(tmp_path, forget_modules):
+    folder = tmp_path / "pkgcodec"
+    write(folder / "__init__.py", "from .codec import WireCodec\n")
+    write(folder / "codec.py", codec_source(cls="WireCodec", name="one"))
+    old = load_codec_class("./pkgcodec:WireCodec", tmp_path)
+    write(folder / "codec.py", codec_source(cls="WireCodec", name="two"))
+    new = load_codec_class("./pkgcodec:WireCodec", tmp_path)
+    assert (old.name, new.name) == ("one", "two")
+    assert all(name.startswith(new.__module__.rpartition(".")[0]) for name in modules_of(folder)), modules_of(folder)
+
+
+def test_a_missing_class_suggests_the_nearest(tmp_path, forget_modules):
+    write(tmp_path / "good.py", codec_source())
+    assert load_error("good.py:GoodCodc", tmp_path) == "'good.py:GoodCodc': good.py has no attribute 'GoodCodc' (did you mean 'GoodCodec'?)"
+
+
+def test_load_codecs_names_the_line_of_the_reference(tmp_path, forget_modules):
+    from metabridge.config.model import load
+
+    path = tmp_path / "metabridge.yaml"
+    path.write_text("codecs:\n  broken:\n    ref: missing.py:Codec\nlisteners: [{name: l, port: 15000, codec: broken, routes: []}]\nclusters: []\n")
+    with pytest.raises(CodecLoadError) as info:
+        load_codecs(load(path))
+    assert str(info.value) == f"{path}: codecs.broken.ref: 'missing.py:Codec': no such file or folder: {tmp_path / 'missing.py'} (line 3)"
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [("codec.py:C", "/base/codec.py"), ("./d:C", "/base/d"), ("sub/d:C", "/base/sub/d"), ("/abs/x.py:C", "/abs/x.py"), ("pkg.mod:C", None), ("entry-name", None)],
+)
+def test_reference_path(ref, expected):
+    from metabridge.registry import reference_path
+
+    assert reference_path(ref, "/base") == (None if expected is None else Path(expected))
