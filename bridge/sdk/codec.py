@@ -205,11 +205,14 @@ class Codec:
 
     ``has_request_id``: True when responses carry the request's id (matched by id, in any
     order); False when responses come back in request order.
+    ``carries_headers``: True when ``encode`` writes any mutation header into the frame (so a
+    trace context such as W3C ``traceparent`` reaches the upstream); False when it cannot.
     ``options`` are the codec's own settings from the config file's ``codecs.<name>.options``.
     """
 
     name: ClassVar[str] = ""
     has_request_id: ClassVar[bool] = True
+    carries_headers: ClassVar[bool] = False
     direction: Direction = Direction.REQUEST
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:

@@ -93,6 +93,7 @@ class DubboCodec(Codec):
 
     name = "dubbo"
     has_request_id = True
+    carries_headers = True  # a mutation's headers become request attachments
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(max_frame_size=max_frame_size, options=options)
