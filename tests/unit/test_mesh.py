@@ -482,3 +482,18 @@ def test_cli_reports_manifest_errors_and_a_missing_input(tmp_path):
     assert "MetaRouter/meta-dubbo/greeter: spec.hosts[0]: host nothere.meta-dubbo.svc.cluster.local is not a Service or ServiceEntry" in result.stderr
     result = metabridge("validate", "--no-envoy")
     assert result.returncode == 2 and "give -c CONFIG, --manifests DIR, or both" in result.stderr
+
+
+def test_metarouter_with_only_a_rate_limit_keeps_the_default_route(tmp_path):
+    router = """
+    apiVersion: metaprotocol.aeraki.io/v1alpha1
+    kind: MetaRouter
+    metadata: {name: greeter, namespace: meta-dubbo}
+    spec:
+      hosts: [com.example.greeter]
+      localRateLimit:
+        tokenBucket: {fillInterval: 60s, maxTokens: 2, tokensPerFill: 2}
+    """
+    raw = raw_of(write(tmp_path / "m", se=SERVICE_ENTRY, mr=router))
+    assert listener(raw)["routes"] == [{"name": "default", "route": {"cluster": f"outbound|20880||{HOST}"}}]
+    assert listener(raw)["filters"] == [{"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": 2, "fill_interval": "60s", "tokens_per_fill": 2}}}]

@@ -412,14 +412,15 @@ class Translator:
                 ports[port.number] = host
                 name = cluster_name(port.number, "", host.name)
                 router = routers.get(host.name)
-                if router is None:
+                if router is None or not router.spec.get("routes"):
+                    # Aeraki's default route: the whole service (a MetaRouter may hold only rate limits).
                     route: dict[str, Any] = {"name": "default", "route": {"cluster": name}}
                     if hashing.get(name):
                         route["hash_policy"] = [hashing[name]]
-                    routes, filters = [route], []
+                    routes = [route]
                 else:
                     routes = self._routes(router, port.number, hashing)
-                    filters = self._filters(router)
+                filters = self._filters(router) if router else []
                 listener = {"name": name, "port": port.number, "codec": port.protocol, "routes": routes}
                 if filters:
                     listener["filters"] = filters
@@ -489,6 +490,9 @@ class Translator:
         if raw is None:
             return []
         attributes = raw.get("attributes") if isinstance(raw, dict) else None
+        for key in raw if isinstance(raw, dict) else ():
+            if key != "attributes":
+                self.problems.warn(res, [*path, key], "not supported yet (a match has attributes); ignored")
         if not isinstance(attributes, dict):
             self.problems.error(res, path, "expected attributes: {name: {exact | prefix | regex: value}}")
             return []
@@ -571,8 +575,6 @@ class Translator:
                 if raw.get(key):
                     route[out] = self._mutation(res, [*path, key], raw[key])
             routes.append(route)
-        if not routes and not res.spec.get("routes"):
-            self.problems.warn(res, ["spec", "routes"], "no routes: every request gets the codec's ROUTE_NOT_FOUND reply")
         return routes
 
     # -- rate limits ----------------------------------------------------------------------
