@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     render.add_argument("--check", action="store_true", help="also run `envoy --mode validate` on the result")
     _add_render_options(render)
+    render.add_argument("--istio", action="store_true", help="write Istio EnvoyFilter resources that put the chain into istio-proxy sidecars on the listeners' ports (docs/istio.md)")
+    render.add_argument("--istio-side", choices=["outbound", "inbound"], default="outbound", help="with --istio: patch the sidecars' outbound (client) or inbound (server) listeners")
+    render.add_argument("--istio-selector", action="append", metavar="LABEL=VALUE", help="with --istio: the pods whose sidecars are patched (repeatable; default metabridge/bridge=enabled)")
 
     validate = sub.add_parser("validate", help="check a config: schema, references, codecs, and Envoy's view of the rendered bootstrap")
     _add_config(validate)
@@ -139,9 +142,29 @@ def main(argv: list[str] | None = None) -> int:
 def _render(config, args) -> int:
     from metabridge.config import bootstrap as envoy_config
 
+    if args.istio:
+        return _render_istio(config, args)
     text = envoy_config.render_yaml(config, **_render_kwargs(args))
     if args.check:
         envoy_config.validate_with_envoy(text)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _render_istio(config, args) -> int:
+    from metabridge.config import istio
+
+    kwargs = _render_kwargs(args)
+    listener_address, admin_address = kwargs.pop("listener_address"), kwargs.pop("admin_address")
+    if args.check or listener_address or admin_address:
+        raise SystemExit("metabridge: --check, --listener-address and --admin-address do not apply with --istio (Istio owns the listeners and the admin)")
+    labels = dict(item.partition("=")[::2] for item in args.istio_selector or ())
+    if any(not key or not value for key, value in labels.items()):
+        raise SystemExit("metabridge: --istio-selector: expected LABEL=VALUE")
+    text = istio.render_istio_yaml(config, side=args.istio_side, workload_labels=labels or None, **kwargs)
     if args.output:
         args.output.write_text(text)
     else:
