@@ -1,0 +1,317 @@
+"""`metabridge render --istio`: the EnvoyFilter patches, applied to listeners of the shape Istio
+generates for a sidecar's TCP ports, give the chain a metabridge Envoy runs, and real Envoy
+accepts the result (`envoy --mode validate`)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from metabridge.cli import main
+from metabridge.config.bootstrap import BRIDGE_CLUSTER, EnvoyConfigError, build_bootstrap, validate_with_envoy
+from metabridge.config.istio import API_VERSION, DEFAULT_WORKLOAD_LABELS, TCP_PROXY, build_envoy_filters, render_istio_yaml
+from metabridge.config.model import load, parse
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "docker.yaml"  # three listeners: awesomerpc 10000, dubbo 10200, thrift 10100
+SOCKET = "unix:/run/metabridge/bridge.sock"
+EXT_PROC = "envoy.filters.network.ext_proc"
+HCM = "envoy.filters.network.http_connection_manager"
+OTHER_PORT = 8080  # a TCP port of the mesh that is not the config's: must stay tcp_proxy
+
+
+# --- A small EnvoyFilter patch applier, for the operations build_envoy_filters emits ---------
+#
+# It follows Istio's pilot/pkg/networking/core/envoyfilter (listener_patch.go, cluster_patch.go):
+# - a patch applies to the listeners of its context: here `virtualInbound` is SIDECAR_INBOUND,
+#   every other listener SIDECAR_OUTBOUND (ANY matches both);
+# - `listener.portNumber` matches the listener's port, except on the virtual listeners
+#   (`virtualInbound`, `virtualOutbound`), where it matches each filter chain's destination_port;
+# - `filterChain.filter.name` picks the network filter an INSERT_BEFORE or REPLACE acts on;
+# - for each filter chain the NETWORK_FILTER patches run in the order they are listed, each on
+#   the chain as the previous ones left it;
+# - CLUSTER ADD appends the value (Istio inserts an ADD of context SIDECAR_OUTBOUND or ANY into a
+#   sidecar's clusters once).
+# Any other operation, applyTo or match field is refused, so a patch the applier cannot judge
+# fails the test instead of passing unapplied.
+
+VIRTUAL = ("virtualInbound", "virtualOutbound")
+
+
+def _context(listener: dict) -> str:
+    return "SIDECAR_INBOUND" if listener["name"] == "virtualInbound" else "SIDECAR_OUTBOUND"
+
+
+def _chain_matches(listener: dict, chain: dict, match: dict) -> bool:
+    assert set(match) <= {"context", "listener"}, match
+    if match["context"] not in ("ANY", _context(listener)):
+        return False
+    lmatch = match.get("listener", {})
+    assert set(lmatch) <= {"portNumber", "filterChain"}, lmatch
+    port = lmatch.get("portNumber")
+    if port:
+        if listener["name"] in VIRTUAL:
+            if chain.get("filter_chain_match", {}).get("destination_port") != port:
+                return False
+        elif listener["address"]["socket_address"]["port_value"] != port:
+            return False
+    assert set(lmatch.get("filterChain", {})) <= {"filter"}, lmatch
+    return True
+
+
+def apply_envoy_filter(bootstrap: dict, envoy_filter: dict) -> dict:
+    """A copy of `bootstrap` with `envoy_filter`'s configPatches applied as istiod would."""
+    assert envoy_filter["apiVersion"] == API_VERSION and envoy_filter["kind"] == "EnvoyFilter"
+    result = copy.deepcopy(bootstrap)
+    patches = envoy_filter["spec"]["configPatches"]
+    for patch in patches:
+        assert patch["applyTo"] in ("CLUSTER", "NETWORK_FILTER"), patch["applyTo"]
+    for listener in result["static_resources"]["listeners"]:
+        for chain in listener["filter_chains"]:
+            for patch in (p for p in patches if p["applyTo"] == "NETWORK_FILTER"):
+                if not _chain_matches(listener, chain, patch["match"]):
+                    continue
+                operation, value = patch["patch"]["operation"], patch["patch"]["value"]
+                name = patch["match"]["listener"]["filterChain"]["filter"]["name"]
+                filters = chain["filters"]
+                at = next((i for i, f in enumerate(filters) if f["name"] == name), None)
+                if at is None:
+                    continue  # Istio: no such filter in this chain, nothing to do
+                if operation == "INSERT_BEFORE":
+                    filters.insert(at, copy.deepcopy(value))
+                elif operation == "REPLACE":
+                    filters[at] = copy.deepcopy(value)
+                else:
+                    raise AssertionError(f"operation {operation} on a NETWORK_FILTER is not handled by this applier")
+    for patch in (p for p in patches if p["applyTo"] == "CLUSTER"):
+        assert patch["patch"]["operation"] == "ADD" and patch["match"]["context"] in ("SIDECAR_OUTBOUND", "ANY"), patch
+        result["static_resources"]["clusters"].append(copy.deepcopy(patch["patch"]["value"]))
+    return result
+
+
+# --- Listeners and clusters of the shape Istio generates for a sidecar ------------------------
+
+
+def _tcp_proxy(cluster: str) -> dict:
+    return {
+        "name": TCP_PROXY,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+            "stat_prefix": cluster,
+            "cluster": cluster,
+        },
+    }
+
+
+def _rbac() -> dict:
+    """Stands for the filters Istio puts before tcp_proxy (istio.stats, rbac for policies)."""
+    return {
+        "name": "envoy.filters.network.rbac",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC", "stat_prefix": "tcp."},
+    }
+
+
+def _static_cluster(name: str, ip: str, port: int) -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "10s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": ip, "port_value": port}}}}]}],
+        },
+    }
+
+
+def _original_dst_cluster(name: str) -> dict:
+    return {"name": name, "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "connect_timeout": "10s"}
+
+
+def istio_sidecar_bootstrap(ports: list[int]) -> dict:
+    """A sidecar's listeners and clusters for TCP services on `ports` and on OTHER_PORT, as
+    Istio generates them (EDS clusters written as STATIC): for each port an outbound listener
+    `0.0.0.0_PORT` (not bound: virtualOutbound hands it the redirected connections) with a
+    chain per destination Service VIP, `virtualOutbound` with its passthrough chain, and
+    `virtualInbound` with a chain per port of the pod plus its passthrough chain."""
+    listeners, clusters = [], []
+    for i, port in enumerate([*ports, OTHER_PORT]):
+        chains = []
+        for j, host in enumerate((f"svc{i}.default.svc.cluster.local", f"other{i}.default.svc.cluster.local")):
+            cluster = f"outbound|{port}||{host}"
+            clusters.append(_static_cluster(cluster, f"10.0.{i}.{j + 1}", port))
+            chains.append(
+                {
+                    "filter_chain_match": {"prefix_ranges": [{"address_prefix": f"10.96.{i}.{j + 1}", "prefix_len": 32}]},
+                    "filters": [_tcp_proxy(cluster)],
+                }
+            )
+        listeners.append(
+            {
+                "name": f"0.0.0.0_{port}",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+                "bind_to_port": False,
+                "filter_chains": chains,
+            }
+        )
+    listeners.append(
+        {
+            "name": "virtualOutbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}},
+            "use_original_dst": True,
+            "filter_chains": [{"name": "virtualOutbound-catchall-tcp", "filters": [_tcp_proxy("PassthroughCluster")]}],
+        }
+    )
+    inbound_chains = []
+    for port in [*ports, OTHER_PORT]:
+        clusters.append(_original_dst_cluster(f"inbound|{port}||"))
+        inbound_chains.append(
+            {
+                "name": f"inbound|{port}||",
+                "filter_chain_match": {"destination_port": port, "transport_protocol": "raw_buffer"},
+                "filters": [_rbac(), _tcp_proxy(f"inbound|{port}||")],
+            }
+        )
+    inbound_chains.append(
+        {
+            "name": "virtualInbound",
+            "filter_chain_match": {"prefix_ranges": [{"address_prefix": "0.0.0.0", "prefix_len": 0}]},
+            "filters": [_tcp_proxy("InboundPassthroughCluster")],
+        }
+    )
+    listeners.append(
+        {
+            "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "listener_filters": [
+                {
+                    "name": "envoy.filters.listener.original_dst",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst"},
+                }
+            ],
+            "filter_chains": inbound_chains,
+        }
+    )
+    clusters += [_original_dst_cluster("PassthroughCluster"), _original_dst_cluster("InboundPassthroughCluster")]
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 15000}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def _filter_names(bootstrap: dict) -> dict[tuple[str, int], list[str]]:
+    """(listener, chain index) -> the chain's filter names."""
+    return {
+        (listener["name"], i): [f["name"] for f in chain["filters"]]
+        for listener in bootstrap["static_resources"]["listeners"]
+        for i, chain in enumerate(listener["filter_chains"])
+    }
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load(EXAMPLE)
+
+
+@pytest.fixture(scope="module")
+def sidecar(config):
+    return istio_sidecar_bootstrap([listener.port for listener in config.listeners])
+
+
+@pytest.mark.parametrize("side", ["outbound", "inbound"])
+def test_patches_put_the_metabridge_chain_on_the_configs_ports_only(config, sidecar, side):
+    [envoy_filter] = build_envoy_filters(config, side=side, bridge_addresses=[SOCKET])
+    patched = apply_envoy_filter(sidecar, envoy_filter)
+    before, after = _filter_names(sidecar), _filter_names(patched)
+    ports = {listener.port for listener in config.listeners}
+    changed = {key for key in before if before[key] != after[key]}
+    if side == "outbound":
+        # Every destination's chain on a config port; nothing on another port, nothing inbound.
+        assert changed == {key for key in before if key[0] in {f"0.0.0.0_{p}" for p in ports}}
+        assert len(changed) == 2 * len(ports)
+        assert all(after[key] == [EXT_PROC, HCM] for key in changed)
+    else:
+        # The chain of each config port (in the order of the ports), not OTHER_PORT's nor the passthrough.
+        assert changed == {("virtualInbound", i) for i in range(len(ports))}
+        assert all(after[key] == ["envoy.filters.network.rbac", EXT_PROC, HCM] for key in changed)  # what came before stays
+    assert after[(f"0.0.0.0_{OTHER_PORT}", 0)] == after[(f"0.0.0.0_{OTHER_PORT}", 1)] == [TCP_PROXY]
+    assert after[("virtualInbound", len(ports))] == ["envoy.filters.network.rbac", TCP_PROXY]
+    assert after[("virtualInbound", len(ports) + 1)] == [TCP_PROXY]  # the passthrough chain
+    assert after[("virtualOutbound", 0)] == [TCP_PROXY]
+
+
+@pytest.mark.parametrize("side", ["outbound", "inbound"])
+def test_patched_sidecar_is_accepted_by_envoy(config, sidecar, side):
+    [envoy_filter] = build_envoy_filters(config, side=side, bridge_addresses=[SOCKET])
+    patched = apply_envoy_filter(sidecar, envoy_filter)
+    names = [c["name"] for c in patched["static_resources"]["clusters"]]
+    assert len(names) == len(set(names))  # `envoy --mode validate` does not check this
+    validate_with_envoy(yaml.safe_dump(patched, sort_keys=False))
+
+
+def test_each_patched_chain_is_the_bootstrap_chain_of_its_listener(config, sidecar):
+    [envoy_filter] = build_envoy_filters(config, bridge_addresses=[SOCKET])
+    patched = apply_envoy_filter(sidecar, envoy_filter)
+    bootstrap = build_bootstrap(config, bridge_addresses=[SOCKET])["static_resources"]
+    by_port = {listener.port: listener.name for listener in config.listeners}
+    expected = {lst["name"]: lst["filter_chains"][0]["filters"] for lst in bootstrap["listeners"]}
+    for listener in patched["static_resources"]["listeners"]:
+        port = listener["address"]["socket_address"]["port_value"]
+        if port in by_port and listener["name"] not in ("virtualInbound", "virtualOutbound"):
+            for chain in listener["filter_chains"]:
+                assert chain["filters"] == expected[by_port[port]]
+                metadata = chain["filters"][0]["typed_config"]["grpc_service"]["initial_metadata"]
+                assert metadata == [{"key": "x-metabridge-listener", "value": by_port[port]}]
+                assert chain["filters"][0]["typed_config"]["failure_mode_allow"] is False
+    # The bridge cluster and the config's clusters are added, as the bootstrap renders them.
+    added = {c["name"]: c for c in patched["static_resources"]["clusters"][len(sidecar["static_resources"]["clusters"]):]}
+    assert added == {c["name"]: c for c in bootstrap["clusters"]}
+    assert added[BRIDGE_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "pipe": {"path": "/run/metabridge/bridge.sock"}
+    }
+
+
+def test_one_envoy_filter_resource_selecting_the_bridge_pods(config):
+    default, custom = build_envoy_filters(config), build_envoy_filters(config, side="inbound", workload_labels={"app": "shop"})
+    assert len(default) == len(custom) == 1
+    assert default[0]["spec"]["workloadSelector"] == {"labels": DEFAULT_WORKLOAD_LABELS}
+    assert custom[0]["spec"]["workloadSelector"] == {"labels": {"app": "shop"}}
+    assert default[0]["metadata"]["name"] == "metabridge-docker-outbound"
+    assert custom[0]["metadata"]["name"] == "metabridge-docker-inbound"
+    operations = [(p["applyTo"], p["patch"]["operation"]) for p in default[0]["spec"]["configPatches"]]
+    assert operations == [("CLUSTER", "ADD")] * (1 + len(config.clusters)) + [
+        ("NETWORK_FILTER", "INSERT_BEFORE"),
+        ("NETWORK_FILTER", "REPLACE"),
+    ] * len(config.listeners)
+    contexts = {p["match"]["context"] for p in custom[0]["spec"]["configPatches"] if p["applyTo"] == "NETWORK_FILTER"}
+    assert contexts == {"SIDECAR_INBOUND"}
+    text = render_istio_yaml(config)
+    assert text.startswith("# Generated by `metabridge render --istio` from docker.yaml")
+    assert list(yaml.safe_load_all(text)) == default
+
+
+def test_listeners_sharing_a_port_are_refused(config):
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    # Two addresses, one port: fine for a bootstrap, ambiguous for Istio's match by port.
+    raw["listeners"][1].update(address="127.0.0.2", port=raw["listeners"][0]["port"])
+    shared = parse(raw, str(EXAMPLE), EXAMPLE.parent)
+    with pytest.raises(EnvoyConfigError, match="share port"):
+        build_envoy_filters(shared)
+    with pytest.raises(EnvoyConfigError, match="Istio side"):
+        build_envoy_filters(config, side="gateway")
+
+
+def test_cli_render_istio_writes_the_resources(tmp_path, capsys):
+    out = tmp_path / "envoyfilter.yaml"
+    argv = ["render", "-c", str(EXAMPLE), "--istio", "--istio-side", "inbound", "--istio-selector", "app=shop",
+            "--bridge-address", SOCKET, "--endpoint", "127.0.0.1:10001=awesomerpc-v1:10001", "-o", str(out)]
+    assert main(argv) == 0
+    [envoy_filter] = yaml.safe_load_all(out.read_text())
+    assert envoy_filter["spec"]["workloadSelector"] == {"labels": {"app": "shop"}}
+    clusters = {p["patch"]["value"]["name"]: p["patch"]["value"] for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"}
+    endpoint = clusters["awesomerpc-v1"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "awesomerpc-v1", "port_value": 10001}
+    with pytest.raises(SystemExit, match="do not apply with --istio"):
+        main(["render", "-c", str(EXAMPLE), "--istio", "--check"])
