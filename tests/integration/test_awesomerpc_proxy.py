@@ -9,6 +9,7 @@ import time
 from collections import Counter
 
 import pytest
+import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encode_frame
 from examples.awesomerpc.protocol import ERROR_CODES
@@ -90,14 +91,23 @@ def test_no_route_replies_with_error_carrying_request_id(stack):
     assert good.body == b"v1|still fine"
 
 
-def test_unknown_cluster_gets_cluster_not_found(stack):
-    s = stack([cmd_route(1, "nowhere")])
+def test_a_cluster_envoy_does_not_have_gets_cluster_not_found(stack):
+    # A route may name only a defined cluster, but one added by a reload is not in Envoy's
+    # bootstrap until it is re-rendered: Envoy answers its tunnel 503 NC.
+    s = stack([cmd_route(1, "v1")])
+    raw = yaml.safe_load(s.config_path.read_text())
+    raw["clusters"].append({"name": "nowhere", "endpoints": [{"address": "127.0.0.1", "port": free_port()}]})
+    raw["listeners"][0]["routes"] = [cmd_route(1, "nowhere")]
+    s.config_path.write_text(yaml.safe_dump(raw))
+    s.procs["bridge"].send_signal(signal.SIGHUP)
+    wait_until(lambda: '"routes_reloaded"' in s.log("bridge"), 10, "route reload")
 
     async def main():
         async with await connect(s) as c:
             return await c.call(1, b"x")
 
     assert run(main()).rsp_code == ERROR_CODES[ErrorType.CLUSTER_NOT_FOUND]
+    assert any('"reload_needs_restart"' in line and '"cluster": "nowhere"' in line for line in s.log("bridge").splitlines()), "the reload said Envoy lacks it"
 
 
 def test_dead_backend_gets_error_reply(stack):
