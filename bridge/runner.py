@@ -24,6 +24,7 @@ from metabridge.config.model import Config
 from metabridge.logs import event
 from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.core.runtime import build_runtimes, reload_routes
+from metabridge.filters.local_ratelimit import remove_shared_buckets
 from metabridge.transport.ext_proc import serve
 
 log = logging.getLogger("metabridge.runner")
@@ -231,6 +232,7 @@ class WorkerSupervisor:
                 proc.join()
         if self._admin_dir:
             self._admin_dir.cleanup()
+        remove_shared_buckets(os.getpid())  # the workers' shared rate-limit buckets
 
 
 async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str) -> int:

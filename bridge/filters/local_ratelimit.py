@@ -15,17 +15,26 @@ the codec's OVER_LIMIT reply. Buckets start full and refill by ``tokens_per_fill
 ``fill_interval`` (at most ``max_tokens``), computed from the clock when a request arrives: no
 timers.
 
-The rate holds for the whole bridge: with ``bridge.workers: N`` each worker process keeps 1/N of
-every bucket (``max_tokens / N`` rounded up to a whole request, ``tokens_per_fill / N`` kept exactly
-in 1/N-token units), so N workers that each get their share of the connections admit the
-configured rate between them. See docs/filters/local_ratelimit.md.
+The rate holds for the whole bridge: with ``bridge.workers: N`` (N > 1) the worker processes
+share each bucket. Its state (tokens, time of the last fill) lives in a small file on tmpfs that
+every worker maps, updated under an flock, so one busy connection on one worker can use the
+whole rate, as with one worker. See docs/filters/local_ratelimit.md.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import mmap
+import multiprocessing
+import os
 import re
+import shutil
+import struct
+import tempfile
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -98,17 +107,15 @@ def compile_match(raw_match: Mapping[str, Any] | None, where: str) -> Predicate:
 
 
 class TokenBucket:
-    """One worker's share of a configured bucket, in units of 1/``workers`` token (integers, so
-    the share of tokens_per_fill is exact): a request costs ``workers`` units."""
+    """A bucket kept in this process (one bridge worker)."""
 
-    __slots__ = ("capacity", "fill", "interval", "cost", "units", "last_fill", "where")
+    __slots__ = ("capacity", "fill", "interval", "units", "last_fill", "where")
 
-    def __init__(self, max_tokens: int, tokens_per_fill: int, fill_interval: float, workers: int, now: float, where: str) -> None:
-        self.cost = workers
-        self.capacity = -(-max_tokens // workers) * workers  # max_tokens / workers, rounded up to a whole request
+    def __init__(self, max_tokens: int, tokens_per_fill: int, fill_interval: float, now: float, where: str) -> None:
+        self.capacity = max_tokens
         self.fill = tokens_per_fill
         self.interval = fill_interval
-        self.units = self.capacity  # starts full
+        self.units = max_tokens  # starts full
         self.last_fill = now
         self.where = where
 
@@ -120,14 +127,105 @@ class TokenBucket:
             self.last_fill += fills * self.interval
             units = self.units + fills * self.fill
             self.units = units if units < self.capacity else self.capacity
-        if self.units >= self.cost:
-            self.units -= self.cost
+        if self.units >= 1:
+            self.units -= 1
             return True
         return False
 
     @property
-    def tokens(self) -> float:
-        return self.units / self.cost
+    def tokens(self) -> int:
+        return self.units
+
+
+# A shared bucket's file: a marker, the tokens left, the time of the last fill (time.monotonic(),
+# which is the same clock in every process of the machine).
+_SHARED = struct.Struct("<8sqd")
+_SHARED_MAGIC = b"mbbucket"
+
+
+def shared_dir_for(owner_pid: int) -> Path:
+    """Where the buckets shared by the workers of the bridge whose supervisor is ``owner_pid`` live."""
+    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    return base / f"metabridge-buckets-{owner_pid}"
+
+
+def default_shared_dir() -> Path:
+    """This bridge's shared buckets: a worker process shares with its supervisor's other workers."""
+    parent = multiprocessing.parent_process()
+    return shared_dir_for(parent.pid if parent is not None and parent.pid else os.getpid())
+
+
+def remove_shared_buckets(owner_pid: int) -> None:
+    """Delete the shared buckets of the bridge supervised by ``owner_pid`` (at its stop)."""
+    shutil.rmtree(shared_dir_for(owner_pid), ignore_errors=True)
+
+
+class SharedTokenBucket:
+    """A bucket shared by the bridge's worker processes: its state is a file on tmpfs that each
+    worker maps, read and written under an exclusive flock (one lock and one unlock system call
+    per request). The file is named after the listener, the bucket's place in the config and its
+    numbers, so every worker finds the same one, a worker restarted or reloaded with the same
+    bucket carries on with its tokens, and a changed bucket gets a new, full one. It is opened at
+    the first request: building the filter (``metabridge validate``) creates nothing."""
+
+    __slots__ = ("capacity", "fill", "interval", "where", "path", "_fd", "_map")
+
+    def __init__(self, max_tokens: int, tokens_per_fill: int, fill_interval: float, where: str, path: Path) -> None:
+        self.capacity = max_tokens
+        self.fill = tokens_per_fill
+        self.interval = fill_interval
+        self.where = where
+        self.path = path
+        self._fd = -1
+        self._map: mmap.mmap | None = None
+
+    def _attach(self, now: float) -> None:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.fstat(fd).st_size < _SHARED.size:  # the first worker here: a full bucket
+                    os.ftruncate(fd, _SHARED.size)
+                    os.pwrite(fd, _SHARED.pack(_SHARED_MAGIC, self.capacity, now), 0)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            self._map = mmap.mmap(fd, _SHARED.size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def take(self, now: float) -> bool:
+        if self._map is None:
+            self._attach(now)
+        fd, view = self._fd, self._map
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            _, units, last_fill = _SHARED.unpack_from(view)
+            elapsed = now - last_fill
+            if elapsed >= self.interval:
+                fills = int(elapsed // self.interval)
+                last_fill += fills * self.interval
+                units = min(units + fills * self.fill, self.capacity)
+            taken = units >= 1
+            _SHARED.pack_into(view, 0, _SHARED_MAGIC, units - 1 if taken else units, last_fill)
+            return taken
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens left as of the last request (a full bucket before the first)."""
+        if self._map is None:
+            return self.capacity
+        return _SHARED.unpack_from(self._map)[1]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            os.close(self._fd)
+            self._map, self._fd = None, -1
 
 
 class LocalRateLimitStats:
@@ -147,16 +245,27 @@ class LocalRateLimitStats:
 class LocalRateLimitFilter(Filter):
     name = "local_ratelimit"
 
-    def __init__(self, config: Mapping[str, Any], *, listener: str, workers: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        listener: str,
+        workers: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        shared_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """``workers``: the bridge's worker processes; with more than one, every bucket is shared
+        by them through files in ``shared_dir`` (default: this bridge's, see default_shared_dir)."""
         super().__init__(config, listener=listener)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers: expected a positive integer, got {workers!r}")
         check_config(config, CONFIG_SCHEMA)
         self.workers = workers
         self.clock = clock
+        self.shared_dir = None if workers == 1 else Path(shared_dir) if shared_dir is not None else default_shared_dir()
         self.stats = LocalRateLimitStats()
         now = clock()
-        self.conditions: list[tuple[Predicate, TokenBucket]] = []
+        self.conditions: list[tuple[Predicate, TokenBucket | SharedTokenBucket]] = []
         for i, condition in enumerate(config.get("conditions") or ()):
             where = f"conditions[{i}]"
             predicate = compile_match(condition.get("match"), f"{where}.match")
@@ -164,13 +273,17 @@ class LocalRateLimitFilter(Filter):
         default = config.get("token_bucket")
         self.default = self._bucket(default, "token_bucket", now) if default is not None else None
 
-    def _bucket(self, raw: Mapping[str, Any], where: str, now: float) -> TokenBucket:
+    def _bucket(self, raw: Mapping[str, Any], where: str, now: float) -> TokenBucket | SharedTokenBucket:
         interval = model.parse_duration(raw["fill_interval"])
         if interval <= 0:
             raise ValueError(f"{where}.fill_interval: must be more than 0, got {raw['fill_interval']!r}")
-        return TokenBucket(raw["max_tokens"], raw.get("tokens_per_fill", 1), interval, self.workers, now, where)
+        max_tokens, per_fill = raw["max_tokens"], raw.get("tokens_per_fill", 1)
+        if self.shared_dir is None:
+            return TokenBucket(max_tokens, per_fill, interval, now, where)
+        name = hashlib.sha256(repr((self.listener, where, max_tokens, per_fill, interval)).encode()).hexdigest()[:24]
+        return SharedTokenBucket(max_tokens, per_fill, interval, where, self.shared_dir / f"{name}.bucket")
 
-    def bucket_for(self, headers: Mapping[str, str]) -> TokenBucket | None:
+    def bucket_for(self, headers: Mapping[str, str]) -> TokenBucket | SharedTokenBucket | None:
         """The bucket a request with these headers takes its token from (None: not limited)."""
         for predicate, bucket in self.conditions:
             if predicate(headers):

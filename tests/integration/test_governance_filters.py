@@ -9,6 +9,8 @@ import asyncio
 import subprocess
 import sys
 import time
+import urllib.request
+from collections import Counter
 
 import pytest
 
@@ -128,6 +130,70 @@ def test_the_configured_rate_holds_for_the_whole_bridge_with_two_workers(make_st
     admitted, refused, elapsed = run_async(hammer(stack.listen_port, 4, 3, 3.0), 30)
     assert_rate(admitted, refused, elapsed, burst=10, per_second=50, fill=10)
 
+
+
+async def offered(port: int, connections: int, per_connection: float, seconds: float) -> tuple[int, int, float]:
+    """Each of ``connections`` sends cmd 1 at ``per_connection`` requests/s for ``seconds``
+    without waiting for replies (an open loop, so the offered rate does not sag with latency):
+    (admitted, refused with OVER_LIMIT, time from the first send to the last)."""
+    clients = [await AwesomeRpcClient.connect("127.0.0.1", port) for _ in range(connections)]
+    calls: list[asyncio.Task] = []
+    started = time.monotonic()
+    stop = started + seconds
+    last = started
+
+    async def send(client: AwesomeRpcClient, offset: float) -> None:
+        nonlocal last
+        due = started + offset
+        while due < stop:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))  # pacing the load, not waiting for a condition
+            calls.append(asyncio.ensure_future(client.call(1, b"x", timeout=10)))
+            last = max(last, time.monotonic())
+            due += 1 / per_connection
+
+    try:
+        await asyncio.gather(*(send(c, i / (connections * per_connection)) for i, c in enumerate(clients)))
+        replies = await asyncio.gather(*calls)
+    finally:
+        for c in clients:
+            c.close()
+            await c.wait_closed()
+    codes = Counter(r.rsp_code for r in replies)
+    assert set(codes) <= {0, OVER_LIMIT}, codes
+    return codes[0], codes[OVER_LIMIT], last - started
+
+
+def connections_per_worker(stack: Stack) -> dict[str, int]:
+    """Envoy's count of connections (one per client connection) to each bridge worker."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/clusters", timeout=2) as r:
+        lines = r.read().decode().splitlines()
+    return {parts[1]: int(parts[3]) for parts in (line.split("::") for line in lines) if len(parts) == 4 and parts[0] == "metabridge_bridge" and parts[2] == "cx_total"}
+
+
+def test_a_100_per_second_limit_admits_100_per_second_in_total_with_four_workers(make_stack):
+    """bridge.workers: 4 and a limit of 100 requests/s (bursts of 20), for 3.5 s each: 12 client
+    connections offering 75 requests/s each (900/s), which Envoy spreads over all four workers,
+    then 2 connections offering 450/s each, which reach only two workers. Both times the bridge
+    as a whole admits 100/s within 5 %: the workers share the bucket, so a worker's busy
+    connections can use what idle workers leave."""
+    max_tokens, per_fill, interval = 20, 10, 0.1
+    rate = per_fill / interval
+    stack = make_stack([{"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": max_tokens, "tokens_per_fill": per_fill, "fill_interval": "100ms"}}}], workers=4)
+    seen: dict[str, int] = {}
+    for connections, per_connection in ((12, 75), (2, 450)):
+        admitted, refused, elapsed = run_async(offered(stack.listen_port, connections, per_connection, 3.5), 60)
+        total = connections_per_worker(stack)
+        per_worker = {w: n - seen.get(w, 0) for w, n in total.items()}
+        seen = total
+        what = f"{connections} connections (per worker {sorted(per_worker.values())})"
+        if connections >= 4:
+            assert len(per_worker) == 4 and min(per_worker.values()) >= 1, f"{what}: every worker should carry connections"
+        assert refused > 3 * admitted, f"{what}: the clients offered far more than the limit ({admitted} admitted, {refused} refused)"
+        # At most the burst plus the fills over the window, plus one fill for the window's edges
+        # not lining up with the fills; at least 95 % of the rate over the window.
+        high, low = max_tokens + rate * elapsed + per_fill, 0.95 * rate * elapsed
+        assert low <= admitted <= high, f"{what}: {admitted} admitted in {elapsed:.2f}s ({admitted / elapsed:.1f}/s), expected {low:.0f}..{high:.0f}"
+        print(f"{what}: {admitted} admitted, {refused} refused in {elapsed:.2f}s ({admitted / elapsed:.1f}/s); bounds {low:.0f}..{high:.0f}")
 
 # ---- fault injection -----------------------------------------------------------------------------------
 

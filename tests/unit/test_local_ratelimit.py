@@ -1,11 +1,11 @@
 """The local rate limit filter through a connection (ext_proc transport, fake HCM): its place
-before the router, OVER_LIMIT replies, lazy refill, conditions, the per-worker share of a bucket,
+before the router, OVER_LIMIT replies, lazy refill, conditions, buckets shared by worker processes,
 config errors that name the field, and examples/governance.yaml."""
 
 from __future__ import annotations
 
 import logging
-
+import os
 from pathlib import Path
 
 import pytest
@@ -177,29 +177,103 @@ async def test_a_condition_without_match_matches_every_request():
     assert refused(h) == [2]
 
 
-def test_each_worker_keeps_its_share_so_the_bridge_admits_the_configured_rate():
-    def admitted(max_tokens, tokens_per_fill, workers, intervals) -> int:
-        """Requests N saturated workers admit in total over ``intervals`` fill intervals."""
-        clock = FakeClock()
-        buckets = [limiter({"token_bucket": bucket(max_tokens, tokens_per_fill, "1s")}, clock, workers=workers).default for _ in range(workers)]
-        total = 0
-        for step in range(intervals + 1):
-            clock.t = 1000.0 + step
-            for b in buckets:
-                while b.take(clock.t):
-                    total += 1
-        return total
+def test_with_several_workers_the_workers_share_each_bucket(tmp_path):
+    """Four workers' filters (one per worker process in a bridge) over one shared directory
+    admit the configured rate between them, however the requests fall on them: one worker alone
+    can take the whole bucket, as with one worker."""
+    clock = FakeClock()
+    config = {"token_bucket": bucket(10, 5, "1s"), "conditions": [{"match": {"headers": [{"name": "cmd", "exact": "2"}]}, "token_bucket": bucket(3, 1, "1s")}]}
+    workers = [limiter(config, clock, workers=4, shared_dir=tmp_path) for _ in range(4)]
+    default = [w.default for w in workers]
+    assert [b.take(clock.t) for b in default[:1] for _ in range(11)] == [True] * 10 + [False], "a full bucket of 10 for the first worker alone"
+    assert not any(b.take(clock.t) for b in default), "empty for every worker"
+    clock.t += 1.0
+    assert sum(b.take(clock.t) for b in default for _ in range(3)) == 5, "one fill of 5, shared"
+    total = 0
+    for step in range(1, 21):  # 20 more fills, the requests on a different worker each time
+        clock.t = 1001.0 + step
+        while default[step % 4].take(clock.t):
+            total += 1
+    assert total == 5 * 20
+    # Each bucket of the config is its own shared bucket: cmd 2's condition is untouched so far.
+    conditional = [w.conditions[0][1] for w in workers]
+    assert sum(b.take(clock.t) for b in conditional for _ in range(2)) == 3
+    assert len(list(tmp_path.iterdir())) == 2
+    # The same bucket is the same file; another listener's, or other numbers (a reload), another.
+    again = limiter(config, clock, workers=4, shared_dir=tmp_path).default
+    assert not again.take(clock.t), "the same bucket built again (a reload, a restarted worker) carries on, empty"
+    elsewhere = LocalRateLimitFilter({"token_bucket": bucket(10, 5, "1s")}, listener="other", clock=clock, workers=4, shared_dir=tmp_path).default
+    assert elsewhere.take(clock.t), "another listener's bucket is its own"
+    changed = limiter({"token_bucket": bucket(11, 5, "1s")}, clock, workers=4, shared_dir=tmp_path).default
+    assert changed.take(clock.t) and changed.tokens == 10, "a changed bucket starts full"
 
-    assert admitted(100, 100, 1, 10) == 100 + 100 * 10
-    assert admitted(100, 100, 4, 10) == 100 + 100 * 10, "25 per worker, exactly"
-    # 10 does not divide by 4: 2.5 tokens per fill each, kept exactly (2, 3, 2, 3, ...), and a
-    # burst of max_tokens / workers rounded up (3), so the bridge's total is at most 2 over.
-    assert 10 + 10 * 40 <= admitted(10, 10, 4, 40) <= 10 + 10 * 40 + 2
-    # max_tokens below tokens_per_fill: a full bucket caps each fill, for one worker as for three.
-    assert admitted(3, 7, 3, 100) == admitted(3, 7, 1, 100) == 3 + 3 * 100
-    assert admitted(10, 10, 1, 30) <= admitted(10, 10, 3, 30) <= admitted(10, 10, 1, 30) + 2
-    one = limiter({"token_bucket": bucket(8, 8)}, workers=4).default
-    assert [one.take(1000.0) for _ in range(3)] == [True, True, False], "8 tokens over 4 workers: 2 each"
+
+def test_one_worker_keeps_its_bucket_in_process_and_a_shared_bucket_is_opened_at_the_first_request(tmp_path):
+    assert limiter({"token_bucket": bucket(1)}, workers=1, shared_dir=tmp_path).shared_dir is None
+    rl = limiter({"token_bucket": bucket(2)}, workers=2, shared_dir=tmp_path / "buckets")
+    assert not (tmp_path / "buckets").exists(), "building the filter (metabridge validate) creates nothing"
+    assert rl.default.tokens == 2 and rl.default.take(1000.0) and rl.default.tokens == 1
+    assert len(list((tmp_path / "buckets").iterdir())) == 1
+    rl.default.close()
+
+
+def _drain_shared(path: str, rounds: int) -> int:
+    """In a separate process: take from the shared bucket at ``path`` until it is empty, ``rounds``
+    times over (the same fake time, so nothing refills); how many it got."""
+    from metabridge.filters.local_ratelimit import SharedTokenBucket
+
+    shared = SharedTokenBucket(10**9, 1, 3600.0, "token_bucket", Path(path))
+    got = 0
+    for _ in range(rounds):
+        got += sum(shared.take(1000.0) for _ in range(5000))
+    return got
+
+
+def test_processes_taking_from_one_shared_bucket_at_once_never_take_a_token_twice(tmp_path):
+    """Four processes take 20,000 tokens each from one bucket at the same time: the bucket loses
+    exactly what they got (an update lost between processes would show as a difference)."""
+    import concurrent.futures
+    import multiprocessing
+
+    path = tmp_path / "b.bucket"
+    from metabridge.filters.local_ratelimit import SharedTokenBucket
+
+    first = SharedTokenBucket(10**9, 1, 3600.0, "token_bucket", path)
+    assert first.take(1000.0)
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        got = list(pool.map(_drain_shared, [str(path)] * 4, [4] * 4))
+    assert got == [20_000] * 4
+    assert first.tokens == 10**9 - 1 - 80_000
+    first.close()
+
+
+def test_a_worker_shares_with_its_supervisors_other_workers_and_the_supervisor_removes_the_buckets(tmp_path):
+    from metabridge.filters import local_ratelimit as module
+
+    own = module.default_shared_dir()
+    assert own == module.shared_dir_for(os.getpid()), "not a worker process: its own directory"
+    with concurrent_spawn() as pool:
+        assert pool.submit(_default_dir).result() == str(module.shared_dir_for(os.getpid())), "a worker: its supervisor's"
+    where = module.shared_dir_for(os.getpid())
+    rl = limiter({"token_bucket": bucket(1)}, workers=2)
+    assert rl.shared_dir == where
+    assert rl.default.take(1000.0) and where.is_dir()
+    rl.default.close()
+    module.remove_shared_buckets(os.getpid())
+    assert not where.exists()
+
+
+def _default_dir() -> str:
+    from metabridge.filters.local_ratelimit import default_shared_dir
+
+    return str(default_shared_dir())
+
+
+def concurrent_spawn():
+    import concurrent.futures
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
 
 def test_a_worker_count_that_is_not_a_positive_integer_is_refused():
