@@ -18,6 +18,7 @@ BUILTIN: dict[str, str] = {
     "fault": "metabridge.filters.fault:FaultFilter",
     "ratelimit": "metabridge.filters.ratelimit:RateLimitFilter",
     "access_log": "metabridge.filters.access_log:AccessLogFilter",
+    "tracing": "metabridge.filters.tracing:TracingFilter",
 }
 
 
