@@ -175,6 +175,14 @@ def test_containers_run_as_the_images_non_root_user_with_nothing_extra():
         assert "runAsUser" not in security or security["runAsUser"] != 0
 
 
+def test_the_bridge_has_a_writable_temporary_directory():
+    # Read-only root: with several workers and metrics_port the bridge's supervisor creates a
+    # temporary directory (tempfile), which fails when no candidate is writable.
+    volumes = {v["name"]: v for v in POD["spec"]["volumes"]}
+    name = _volume_path(CONTAINERS["bridge"], "/tmp/metabridge-admin-x")
+    assert "emptyDir" in volumes[name]
+
+
 def test_every_container_has_cpu_and_memory_requests_and_limits(config):
     for container in ALL_CONTAINERS:
         for kind in ("requests", "limits"):
