@@ -261,4 +261,7 @@ def explain(error) -> str:
 
 
 def _unit(schema: object) -> str | None:
-    return schema.get("x-unit") if isinstance(schema, dict) else None
+    """The syntax a schema stands for: its x-unit, or a plain duration pattern (filters' schemas)."""
+    if not isinstance(schema, dict):
+        return None
+    return schema.get("x-unit") or ("duration" if schema.get("pattern") == DURATION else None)

@@ -40,7 +40,7 @@ from typing import Any
 import jsonschema
 
 from metabridge.config import model
-from metabridge.config.schema import DURATION, SCHEMA
+from metabridge.config.schema import DURATION, SCHEMA, explain
 from metabridge.core.router import Predicate, compile_header_matches
 from metabridge.sdk.codec import ErrorType
 from metabridge.sdk.filter import Filter, FilterStatus
@@ -89,7 +89,7 @@ def check_config(config: Mapping[str, Any], schema: dict[str, Any]) -> None:
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
-        raise ValueError(f"{_path(first.absolute_path)}: {first.message}")
+        raise ValueError(f"{_path(first.absolute_path)}: {explain(first)}")
 
 
 def compile_match(raw_match: Mapping[str, Any] | None, where: str) -> Predicate:

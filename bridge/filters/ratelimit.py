@@ -45,7 +45,7 @@ import jsonschema
 
 from metabridge._proto.ratelimit_pb2 import RateLimitDescriptor, RateLimitRequest, RateLimitResponse
 from metabridge.config import model
-from metabridge.config.schema import DURATION, SCHEMA
+from metabridge.config.schema import DURATION, SCHEMA, explain
 from metabridge.core.router import compile_header_matches
 from metabridge.logs import event
 from metabridge.sdk.codec import ErrorType
@@ -114,7 +114,7 @@ def _check(config: Mapping[str, Any]) -> None:
     errors = sorted(jsonschema.Draft202012Validator(CONFIG_SCHEMA).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         first = errors[0]
-        raise ValueError(f"{_path(first.absolute_path)}: {first.message}")
+        raise ValueError(f"{_path(first.absolute_path)}: {explain(first)}")
 
 
 def _compile_match(raw_match: Mapping[str, Any] | None):
