@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from metabridge import logs
-from metabridge.config.model import Config
+from metabridge.config.model import Config, ConfigError, load
 from metabridge.logs import event
 from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.core.runtime import build_runtimes, reload_routes
@@ -210,6 +210,12 @@ class WorkerSupervisor:
                 self._start(address)
 
     def reload(self) -> None:
+        """SIGHUP: every worker reloads itself; a worker restarted later starts from the config
+        as it is now (one that does not load is refused by each worker, so keep the old)."""
+        try:
+            self._config = load(self._config.source)
+        except ConfigError:
+            pass
         for proc in self._procs.values():
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGHUP)

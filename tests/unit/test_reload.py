@@ -148,3 +148,16 @@ async def test_an_open_connection_opens_its_later_tunnels_with_the_codec_it_star
     assert sorted(link.tunnel.cluster for link in h.session.pool.links()) == ["c1", "c2"]
     assert {type(link.codec) for link in h.session.pool.links()} == {V1}
     assert type(h.runtime.new_codec()) is V2, "a connection opened now gets the new codec"
+
+
+def test_the_worker_supervisor_restarts_workers_from_the_reloaded_config(setup):
+    from metabridge.runner import WorkerSupervisor
+
+    path, _, _ = setup
+    supervisor = WorkerSupervisor(load(path), ["unix:/nonexistent/a", "unix:/nonexistent/b"])
+    rename_route(path, "after-reload")
+    supervisor.reload()  # no worker is running: only the config a restarted one gets changes
+    assert supervisor._config.listeners[0].routes[0].name == "after-reload"
+    path.write_text("listeners: [")
+    supervisor.reload()
+    assert supervisor._config.listeners[0].routes[0].name == "after-reload", "a config that does not load is not taken"
