@@ -249,6 +249,10 @@ def explain(error) -> str:
         return size_problem(error.instance)
     if unit == "name" and isinstance(error.instance, str):
         return f"{error.instance!r} is not a name: use letters, digits, '_', '.' and '-'"
+    choices = _alternative_keys(error)
+    if choices:
+        given = [key for key in choices if key in error.instance]
+        return f"give exactly one of {', '.join(choices)}; this has " + (" and ".join(given) if given else "none")
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = sorted(error.schema.get("properties", {}))
         unknown = [key for key in error.instance if key not in known]
@@ -265,3 +269,13 @@ def _unit(schema: object) -> str | None:
     if not isinstance(schema, dict):
         return None
     return schema.get("x-unit") or ("duration" if schema.get("pattern") == DURATION else None)
+
+
+def _alternative_keys(error) -> list[str]:
+    """The keys of a oneOf whose alternatives each require one key (exact | prefix | ...)."""
+    if error.validator != "oneOf" or not isinstance(error.instance, dict):
+        return []
+    alternatives = error.validator_value
+    if all(isinstance(a, dict) and list(a) == ["required"] and len(a["required"]) == 1 for a in alternatives):
+        return [a["required"][0] for a in alternatives]
+    return []

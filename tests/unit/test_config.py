@@ -290,7 +290,18 @@ def test_matcher_with_two_kinds(tmp_path):
     raw = minimal()
     raw["listeners"][0]["routes"][0]["match"]["headers"] = [{"name": "op", "exact": "a", "prefix": "b"}]
     path, message = load_error(tmp_path, raw)
-    assert_names(message, path, "listeners[0].routes[0].match.headers[0]", "is valid under each of")
+    assert_names(message, path, "listeners[0].routes[0].match.headers[0]", "give exactly one of exact, prefix, suffix, regex, present; this has exact and prefix")
+
+
+@pytest.mark.parametrize(
+    ("action", "has"),
+    [({}, "none"), ({"cluster": "one", "weighted_clusters": [{"name": "one", "weight": 1}]}, "cluster and weighted_clusters")],
+)
+def test_a_route_action_needs_exactly_one_target(tmp_path, action, has):
+    raw = minimal()
+    raw["listeners"][0]["routes"][0]["route"] = action
+    path, message = load_error(tmp_path, raw)
+    assert message.splitlines()[1].startswith(f"  {path}: listeners[0].routes[0].route: give exactly one of cluster, weighted_clusters; this has {has} (line ")
 
 
 @pytest.mark.parametrize("weights", [[0, 0], [0], [0, 0, 0]])
