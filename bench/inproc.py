@@ -21,9 +21,12 @@ response (``requests[0]`` and ``responses[0]`` of the ``Samples`` in ``--samples
 from __future__ import annotations
 
 import argparse
+import atexit
 import asyncio
 import os
 import struct
+import subprocess
+import sys
 import time
 
 from hpack import Encoder
@@ -105,7 +108,20 @@ _LOCAL_RATELIMIT = {"name": "local_ratelimit", "config": {"token_bucket": {"max_
 _HASH_KEYS = {wire.AWESOMERPC: ["cmd"], wire.DUBBO: ["interface", "method"]}
 # The access log writes every line to /dev/null: its formatting and writes are measured, not a disk.
 _ACCESS_LOG = {"name": "access_log", "config": {"path": os.devnull}}
-FEATURES = ("local_ratelimit", "hash_policy", "access_log")
+FEATURES = ("local_ratelimit", "hash_policy", "access_log", "tracing")
+
+
+_COLLECTOR: list = []  # the test OTLP collector process and its address, started once
+
+
+def _collector() -> str:
+    """A test OTLP collector in its own process (tests/otlp_receiver.py): the spans' export is
+    measured, the collector's CPU is not counted as the bridge's."""
+    if not _COLLECTOR:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.otlp_receiver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(proc.stdin.close)  # it exits when its standard input closes
+        _COLLECTOR.append(proc.stdout.readline().split()[-1])
+    return _COLLECTOR[0]
 
 
 def bench_config(protocol: str, features: tuple[str, ...] = ()) -> dict:
@@ -115,6 +131,8 @@ def bench_config(protocol: str, features: tuple[str, ...] = ()) -> dict:
         filters.append(_LOCAL_RATELIMIT)
     if "access_log" in features:
         filters.append(_ACCESS_LOG)
+    if "tracing" in features:
+        filters.append({"name": "tracing", "config": {"collector": {"address": _collector()}}})
     if "hash_policy" in features:
         raw["listeners"][0]["routes"][-1]["hash_policy"] = _HASH_KEYS[protocol]
         raw["clusters"][0]["lb_policy"] = "RING_HASH"

@@ -40,8 +40,10 @@ STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     """``with OtlpReceiver() as r:`` serves on 127.0.0.1:``r.port``; ``r.spans`` is what arrived."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.keep = keep  # False: count the spans, keep none (a long benchmark)
+        self.count = 0
         self.exports = 0
         self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
@@ -57,6 +59,11 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         self._server.stop(grace=None)
 
     def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context) -> trace_service_pb2.ExportTraceServiceResponse:  # noqa: N802 - the gRPC method's name
+        if not self.keep:
+            with self._lock:
+                self.count += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                self.exports += 1
+            return trace_service_pb2.ExportTraceServiceResponse()
         received = []
         for resource_spans in request.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
@@ -78,6 +85,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     )
         with self._lock:
             self.spans.extend(received)
+            self.count += len(received)
             self.exports += 1
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -90,3 +98,18 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     return list(self.spans)
             time.sleep(0.02)
         raise AssertionError(f"{len(self.spans)} of {count} spans reached the collector within {timeout}s")
+
+
+def main() -> None:
+    """``python -m tests.otlp_receiver``: serve on a free loopback port (printed as
+    ``listening 127.0.0.1:PORT``) until standard input closes; bench.inproc --with tracing runs
+    it as a separate process, so its CPU is not the bridge's."""
+    import sys
+
+    with OtlpReceiver(keep=False) as receiver:
+        print(f"listening {receiver.address}", flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()
