@@ -101,7 +101,7 @@ def _rbac() -> dict:
     }
 
 
-def _static_cluster(name: str, ip: str, port: int) -> dict:
+def static_cluster(name: str, ip: str, port: int) -> dict:
     return {
         "name": name,
         "type": "STATIC",
@@ -128,7 +128,7 @@ def istio_sidecar_bootstrap(ports: list[int]) -> dict:
         chains = []
         for j, host in enumerate((f"svc{i}.default.svc.cluster.local", f"other{i}.default.svc.cluster.local")):
             cluster = f"outbound|{port}||{host}"
-            clusters.append(_static_cluster(cluster, f"10.0.{i}.{j + 1}", port))
+            clusters.append(static_cluster(cluster, f"10.0.{i}.{j + 1}", port))
             chains.append(
                 {
                     "filter_chain_match": {"prefix_ranges": [{"address_prefix": f"10.96.{i}.{j + 1}", "prefix_len": 32}]},

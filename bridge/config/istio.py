@@ -6,8 +6,10 @@ Istio generates a `tcp_proxy` filter for every filter chain of a TCP port (a Ser
 each listener of the metabridge config, the patches put the bootstrap's chain in its place on
 that port: the ext_proc network filter before `tcp_proxy`, then the HTTP/2 connection manager
 that terminates the bridge's CONNECT tunnels instead of it. The bridge cluster (the bridge
-container of the same pod, over the socket in a volume both mount) and the config's clusters
-are added to the sidecar's clusters.
+container of the same pod, over the socket in a volume both mount) and the config's own clusters
+are added to the sidecar's clusters; a config cluster named as Istio names its clusters
+(`outbound|PORT|SUBSET|HOST`, `inbound|PORT||`, what `--manifests` derives) is istiod's, so the
+tunnels use it as istiod sends it (endpoints, mTLS, DestinationRule policies) and it is not added.
 
 The filter and cluster bodies are those `build_bootstrap` renders, so the sidecar runs exactly
 the chain a metabridge Envoy runs (docs/istio.md).
@@ -33,6 +35,8 @@ CONTEXTS = {"outbound": "SIDECAR_OUTBOUND", "inbound": "SIDECAR_INBOUND"}
 # Pods that run the bridge container carry this label; only their sidecars are patched (a
 # sidecar without a bridge beside it would close every connection on the patched ports).
 DEFAULT_WORKLOAD_LABELS = {"metabridge/bridge": "enabled"}
+# Istio's cluster names (pilot's model.BuildSubsetKey): direction|port|subset|host.
+ISTIO_CLUSTER = re.compile(r"^(outbound|inbound)\|[0-9]+\|[^|]*\|[^|]*\Z")
 
 
 def _resource_name(config: Config, side: str) -> str:
@@ -66,6 +70,8 @@ def build_envoy_filters(
     # Clusters first: the chains refer to them. ADD with SIDECAR_OUTBOUND: Istio inserts clusters
     # once per sidecar in that context, and a cluster serves listeners of either side.
     for cluster in resources["clusters"]:
+        if ISTIO_CLUSTER.match(cluster["name"]):
+            continue  # istiod's own: adding one of the same name would make the sidecar reject its clusters
         patches.append({"applyTo": "CLUSTER", "match": {"context": "SIDECAR_OUTBOUND"}, "patch": {"operation": "ADD", "value": cluster}})
     chains = {listener["name"]: listener["filter_chains"] for listener in resources["listeners"]}
     for listener in config.listeners:

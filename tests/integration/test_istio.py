@@ -1,7 +1,8 @@
 """`metabridge render --istio` through a real Envoy: an Istio-shaped sidecar bootstrap with the
 EnvoyFilter applied routes awesomerpc requests request by request, on the outbound side (a
-destination's chain of `0.0.0.0_PORT`) and on the inbound side (the port's chain of
-`virtualInbound`).
+destination's chain of `0.0.0.0_PORT`, the tunnels going to clusters of Istio's naming that the
+sidecar already has, as istiod sends them) and on the inbound side (the port's chain of
+`virtualInbound`, the tunnels going to the config's own clusters, which the EnvoyFilter adds).
 
 Without iptables nothing redirects connections to Istio's unbound listeners, so the listener
 under test is bound on 127.0.0.1 at the config's port: the outbound chain matches that
@@ -20,11 +21,13 @@ from metabridge.config import bootstrap as envoy_config
 from metabridge.config.istio import build_envoy_filters
 from metabridge.config.model import load
 from tests.integration.harness import Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, wait_until
-from tests.istio_sidecar import apply_envoy_filter, istio_sidecar_bootstrap
+from tests.istio_sidecar import static_cluster, apply_envoy_filter, istio_sidecar_bootstrap
 
 
-def _sidecar_for_test(port: int, admin_port: int, side: str) -> dict:
+def _sidecar_for_test(port: int, admin_port: int, side: str, istio_clusters: dict[str, int]) -> dict:
     sidecar = istio_sidecar_bootstrap([port])
+    # Stand-ins for the EDS clusters istiod would send for the backends.
+    sidecar["static_resources"]["clusters"] += [static_cluster(n, "127.0.0.1", p) for n, p in istio_clusters.items()]
     sidecar["admin"]["address"]["socket_address"]["port_value"] = admin_port
     for listener in sidecar["static_resources"]["listeners"]:
         address = listener["address"]["socket_address"]
@@ -43,7 +46,12 @@ def _sidecar_for_test(port: int, admin_port: int, side: str) -> dict:
 @pytest.mark.parametrize("side", ["outbound", "inbound"])
 def test_patched_sidecar_routes_each_request(tmp_path, side):
     ports = {"v1": free_port(), "v2": free_port()}
-    config = awesomerpc_config(free_port(), ports, [cmd_route(1, "v1"), cmd_route(2, "v2")])
+    if side == "outbound":
+        clusters = {f"outbound|{port}||{name}.default.svc.cluster.local": port for name, port in ports.items()}
+    else:
+        clusters = dict(ports)
+    v1, v2 = clusters
+    config = awesomerpc_config(free_port(), clusters, [cmd_route(1, v1), cmd_route(2, v2)])
     stack = Stack(tmp_path, config, ports)
     try:
         for name, port in ports.items():
@@ -51,7 +59,8 @@ def test_patched_sidecar_routes_each_request(tmp_path, side):
         stack.start_bridge()
         listen_port = config["listeners"][0]["port"]
         [envoy_filter] = build_envoy_filters(load(stack.config_path), side=side)
-        patched = apply_envoy_filter(_sidecar_for_test(listen_port, stack.admin_port, side), envoy_filter)
+        istio_clusters = clusters if side == "outbound" else {}
+        patched = apply_envoy_filter(_sidecar_for_test(listen_port, stack.admin_port, side, istio_clusters), envoy_filter)
         bootstrap = tmp_path / "sidecar.yaml"
         bootstrap.write_text(yaml.safe_dump(patched, sort_keys=False))
         proc = stack._spawn("envoy", [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"])

@@ -113,6 +113,31 @@ def test_one_envoy_filter_resource_selecting_the_bridge_pods(config):
     assert list(yaml.safe_load_all(text)) == default
 
 
+def test_istios_own_clusters_are_used_not_added(sidecar):
+    # A route to the cluster Istio generates for a destination (as --manifests derives them),
+    # and one to a cluster of the config's own.
+    istio_cluster = "outbound|10000||svc0.default.svc.cluster.local"  # in the sidecar already
+    raw = {
+        "bridge": {"listen": SOCKET},
+        "codecs": {"awesomerpc": {"ref": "awesomerpc"}},
+        "listeners": [{"name": "rpc", "port": 10000, "codec": "awesomerpc", "routes": [
+            {"match": {"headers": [{"name": "cmd", "exact": "1"}]}, "route": {"cluster": istio_cluster}},
+            {"match": {"headers": [{"name": "cmd", "exact": "2"}]}, "route": {"cluster": "local"}},
+        ]}],
+        "clusters": [
+            {"name": istio_cluster, "endpoints": [{"address": "svc0.default.svc.cluster.local", "port": 10000}]},
+            {"name": "local", "endpoints": [{"address": "127.0.0.1", "port": 10001}]},
+        ],
+    }
+    [envoy_filter] = build_envoy_filters(parse(raw))
+    added = [p["patch"]["value"]["name"] for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"]
+    assert added == [BRIDGE_CLUSTER, "local"]
+    patched = apply_envoy_filter(sidecar, envoy_filter)
+    names = [c["name"] for c in patched["static_resources"]["clusters"]]
+    assert len(names) == len(set(names)) and istio_cluster in names
+    validate_with_envoy(yaml.safe_dump(patched, sort_keys=False))
+
+
 def test_listeners_sharing_a_port_are_refused(config):
     raw = yaml.safe_load(EXAMPLE.read_text())
     # Two addresses, one port: fine for a bootstrap, ambiguous for Istio's match by port.
@@ -134,5 +159,10 @@ def test_cli_render_istio_writes_the_resources(tmp_path, capsys):
     clusters = {p["patch"]["value"]["name"]: p["patch"]["value"] for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"}
     endpoint = clusters["awesomerpc-v1"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     assert endpoint["address"]["socket_address"] == {"address": "awesomerpc-v1", "port_value": 10001}
+    # From Istio and Aeraki manifests (docs/mesh.md): the routes name istiod's clusters only.
+    assert main(["render", "--manifests", str(ROOT / "examples" / "mesh" / "dubbo"), "--istio", "-o", str(out)]) == 0
+    [envoy_filter] = yaml.safe_load_all(out.read_text())
+    added = [p["patch"]["value"]["name"] for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == "CLUSTER"]
+    assert added == [BRIDGE_CLUSTER]
     with pytest.raises(SystemExit, match="do not apply with --istio"):
         main(["render", "-c", str(EXAMPLE), "--istio", "--check"])
