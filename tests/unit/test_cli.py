@@ -185,3 +185,25 @@ def test_the_bridge_raises_its_soft_open_file_limit_to_the_hard_one():
     )
     soft_after, hard_after = map(int, result.stdout.split())
     assert soft_after == (1 << 20 if hard == resource.RLIM_INFINITY else hard) and hard_after == hard
+
+
+def test_validate_a_bad_filter_config_names_its_line_and_the_accepted_forms(tmp_path):
+    path = tmp_path / "filters.yaml"
+    path.write_text(
+        f"codecs: {{a: {{ref: {ROOT / 'codecs' / 'awesomerpc.py'}:AwesomeRpcCodec}}}}\n"
+        "listeners:\n"
+        "  - name: l\n"
+        "    port: 15000\n"
+        "    codec: a\n"
+        "    filters:\n"
+        "      - name: local_ratelimit\n"
+        "        config: {token_bucket: {max_tokens: 5, fill_interval: 1 s}}\n"
+        "    routes: [{route: {cluster: c}}]\n"
+        "clusters: [{name: c, endpoints: [{address: 127.0.0.1, port: 1}]}]\n"
+    )
+    result = metabridge("validate", "--no-envoy", "-c", str(path))
+    assert_clean_failure(result, 2)
+    assert result.stderr.strip() == (
+        f"metabridge: {path}: listeners[l].filters[0]: 'local_ratelimit' rejects its config: ValueError: token_bucket.fill_interval: "
+        "'1 s' is not a duration: no space between the number and the unit: 1s (accepted: a number and a unit (ms, s, m or h): 250ms, 5s, 1m, 1.5h) (line 7)"
+    )
