@@ -21,7 +21,7 @@ from metabridge.config import bootstrap as envoy_config
 from metabridge.config.istio import build_envoy_filters
 from metabridge.config.model import load
 from tests.integration.harness import Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, wait_until
-from tests.istio_sidecar import static_cluster, apply_envoy_filter, istio_sidecar_bootstrap
+from tests.istio_sidecar import apply_envoy_filter, istio_sidecar_bootstrap, static_cluster
 
 
 def _sidecar_for_test(port: int, admin_port: int, side: str, istio_clusters: dict[str, int]) -> dict:
