@@ -40,15 +40,16 @@ STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     """``with OtlpReceiver() as r:`` serves on 127.0.0.1:``r.port``; ``r.spans`` is what arrived."""
 
-    def __init__(self, keep: bool = True) -> None:
+    def __init__(self, keep: bool = True, port: int = 0, show: bool = False) -> None:
         self.spans: list[ReceivedSpan] = []
         self.keep = keep  # False: count the spans, keep none (a long benchmark)
+        self.show = show  # print a line per span
         self.count = 0
         self.exports = 0
         self._lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> OtlpReceiver:
@@ -83,6 +84,9 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                             end_ns=span.end_time_unix_nano,
                         )
                     )
+        if self.show:
+            for span in received:
+                print(f"span {span.name} trace={span.trace_id} span={span.span_id} parent={span.parent_span_id or '-'} {span.attributes}", flush=True)
         with self._lock:
             self.spans.extend(received)
             self.count += len(received)
@@ -100,13 +104,18 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         raise AssertionError(f"{len(self.spans)} of {count} spans reached the collector within {timeout}s")
 
 
-def main() -> None:
-    """``python -m tests.otlp_receiver``: serve on a free loopback port (printed as
-    ``listening 127.0.0.1:PORT``) until standard input closes; bench.inproc --with tracing runs
-    it as a separate process, so its CPU is not the bridge's."""
+def main(argv: list[str] | None = None) -> None:
+    """Serve until standard input closes. ``--print``: a line per span (to try a config by
+    hand); without it, spans are counted and dropped (bench.inproc --with tracing runs it as a
+    separate process, so its CPU is not counted as the bridge's)."""
+    import argparse
     import sys
 
-    with OtlpReceiver(keep=False) as receiver:
+    parser = argparse.ArgumentParser(prog="python -m tests.otlp_receiver", description="A test OTLP/gRPC trace collector on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=0, help="default: a free port (printed as 'listening 127.0.0.1:PORT')")
+    parser.add_argument("--print", dest="show", action="store_true", help="print a line per span received")
+    args = parser.parse_args(argv)
+    with OtlpReceiver(keep=args.show, port=args.port, show=args.show) as receiver:
         print(f"listening {receiver.address}", flush=True)
         sys.stdin.read()
 

@@ -94,19 +94,15 @@ class Exporter:
         made here, in the process that serves requests (not when the filter is built)."""
         with self._lock:
             if self.tracer is None:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-                from opentelemetry.sdk.resources import Resource
-                from opentelemetry.sdk.trace import TracerProvider
-                from opentelemetry.sdk.trace.export import BatchSpanProcessor
-                from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-
-                # The exporter logs every retry of a failing export; _Counting logs it once.
+                sdk = _sdk()
+                # The exporter logs every retry of a failing export; exported() logs it once.
                 logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.ERROR)
-                otlp = OTLPSpanExporter(endpoint=self.address, insecure=True, timeout=self.timeout)
-                provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create({"service.name": self.service_name}))
-                provider.add_span_processor(
-                    BatchSpanProcessor(_counting(otlp, self), max_queue_size=self.max_queue_size, schedule_delay_millis=self.flush_interval * 1000, max_export_batch_size=min(512, self.max_queue_size))
+                otlp = sdk.OTLPSpanExporter(endpoint=self.address, insecure=True, timeout=self.timeout)
+                provider = sdk.TracerProvider(sampler=sdk.ALWAYS_ON, resource=sdk.Resource.create({"service.name": self.service_name}))
+                batches = sdk.BatchSpanProcessor(
+                    _counting(otlp, self), max_queue_size=self.max_queue_size, schedule_delay_millis=self.flush_interval * 1000, max_export_batch_size=min(512, self.max_queue_size)
                 )
+                provider.add_span_processor(batches)
                 self.tracer = provider.get_tracer("metabridge")
         return self.tracer
 
@@ -122,6 +118,36 @@ class Exporter:
             event(log, logging.INFO, "tracing_export_recovered", collector=self.address, export_failures=self.export_failures)
 
 
+class _Sdk:
+    """The OpenTelemetry names the filter uses, imported once (the packages are the optional
+    extra ``tracing``)."""
+
+    def __init__(self) -> None:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+        from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+        self.OTLPSpanExporter, self.Resource, self.TracerProvider, self.BatchSpanProcessor, self.ALWAYS_ON = OTLPSpanExporter, Resource, TracerProvider, BatchSpanProcessor, ALWAYS_ON
+        self.SpanExporter, self.SpanExportResult = SpanExporter, SpanExportResult
+        self.SERVER, self.NonRecordingSpan, self.SpanContext, self.TraceState = trace.SpanKind.SERVER, trace.NonRecordingSpan, trace.SpanContext, trace.TraceState
+        self.SAMPLED, self.set_span_in_context, self.Status, self.ERROR = trace.TraceFlags(trace.TraceFlags.SAMPLED), trace.set_span_in_context, trace.Status, trace.StatusCode.ERROR
+
+
+_loaded: list[_Sdk] = []
+
+
+def _sdk() -> _Sdk:
+    if not _loaded:
+        try:
+            _loaded.append(_Sdk())
+        except ImportError as exc:
+            raise ValueError(f"needs the OpenTelemetry SDK and OTLP exporter (pip install 'metabridge[tracing]'): {exc}") from None
+    return _loaded[0]
+
+
 _counting_class = None
 
 
@@ -129,19 +155,19 @@ def _counting(inner, owner: Exporter):
     """``inner`` (the OTLP exporter) wrapped to tell ``owner`` how each export went."""
     global _counting_class
     if _counting_class is None:
-        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+        sdk = _sdk()
 
-        class Counting(SpanExporter):
+        class Counting(sdk.SpanExporter):
             def __init__(self, inner, owner: Exporter) -> None:
                 self.inner = inner
                 self.owner = owner
 
-            def export(self, spans: Sequence) -> SpanExportResult:
+            def export(self, spans: Sequence):
                 try:
                     result = self.inner.export(spans)
                 except Exception:  # noqa: BLE001 - counted and logged as a failed export
-                    result = SpanExportResult.FAILURE
-                self.owner.exported(result is SpanExportResult.SUCCESS, len(spans))
+                    result = sdk.SpanExportResult.FAILURE
+                self.owner.exported(result is sdk.SpanExportResult.SUCCESS, len(spans))
                 return result
 
             def shutdown(self) -> None:
@@ -220,9 +246,9 @@ class TracingFilter(Filter):
         self.rand = rand
         self.exporter = exporter_for(collector["address"], timeout, config.get("service_name", "metabridge"), flush_interval, int(config.get("max_queue_size", 2048)))
         self.stats = TracingStats(self.exporter)
+        self._sdk = _sdk()  # imported now: a missing package is a config error, not a first request's wait
         self._tracer = None
-        self._carries: bool | None = None  # the listener's codec's carries_headers, read at the first request
-        self._sdk: tuple | None = None
+        self._carries = False  # the listener's codec's carries_headers, read at the first request
 
     def sampled(self, headers: Mapping[str, str], parent: tuple[int, int, bool] | None) -> bool:
         """Whether to trace this request: the parent's flag, else the reference's percentages."""
@@ -234,11 +260,8 @@ class TracingFilter(Filter):
         return self.overall_sampling >= 1 or self.rand() < self.overall_sampling
 
     def _start(self, request) -> None:
-        from opentelemetry import trace
-
         self._tracer = self.exporter.start()
         self._carries = bool(getattr(request.connection.listener.codec_cls, "carries_headers", False))
-        self._sdk = (trace.SpanKind.SERVER, trace.NonRecordingSpan, trace.SpanContext, trace.TraceFlags, trace.TraceState, trace.set_span_in_context, trace.Status, trace.StatusCode)
 
     def on_request(self, request) -> FilterStatus:
         if self._tracer is None:
@@ -248,20 +271,19 @@ class TracingFilter(Filter):
         if not self.sampled(headers, parent):
             self.stats.not_sampled += 1
             return FilterStatus.CONTINUE
-        kind, NonRecordingSpan, SpanContext, TraceFlags, TraceState, set_span_in_context, _, _ = self._sdk
+        sdk = self._sdk
         context = None
         state = headers.get(TRACESTATE) if parent is not None else None
         if parent is not None:
-            trace_state = _trace_state(TraceState, state)
-            remote = SpanContext(parent[0], parent[1], is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED), trace_state=trace_state)
-            context = set_span_in_context(NonRecordingSpan(remote))
+            remote = sdk.SpanContext(parent[0], parent[1], is_remote=True, trace_flags=sdk.SAMPLED, trace_state=_trace_state(sdk.TraceState, state))
+            context = sdk.set_span_in_context(sdk.NonRecordingSpan(remote))
         # The span starts when the request was decoded (the core clock is monotonic: convert).
         started = time.time_ns() - int((request.connection.clock.now() - request.received) * 1e9)
         metadata = request.metadata
         span = self._tracer.start_span(
             metadata.operation_name or self.listener,
             context=context,
-            kind=kind,
+            kind=sdk.SERVER,
             start_time=started,
             attributes={"metabridge.listener": self.listener} if metadata.request_id is None else {"metabridge.listener": self.listener, "metabridge.request_id": metadata.request_id},
         )
@@ -291,8 +313,7 @@ class TracingFilter(Filter):
             }
         )
         if status not in _FINE:
-            Status, StatusCode = self._sdk[6], self._sdk[7]
-            span.set_status(Status(StatusCode.ERROR, status))
+            span.set_status(self._sdk.Status(self._sdk.ERROR, status))
         now = request.connection.clock.now()
         span.end(end_time=time.time_ns() - int((now - (request.replied or now)) * 1e9))
 
