@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import difflib
 import importlib
-import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import inspect
@@ -56,16 +56,12 @@ def _content_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-class _SourceLoader(importlib.abc.Loader):
-    """Executes the source that was hashed, never a cached .pyc: a file rewritten within the same
-    second with the same size would otherwise run its old bytecode."""
+class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
+    """Compiles the source as it is on disk, never a cached .pyc: a file rewritten within the
+    same second with the same size would otherwise run its old bytecode."""
 
-    def __init__(self, path: Path, source: bytes) -> None:
-        self._path = path
-        self._source = source
-
-    def exec_module(self, module) -> None:
-        exec(compile(self._source, str(self._path), "exec", dont_inherit=True), module.__dict__)
+    def get_code(self, fullname):
+        return compile(self.get_data(self.path), self.path, "exec", dont_inherit=True)
 
 
 def _import_path(path: Path, ref: str):
@@ -83,9 +79,11 @@ def _import_path(path: Path, ref: str):
     if module_name in sys.modules:
         return sys.modules[module_name]
     if path.is_dir():
-        spec = importlib.util.spec_from_file_location(module_name, init, submodule_search_locations=[str(path)])
+        # The package's submodules are found through this folder: with fresh sources too.
+        sys.path_importer_cache[str(path)] = importlib.machinery.FileFinder(str(path), (_FreshSourceLoader, [".py"]))
+        spec = importlib.util.spec_from_file_location(module_name, init, loader=_FreshSourceLoader(module_name, str(init)), submodule_search_locations=[str(path)])
     else:
-        spec = importlib.util.spec_from_file_location(module_name, path, loader=_SourceLoader(path, path.read_bytes()))
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=_FreshSourceLoader(module_name, str(path)))
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
     try:
