@@ -497,3 +497,11 @@ def test_metarouter_with_only_a_rate_limit_keeps_the_default_route(tmp_path):
     raw = raw_of(write(tmp_path / "m", se=SERVICE_ENTRY, mr=router))
     assert listener(raw)["routes"] == [{"name": "default", "route": {"cluster": f"outbound|20880||{HOST}"}}]
     assert listener(raw)["filters"] == [{"name": "local_ratelimit", "config": {"token_bucket": {"max_tokens": 2, "fill_interval": "60s", "tokens_per_fill": 2}}}]
+
+
+def test_a_field_of_the_wrong_type_is_named_with_its_line(tmp_path):
+    entry = SERVICE_ENTRY.replace("number: 20880", "number: twenty")
+    rule = DESTINATION_RULE.replace("{version: v1}", "[version, v1]")
+    message = errors_of(write(tmp_path / "m", se=entry, dr=rule))
+    assert "ServiceEntry/meta-dubbo/greeter: spec.ports[0].number: 'twenty' is not of type 'integer' (line 8)" in message
+    assert "DestinationRule/meta-dubbo/greeter: spec.subsets[0].labels: ['version', 'v1'] is not of type 'object' (line 8)" in message

@@ -96,6 +96,9 @@ def read_folder(folder: Path) -> list[Resource]:
         for index, (data, node) in enumerate(_documents(path)):
             if isinstance(data, dict) and data.get("kind") == "List":
                 items = data.get("items") or []
+                if not isinstance(items, list):
+                    problems.append(f"{path}: document {index + 1}: List: items: expected a list of resources (line {_finder(text, node, [])(['items'])})")
+                    continue
                 entries = [(item, ["items", i]) for i, item in enumerate(items)]
             else:
                 entries = [(data, [])]

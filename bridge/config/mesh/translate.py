@@ -15,8 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from metabridge.config.mesh.manifests import Resource
+from metabridge.config.mesh.schema import SPECS
 from metabridge.config.model import _path, parse_duration
+from metabridge.config.schema import explain
 
 # The ApplicationProtocol annotation that names a metabridge codec (a ref, as in `codecs:`).
 CODEC_ANNOTATION = "metabridge.io/codec"
@@ -35,6 +39,7 @@ _GROUPS = {
     "EndpointSlice": "discovery.k8s.io/",
 }
 _CORE = ("Service", "Pod", "Endpoints")
+_VALIDATORS = {kind: jsonschema.Draft202012Validator(schema) for kind, schema in SPECS.items()}
 _LB_SIMPLE = {"ROUND_ROBIN": "ROUND_ROBIN", "LEAST_REQUEST": "LEAST_REQUEST", "LEAST_CONN": "LEAST_REQUEST", "RANDOM": "RANDOM"}
 _ROUTE_KEYS = {"name", "match", "route", "mirror", "mirrorPercentage", "requestMutation", "responseMutation"}
 _SPEC_KEYS = {"hosts", "routes", "localRateLimit", "globalRateLimit"}
@@ -119,7 +124,11 @@ class Translator:
             if expected_core or (group and not res.api_version.startswith(group)):
                 self.problems.warn(res, ["apiVersion"], f"{res.api_version!r} is not the {res.kind} metabridge reads ({group or 'v1'}...); ignored")
                 continue
-            self.by_kind.setdefault(res.kind, []).append(res)
+            errors = sorted(_VALIDATORS[res.kind].iter_errors(res.body), key=lambda e: list(e.absolute_path))
+            for error in errors:
+                self.problems.error(res, list(error.absolute_path), explain(error))
+            if not errors:
+                self.by_kind.setdefault(res.kind, []).append(res)
         self.pods = self.by_kind.get("Pod", [])
         self.hosts: dict[str, Host] = {}
         self.destinations: dict[str, Destination] = {}
