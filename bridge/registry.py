@@ -17,8 +17,8 @@ imported once, as Python does.
 
 from __future__ import annotations
 
-import hashlib
 import difflib
+import hashlib
 import importlib
 import importlib.machinery
 import importlib.metadata
@@ -65,6 +65,7 @@ class _FreshSourceLoader(importlib.machinery.SourceFileLoader):
 
 
 def _import_path(path: Path, ref: str):
+    """The module of a file or folder as its content is now (imported once per content)."""
     if path.is_dir():
         init = path / "__init__.py"
         if not init.is_file():
