@@ -172,3 +172,17 @@ async def test_a_collector_that_is_down_costs_counted_lost_spans_logged_once(cap
         await asyncio.sleep(0.01)
     assert f.exporter.spans_lost >= 1
     assert [r.getMessage() for r in caplog.records].count("tracing_export_failed") == 1
+
+
+def test_the_observability_example_validates_and_opens_nothing():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    log = Path("/tmp/metabridge-access.log")  # the example's access log
+    existed = log.exists()
+    result = subprocess.run([sys.executable, "-m", "metabridge.cli", "validate", "-c", "examples/observability.yaml", "--no-envoy"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "examples/observability.yaml: OK" in result.stdout
+    assert log.exists() == existed, "validate builds the filters but opens no file"
