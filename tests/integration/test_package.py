@@ -109,6 +109,9 @@ def test_validate_render_and_a_routed_request_from_the_installed_wheel(installed
         wait_until(lambda: port_open(listener_port), 30, "the installed metabridge's Envoy listener", run)
         reply = wait_until(lambda: call_sync("127.0.0.1", listener_port, 1, b"hello", timeout=2), 20, "a routed reply")
         assert (reply.rsp_code, reply.body) == (0, b"v1|hello")
+        # The scaffold's templates ship in the wheel: a new codec project from the installed package.
+        _run([metabridge, "new-codec", "pkgcheck", "--dir", tmp_path / "pkgcheck"], tmp_path)
+        assert (tmp_path / "pkgcheck" / "pkgcheck.py").is_file() and (tmp_path / "pkgcheck" / "pkgcheck.yaml").is_file()
     finally:
         for proc in reversed(procs):
             proc.terminate()
