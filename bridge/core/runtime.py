@@ -130,7 +130,8 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
 
 def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
     """Re-read the config file: each listener's routes, filters and timeouts, and its codec when
-    the codec's file or folder, reference or options changed (SIGHUP).
+    the listener names another one or the codec's file or folder, reference or options changed
+    (SIGHUP; Envoy's bootstrap does not depend on codecs).
 
     Running connections pick the new routes up on their next request and keep the codec they
     started with; connections opened after the reload get the new codec. A codec that does not
@@ -149,8 +150,8 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
     loaded: dict[str, type[Codec] | CodecLoadError] = {}  # each codec imported once per reload
     for name, runtime in runtimes.items():
         listener = new.pop(name, None)
-        if listener is None or listener.codec != runtime.config.codec or listener.port != runtime.config.port:
-            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its codec/port changed: re-render Envoy's bootstrap and restart")
+        if listener is None or listener.port != runtime.config.port:
+            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its port changed: re-render Envoy's bootstrap and restart")
             continue
         runtime.router = Router(listener.routes)
         runtime.chain = FilterChain(chains[name], name, runtime.stats)

@@ -161,3 +161,17 @@ def test_the_worker_supervisor_restarts_workers_from_the_reloaded_config(setup):
     path.write_text("listeners: [")
     supervisor.reload()
     assert supervisor._config.listeners[0].routes[0].name == "after-reload", "a config that does not load is not taken"
+
+
+def test_a_listener_switched_to_another_codec_gets_it_without_a_restart(setup, caplog):
+    path, codec, runtimes = setup
+    (codec.parent / "other.py").write_text(codec_text(7))
+    raw = yaml.safe_load(path.read_text())
+    raw["codecs"]["other"] = {"ref": "other.py:Versioned"}
+    raw["listeners"][0]["codec"] = "other"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with caplog.at_level(logging.INFO, "metabridge.runtime"):
+        reload_routes(runtimes, str(path))
+    assert runtimes["front"].new_codec().version == 7
+    assert [e["codec"] for e in events(caplog, "codec_reloaded")] == ["other"]
+    assert not events(caplog, "reload_needs_restart")
