@@ -405,3 +405,13 @@ def test_reference_path(ref, expected):
     from metabridge.registry import reference_path
 
     assert reference_path(ref, "/base") == (None if expected is None else Path(expected))
+
+
+def test_a_changed_filter_file_is_imported_again(tmp_path, forget_modules):
+    from metabridge.registry import load_filter_class
+
+    source = "from metabridge.sdk.filter import Filter\n\n\nclass Tag(Filter):\n    tag = {tag!r}\n"
+    path = write(tmp_path / "tag.py", source.format(tag="old"))
+    old = load_filter_class("tag.py:Tag", tmp_path)
+    write(path, source.format(tag="new"))
+    assert (old.tag, load_filter_class("tag.py:Tag", tmp_path).tag) == ("old", "new")
