@@ -217,34 +217,37 @@ def test_one_worker_keeps_its_bucket_in_process_and_a_shared_bucket_is_opened_at
     rl.default.close()
 
 
-def _drain_shared(path: str, rounds: int) -> int:
-    """In a separate process: take from the shared bucket at ``path`` until it is empty, ``rounds``
-    times over (the same fake time, so nothing refills); how many it got."""
+def _take_shared(path: str, start, results, takes: int) -> None:
+    """In a separate process: attach to the shared bucket at ``path``, wait for the others at
+    ``start``, then take ``takes`` tokens at once with them (the same fake time: no refill)."""
     from metabridge.filters.local_ratelimit import SharedTokenBucket
 
     shared = SharedTokenBucket(10**9, 1, 3600.0, "token_bucket", Path(path))
-    got = 0
-    for _ in range(rounds):
-        got += sum(shared.take(1000.0) for _ in range(5000))
-    return got
+    got = shared.take(1000.0)
+    start.wait()
+    results.put(got + sum(shared.take(1000.0) for _ in range(takes)))
 
 
-def test_processes_taking_from_one_shared_bucket_at_once_never_take_a_token_twice(tmp_path):
-    """Four processes take 20,000 tokens each from one bucket at the same time: the bucket loses
-    exactly what they got (an update lost between processes would show as a difference)."""
-    import concurrent.futures
+def test_processes_taking_from_one_shared_bucket_at_once_never_lose_an_update(tmp_path):
+    """Four processes take 50,000 tokens each from one bucket, all at the same time: the bucket
+    is exactly what they took lower. (Without the flock, a run lost most of the updates.)"""
     import multiprocessing
 
-    path = tmp_path / "b.bucket"
     from metabridge.filters.local_ratelimit import SharedTokenBucket
 
-    first = SharedTokenBucket(10**9, 1, 3600.0, "token_bucket", path)
-    assert first.take(1000.0)
-    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
-        got = list(pool.map(_drain_shared, [str(path)] * 4, [4] * 4))
-    assert got == [20_000] * 4
-    assert first.tokens == 10**9 - 1 - 80_000
-    first.close()
+    path, takes = tmp_path / "b.bucket", 50_000
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_take_shared, args=(str(path), start, results, takes)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    got = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(30)
+    assert got == [1 + takes] * 4, "every take found a token"
+    left = SharedTokenBucket(10**9, 1, 3600.0, "token_bucket", path)
+    assert left.take(1000.0) and left.tokens == 10**9 - 4 * (1 + takes) - 1
+    left.close()
 
 
 def test_a_worker_shares_with_its_supervisors_other_workers_and_the_supervisor_removes_the_buckets(tmp_path):
