@@ -55,6 +55,15 @@ class ResponseMatching:
                 continue
             self._on_response(request, metadata)
 
+    def _retriable(self, link, metadata: Metadata) -> bool:
+        """The codec's optional is_retriable, contained: a codec bug there means "not retriable"
+        (the response is passed on), logged and counted as a codec_error."""
+        try:
+            return bool(link.codec.is_retriable(metadata))
+        except Exception as exc:  # noqa: BLE001 - plugin code
+            self._codec_failed("is_retriable", exc, metadata, direction="response")
+            return False
+
     def _on_response(self, request: ActiveRequest, metadata: Metadata) -> None:
         route = request.route
         if request.mirror:
@@ -62,7 +71,7 @@ class ResponseMatching:
             self.stats.mirror(route.name, request.cluster).mirror_response += 1  # read and dropped
             return
         retry = route.retry
-        if retry is not None and "retriable_error" in retry.retry_on and request.link.codec.is_retriable(metadata) and self.retry(request, "retriable_error", request.link):
+        if retry is not None and "retriable_error" in retry.retry_on and self._retriable(request.link, metadata) and self.retry(request, "retriable_error", request.link):
             return
         now = request.first_response = self._last_activity
         self._settle(request)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from metabridge.config.model import ClusterConfig, Endpoint, HeaderMatch, MirrorPolicy, RetryPolicy, RouteConfig, WeightedCluster
-from tests.unit.connection_harness import TIMEOUT, UNSPECIFIED, Harness, encode_frame, in_loop, parse_frames, wait_until
+from tests.unit.connection_harness import TIMEOUT, UNSPECIFIED, AwesomeRpcCodec, Harness, encode_frame, in_loop, parse_frames, wait_until
 
 HOST = b"x-metabridge-host"
 
@@ -90,6 +90,23 @@ async def test_a_retriable_error_response_is_retried_instead_of_passed_on():
     h.hcm.send(second, encode_frame(1, 1, b"ok"))
     h.write()
     assert h.client_frames() == [(1, 1, 0, b"ok")]
+
+
+class BrokenRetriableCodec(AwesomeRpcCodec):
+    def is_retriable(self, response):
+        raise KeyError("rsp_code")
+
+
+@in_loop
+async def test_an_exception_from_is_retriable_passes_the_response_on_and_counts_a_codec_error():
+    h = Harness(routes=(route(retry=RetryPolicy(num_retries=1, retry_on=frozenset({"retriable_error"}))),), clusters=clusters(), codec_cls=BrokenRetriableCodec)
+    h.read(encode_frame(1, 1))
+    first = next(iter(h.hcm.requests))
+    h.hcm.accept(first)
+    h.hcm.send(first, encode_frame(1, 1, rsp_code=503))
+    h.write()
+    assert h.client_frames() == [(1, 1, 503, b"")]
+    assert list(h.hcm.requests) == [first] and h.stats.codec_error == 1
 
 
 @in_loop
