@@ -239,7 +239,7 @@ class Translator:
                 for subset in ep.body.get("subsets") or []:
                     numbers = [p.get("port") for p in subset.get("ports") or [] if p.get("name", "") == port.name or len(subset["ports"]) == 1]
                     for address in subset.get("addresses") or []:
-                        for number in numbers:
+                        for number in numbers if address.get("ip") else ():
                             found.setdefault((address.get("ip"), number), {}).update(self._pod_labels(address.get("targetRef"), res.namespace))
             for es in slices:
                 numbers = [p.get("port") for p in es.body.get("ports") or [] if p.get("name", "") == port.name or len(es.body["ports"]) == 1]
@@ -264,15 +264,17 @@ class Translator:
             return
         host = Host(fqdn(hosts[0], res.namespace), res, self._ports(res, "number"))
         listed = res.spec.get("endpoints") or []
+        for i, endpoint in enumerate(listed):
+            address = endpoint.get("address")
+            if not isinstance(address, str) or not address or address.startswith("unix://"):
+                self.problems.error(res, ["spec", "endpoints", i, "address"], f"{address!r}: give an IP address or a DNS name (Unix sockets are not supported)")
+        listed = [e for e in listed if isinstance(e.get("address"), str) and e["address"] and not e["address"].startswith("unix://")]
         selector = dict((res.spec.get("workloadSelector") or {}).get("labels") or {})
         for port in host.ports.values():
             found: dict[tuple[str, int], dict[str, str]] = {}
             default = port.target if isinstance(port.target, int) else port.number
-            for i, endpoint in enumerate(listed):
-                address = endpoint.get("address")
-                if not isinstance(address, str) or address.startswith("unix://"):
-                    self.problems.error(res, ["spec", "endpoints", i, "address"], f"{address!r}: give an IP address or a DNS name (Unix sockets are not supported)")
-                    continue
+            for endpoint in listed:
+                address = endpoint["address"]
                 number = (endpoint.get("ports") or {}).get(port.name, default)
                 found.setdefault((address, number), {}).update(endpoint.get("labels") or {})
             if not listed:
