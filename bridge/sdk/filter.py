@@ -10,6 +10,7 @@ per-request state on ``request.state`` (a dict), not on the filter.
         request over: it has answered it (``request.local_reply(...)``) or it will later call
         ``request.resume()`` (continue with the next filter) or ``request.local_reply(...)``.
         A paused request does not block other requests or other connections.
+        ``request.request_mutation`` may be set here: headers for the upstream request.
     on_response(request, response) -> None
         Called with the decoded response (a Metadata), in reverse filter order, before it is
         encoded for the client. ``request.response_mutation`` may be extended here.
