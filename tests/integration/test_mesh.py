@@ -210,7 +210,8 @@ def test_thrift_service_endpoint_slices_split_canary_and_mirror(mesh_stack):
 
 def test_private_protocol_through_an_application_protocol(mesh_stack):
     """awesomerpc is no Aeraki protocol: an ApplicationProtocol names it, with the metabridge codec
-    in its annotation; cmd 2 is the canary, cmd 1 is split 50/50 and mirrored to the shadow."""
+    in its annotation; cmd 2 is the canary, cmd 1 is split 50/50 and mirrored to the shadow, cmd 3
+    is rate limited by the MetaRouter's localRateLimit."""
     from examples.awesomerpc.client import AwesomeRpcClient
 
     port = free_port()
@@ -248,7 +249,10 @@ def test_private_protocol_through_an_application_protocol(mesh_stack):
         "metadata": {"name": "awesome", "namespace": "apps"},
         "spec": {
             "hosts": ["awesome.example.com"],
+            # cmd 3: two calls an hour (the listener's local_ratelimit filter).
+            "localRateLimit": {"conditions": [{"match": {"attributes": {"cmd": {"exact": "3"}}}, "tokenBucket": {"maxTokens": 2, "tokensPerFill": 2, "fillInterval": "1h"}}]},
             "routes": [
+                {"name": "rest", "match": {"attributes": {"cmd": {"exact": "3"}}}, "route": [{"destination": dest("v1")}]},
                 {"name": "canary", "match": {"attributes": {"cmd": {"exact": "2"}}}, "route": [{"destination": dest("v2")}]},
                 {"name": "split", "match": {"attributes": {"cmd": {"exact": "1"}}}, "route": [{"destination": dest("v1"), "weight": 50}, {"destination": dest("v2"), "weight": 50}], "mirror": dest("shadow")},
             ],
@@ -265,6 +269,7 @@ def test_private_protocol_through_an_application_protocol(mesh_stack):
     assert sum(split.values()) == n and set(split) <= {b"v1|x", b"v2|x"}, split
     assert 65 <= split[b"v2|x"] <= 135, split  # Binomial(200, 0.5): sd ~7.1
     assert [r.body for r in run_async(calls(2, 10))] == [b"v2|x"] * 10
+    assert [r.rsp_code for r in run_async(calls(3, 3))] == [0, 0, 429]
     # The shadow answered every copy (13 bytes each); the client saw only the primaries' answers.
     shadow = f"cluster.outbound|{port}|shadow|awesome.example.com.upstream_cx_rx_bytes_total"
     wait_until(lambda: envoy_stat(stack, shadow) >= n * 13, 10, "the mirror's answers")
