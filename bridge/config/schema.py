@@ -249,6 +249,11 @@ def explain(error) -> str:
         return size_problem(error.instance)
     if unit == "name" and isinstance(error.instance, str):
         return f"{error.instance!r} is not a name: use letters, digits, '_', '.' and '-'"
+    if error.validator == "enum" and isinstance(error.instance, str):
+        options = {str(option).lower(): str(option) for option in error.validator_value}
+        close = difflib.get_close_matches(error.instance.lower(), list(options), n=1, cutoff=0.8)
+        hint = f" (did you mean {options[close[0]]!r}?)" if close else ""
+        return f"{error.instance!r} is not one of {', '.join(options.values())}{hint}"
     choices = _alternative_keys(error)
     if choices:
         given = [key for key in choices if key in error.instance]

@@ -545,6 +545,21 @@ def test_an_undefined_cluster_without_any_cluster_defined(tmp_path):
     assert_names(message, path, "listeners[0].routes[0].route.cluster", "unknown cluster 'one'; define it under 'clusters' (there are no clusters)")
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("round_robin", "'round_robin' is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV (did you mean 'ROUND_ROBIN'?)"),
+        ("FASTEST", "'FASTEST' is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV"),
+    ],
+)
+def test_a_value_not_among_the_choices_suggests_the_nearest(tmp_path, value, problem):
+    raw = minimal()
+    raw["clusters"][0]["lb_policy"] = value
+    path, message = load_error(tmp_path, raw)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "lb_policy" in text)
+    assert message.splitlines()[1:] == [f"  {path}: clusters[0].lb_policy: {problem} (line {line})"]
+
+
 def test_an_unknown_codec_suggests_the_nearest(tmp_path):
     raw = minimal()
     raw["listeners"][0]["codec"] = "dmeo"

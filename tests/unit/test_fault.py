@@ -194,7 +194,7 @@ def test_fault_is_built_in_by_name():
     ("config", "message"),
     [
         ({}, "give a 'delay', an 'abort' or both"),
-        ({"abort": {"error": "BOOM"}}, "abort.error: 'BOOM' is not one of ['ROUTE_NOT_FOUND'"),
+        ({"abort": {"error": "BOOM"}}, "abort.error: 'BOOM' is not one of ROUTE_NOT_FOUND, CLUSTER_NOT_FOUND"),
         ({"abort": {"percentage": 5}}, "abort: 'error' is a required property"),
         ({"abort": {"error": "TIMEOUT", "percentage": 150}}, "abort.percentage: 150 is greater than the maximum of 100"),
         ({"delay": {"fixed_delay": "100"}}, "delay.fixed_delay: '100' is not a duration: it needs a unit, e.g. 100s or 100ms"),
