@@ -108,7 +108,8 @@ _LOCAL_RATELIMIT = {"name": "local_ratelimit", "config": {"token_bucket": {"max_
 _HASH_KEYS = {wire.AWESOMERPC: ["cmd"], wire.DUBBO: ["interface", "method"]}
 # The access log writes every line to /dev/null: its formatting and writes are measured, not a disk.
 _ACCESS_LOG = {"name": "access_log", "config": {"path": os.devnull}}
-FEATURES = ("local_ratelimit", "hash_policy", "access_log", "tracing")
+# shared_local_ratelimit: the same filter as with bridge.workers > 1, its bucket shared through a file.
+FEATURES = ("local_ratelimit", "shared_local_ratelimit", "hash_policy", "access_log", "tracing")
 
 
 _COLLECTOR: list = []  # the test OTLP collector process and its address, started once
@@ -127,8 +128,10 @@ def _collector() -> str:
 def bench_config(protocol: str, features: tuple[str, ...] = ()) -> dict:
     raw = bridge_listener_config(protocol, routes=1, listen_port=1, backend_port=2)
     filters = raw["listeners"][0].setdefault("filters", [])
-    if "local_ratelimit" in features:
+    if "local_ratelimit" in features or "shared_local_ratelimit" in features:
         filters.append(_LOCAL_RATELIMIT)
+    if "shared_local_ratelimit" in features:
+        raw.setdefault("bridge", {})["workers"] = 2
     if "access_log" in features:
         filters.append(_ACCESS_LOG)
     if "tracing" in features:
@@ -268,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--samples goes with --codec")
     install_event_loop()  # the bridge's own loop (uvloop), as `metabridge run` uses
     features = tuple(args.features)
+    if "shared_local_ratelimit" in features:
+        from metabridge.filters.local_ratelimit import remove_shared_buckets
+
+        atexit.register(remove_shared_buckets, os.getpid())  # the bucket's file
     extra = f", with {' and '.join(features)}" if features else ""
     if args.codec:
         samples = _samples(args.codec, args.samples)
