@@ -575,7 +575,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             "codec_error",
             exc,
             listener=self.listener.name,
-            codec=self.listener.codec_cls.__name__,
+            codec=type(self.codec).__name__,  # the class this connection started with (a reload may have changed the listener's)
             hook=hook,
             direction=direction,
             connection=self.id,
