@@ -7,13 +7,17 @@
 #      pinned by requirements.txt) and the build tools (docker/build-requirements.txt), fetched on
 #      this machine for the base image's Python and platform; refreshed only when those change;
 #   3. the image ($IMAGE) from docker/Dockerfile, with the classic builder (BuildKit would try to
-#      resolve the local base image in a registry).
+#      resolve the local base image in a registry);
+#   4. the Prometheus image ($PROMETHEUS_IMAGE) the compose stack scrapes the bridge and Envoy
+#      with: Debian's prometheus package in a root filesystem of its own, made like the base
+#      image and, like it, built only when missing or when its recipe changed.
 # Idempotent: a second run reuses everything that did not change. Prints the image sizes at the end.
 #
 #   docker/build.sh [--rebuild-base]
 #
 # Environment: METABRIDGE_IMAGE (default metabridge:latest), METABRIDGE_BASE_IMAGE (default
-# metabridge-base:bookworm), METABRIDGE_DEBIAN_MIRROR (a Debian mirror URL for mmdebstrap; its
+# metabridge-base:bookworm), METABRIDGE_PROMETHEUS_IMAGE (default metabridge-prometheus:bookworm),
+# METABRIDGE_DEBIAN_MIRROR (a Debian mirror URL for mmdebstrap; its
 # default when unset), PYTHON (the Python whose pip downloads the wheels; default: the project's
 # .venv, else python3).
 set -euo pipefail
@@ -21,17 +25,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${METABRIDGE_IMAGE:-metabridge:latest}
 BASE_IMAGE=${METABRIDGE_BASE_IMAGE:-metabridge-base:bookworm}
+PROMETHEUS_IMAGE=${METABRIDGE_PROMETHEUS_IMAGE:-metabridge-prometheus:bookworm}
 [[ "${IMAGE##*/}" == *:* ]] || IMAGE=$IMAGE:latest
 STAGE_IMAGE=${IMAGE%:*}-build-stage:${IMAGE##*:}
 CACHE=docker/.cache
 SUITE=bookworm
 BASE_PACKAGES=python3,python3-venv,ca-certificates
-# Documentation, manuals and translations are dead weight in a container.
+PROMETHEUS_PACKAGES=prometheus
+# Documentation, manuals, translations and recommended packages (prometheus recommends a node
+# exporter) are dead weight in a container.
 BASE_DPKG_OPTS=(
   --dpkgopt='path-exclude=/usr/share/doc/*'
   --dpkgopt='path-include=/usr/share/doc/*/copyright'
   --dpkgopt='path-exclude=/usr/share/man/*'
   --dpkgopt='path-exclude=/usr/share/locale/*'
+  --aptopt='APT::Install-Recommends "false"'
 )
 # The extras of the project the image installs (pyproject.toml's optional-dependencies);
 # "examples" is what the Dubbo and Thrift backends (tests/peers) import.
@@ -64,32 +72,50 @@ ensure_mmdebstrap() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap debian-archive-keyring >/dev/null
 }
 
-build_base() {
-  # The label records the recipe, so changing the package list or options rebuilds the base.
-  local recipe current tmp
-  recipe=$(printf '%s\n' "$SUITE" "$BASE_PACKAGES" "${BASE_DPKG_OPTS[@]}" | sha256sum | cut -c1-16)
-  current=$(docker image inspect --format '{{ index .Config.Labels "org.metabridge.base-recipe" }}' "$BASE_IMAGE" 2>/dev/null || true)
+rootfs_image() {
+  # rootfs_image IMAGE WHAT PACKAGES CHANGE...: a $SUITE root filesystem with PACKAGES, imported
+  # as IMAGE with the Dockerfile-style CHANGEs. The label records the recipe, so changing the
+  # package list, options or changes rebuilds the image; otherwise an existing one is reused.
+  local image=$1 what=$2 packages=$3 recipe current tmp change changes=()
+  shift 3
+  recipe=$(printf '%s\n' "$SUITE" "$packages" "${BASE_DPKG_OPTS[@]}" "$@" | sha256sum | cut -c1-16)
+  current=$(docker image inspect --format '{{ index .Config.Labels "org.metabridge.base-recipe" }}' "$image" 2>/dev/null || true)
   if [ "$rebuild_base" = 0 ] && [ "$current" = "$recipe" ]; then
-    log "base image $BASE_IMAGE is up to date; reusing it"
+    log "$what $image is up to date; reusing it"
     return
   fi
   ensure_mmdebstrap
-  [ "$(id -u)" = 0 ] || die "building $BASE_IMAGE with mmdebstrap needs root"
-  log "building base image $BASE_IMAGE ($SUITE with $BASE_PACKAGES)"
+  [ "$(id -u)" = 0 ] || die "building $image with mmdebstrap needs root"
+  log "building $what $image ($SUITE with $packages)"
   mkdir -p "$CACHE"
   tmp=$(mktemp -d "$CACHE/rootfs.XXXXXX")
   trap "rm -rf '$tmp'" EXIT
-  # A file, not a pipe: a failed mmdebstrap must never be imported as a truncated base image.
-  mmdebstrap --quiet --variant=apt --include="$BASE_PACKAGES" "${BASE_DPKG_OPTS[@]}" \
+  # A file, not a pipe: a failed mmdebstrap must never be imported as a truncated image.
+  mmdebstrap --quiet --variant=apt --include="$packages" "${BASE_DPKG_OPTS[@]}" \
     "$SUITE" "$tmp/rootfs.tar" ${METABRIDGE_DEBIAN_MIRROR:+"$METABRIDGE_DEBIAN_MIRROR"} \
     || die "mmdebstrap could not build the $SUITE root filesystem (network? set METABRIDGE_DEBIAN_MIRROR to a reachable Debian mirror)"
-  docker import \
-    --change 'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change "LABEL org.metabridge.base-recipe=$recipe" \
-    --change 'CMD ["/bin/bash"]' \
-    "$tmp/rootfs.tar" "$BASE_IMAGE" >/dev/null
+  for change in "$@"; do changes+=(--change "$change"); done
+  docker import "${changes[@]}" --change "LABEL org.metabridge.base-recipe=$recipe" "$tmp/rootfs.tar" "$image" >/dev/null
   rm -rf "$tmp"
   trap - EXIT
+}
+
+build_base() {
+  rootfs_image "$BASE_IMAGE" "base image" "$BASE_PACKAGES" \
+    'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    'CMD ["/bin/bash"]'
+}
+
+build_prometheus() {
+  # Runs as the prometheus user the package creates, with its data in the container; the
+  # compose file mounts the scrape config at /etc/prometheus/prometheus.yml.
+  rootfs_image "$PROMETHEUS_IMAGE" "Prometheus image" "$PROMETHEUS_PACKAGES" \
+    'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    'USER prometheus' \
+    'WORKDIR /var/lib/prometheus' \
+    'EXPOSE 9090' \
+    'ENTRYPOINT ["/usr/bin/prometheus"]' \
+    'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/var/lib/prometheus/metrics2", "--web.listen-address=0.0.0.0:9090"]'
 }
 
 host_python() {
@@ -171,7 +197,7 @@ stage_context() {
   cp -r docker/bin "$context/bin"
   cp docker/Dockerfile "$context/Dockerfile"
   for item in "${SOURCES[@]}"; do [ -e "$item" ] && present+=("$item"); done
-  tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='bridge/_proto/*_pb2*.py' "${present[@]}" \
+  tar -c --exclude=__pycache__ --exclude='*.pyc' "${present[@]}" \
     | tar -x -C "$context/src"
 }
 
@@ -179,6 +205,7 @@ image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 
 started=$(date +%s)
 build_base
+build_prometheus
 build_wheelhouse
 stage_context
 log "building image $IMAGE"
@@ -197,6 +224,6 @@ for old in "$previous" "$previous_stage"; do
 done
 
 log "done in $(($(date +%s) - started)) s"
-for image in "$IMAGE" "$BASE_IMAGE"; do
+for image in "$IMAGE" "$BASE_IMAGE" "$PROMETHEUS_IMAGE"; do
   printf '%-40s %5d MB\n' "$image" $(($(docker image inspect --format '{{.Size}}' "$image") / 1000000))
 done

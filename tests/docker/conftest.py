@@ -37,6 +37,11 @@ LISTENER_PORT_ENV = "METABRIDGE_LISTENER_PORT"
 DUBBO_PORT_ENV = "METABRIDGE_DUBBO_PORT"
 THRIFT_PORT_ENV = "METABRIDGE_THRIFT_PORT"
 ADMIN_PORT_ENV = "METABRIDGE_ADMIN_PORT"
+METRICS_PORT_ENV = "METABRIDGE_METRICS_PORT"  # the bridge's admin endpoint
+PROMETHEUS_PORT_ENV = "METABRIDGE_PROMETHEUS_PORT"
+# The tests' Prometheus config: the compose stack's, scraping every second.
+PROMETHEUS_CONFIG_ENV = "METABRIDGE_PROMETHEUS_CONFIG"
+TEST_PROMETHEUS_CONFIG = REPO_ROOT / "tests" / "docker" / "prometheus.yml"
 ENVOY_LISTENER_PORT = 10000  # awesomerpc
 ENVOY_DUBBO_PORT = 10200
 ENVOY_THRIFT_PORT = 10100
@@ -133,9 +138,11 @@ def _free_ports(count: int) -> list[int]:
 
 @pytest.fixture(scope="session")
 def published_ports() -> Iterator[None]:
-    """Free host ports for Envoy, so the tests never collide with a running demo on the defaults."""
-    names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV)
+    """Free host ports for Envoy, the bridge's admin and Prometheus, so the tests never collide with a
+    running demo on the defaults; and the tests' Prometheus config."""
+    names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV, METRICS_PORT_ENV, PROMETHEUS_PORT_ENV)
     wanted = {name: str(port) for name, port in zip(names, _free_ports(len(names)))}
+    wanted[PROMETHEUS_CONFIG_ENV] = str(TEST_PROMETHEUS_CONFIG)
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     yield
