@@ -335,7 +335,8 @@ def one_host_per_key(seen: dict[int, set[str]], what: str) -> dict[int, str]:
 def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts_keys_move(tmp_path, lb_policy):
     """1000 keys, each sent on 3 of 8 connections spread over 2 bridge workers: one host per key,
     keys spread over the 3 hosts. Then h2 is stopped and Envoy's health check marks it down: every
-    key of h0 and h1 stays where it was; h2's keys go to h0 and h1, one host per key again."""
+    key of h0 and h1 stays where it was; h2's keys go to h0 and h1, one host per key again. Once h2
+    is back and healthy, every key is on its first host again."""
     stack = start_hashed_stack(tmp_path, lb_policy, workers=2)
     try:
         placement = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "all hosts up")
@@ -358,6 +359,14 @@ def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts
         lost = [k for k in KEYS if placement[k] == "h2"]
         landed = Counter(after[k] for k in lost)
         assert set(landed) <= {"h0", "h1"} and sum(landed.values()) == len(lost), landed
+
+        # h2 back: the ring never changed, so every key is where it was at first again.
+        stack.start_backend("h2", stack.backends["h2"])
+        up = f"ring::127.0.0.1:{stack.backends['h2']}::health_flags::healthy"
+        wait_until(lambda: up in envoy_clusters(stack), 10, "Envoy's health check marking h2 up")
+        back = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "h2 back")
+        returned = {k: (placement[k], back[k]) for k in KEYS if back[k] != placement[k]}
+        assert not returned, f"{len(returned)} keys not on their first host once h2 is back (first, now), e.g. {list(returned.items())[:5]}"
         print(f"{lb_policy}: shares {shares}; h2's {len(lost)} keys went to {dict(landed)}; bridge workers' connections {workers}")
     finally:
         stack.stop()
