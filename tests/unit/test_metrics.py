@@ -161,9 +161,11 @@ def test_config_dump_redacts_secret_looking_option_keys():
     }
     config = load(REPO / "examples" / "governance.yaml")
     runtimes = build_runtimes(config)
+    runtimes["awesomerpc"].config.filters[0].config["auth_token"] = "s3cret"  # as if the file had it
     dump = json.loads(json.dumps(config_dump(config, runtimes)))
     assert [listener["name"] for listener in dump["listeners"]] == list(runtimes)
     assert dump["listeners"][0]["routes"] and dump["clusters"]
+    assert dump["listeners"][0]["filters"][0]["config"]["auth_token"] == REDACTED and "s3cret" not in json.dumps(dump)
 
 
 class _Server:
