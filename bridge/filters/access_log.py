@@ -18,7 +18,7 @@ standard output pipe, without their lines interleaving. When the queue is full t
 dropped and counted (``dropped``): the event loop never waits for the disk.
 
 SIGUSR1 makes every writer of the process reopen its file (after logrotate renamed it); the
-handler is installed on the bridge's event loop when the first line is queued. With
+handler is installed on the bridge's event loop when a filter with a file is built there. With
 ``bridge.workers``, the supervisor passes SIGUSR1 on to each worker. See docs/access-log.md.
 """
 
@@ -360,8 +360,12 @@ class AccessLogFilter(Filter):
             raise ValueError("flush_interval: must be more than 0s")
         self.max_pending = int(config.get("max_pending", 10_000))
         # The file is opened, and its thread started, when the first line is queued: building
-        # the filter (metabridge validate, the supervisor's check) opens nothing.
+        # the filter (metabridge validate, the supervisor's check) opens nothing. The SIGUSR1
+        # handler goes on the running loop now, so a bridge that has logged nothing yet is not
+        # ended by a rotation's signal (validate has no loop: nothing is installed).
         self.writer = writer_for(self.path)
+        if self.path != STDOUT:
+            _install_reopen_handler()
         self.writer.flush_interval = self.flush_interval  # the latest config's: a reload may change them
         self.writer.max_pending = self.max_pending
         self.stats = AccessLogStats(self.writer)
@@ -407,5 +411,5 @@ class AccessLogFilter(Filter):
 
     def _start(self) -> None:
         if self.path != STDOUT:
-            _install_reopen_handler()
+            _install_reopen_handler()  # a filter built outside the loop that now serves it
         self.writer.start()

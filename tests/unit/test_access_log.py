@@ -223,3 +223,11 @@ def test_json_escapes_what_a_peer_sent():
     entry = json.loads(json_formatter(["x-canary", "x-name"])(record))
     assert entry["operation"] == 'Greeter/"echo"\n' and entry["headers"] == {"x-canary": 'v"2', "x-name": "ü€"}
     assert json.loads(json_formatter([])(RECORD[:3] + (None,) + RECORD[4:]))["request_id"] is None
+
+
+@in_loop
+async def test_a_bridge_that_has_logged_nothing_yet_survives_the_rotation_signal(tmp_path):
+    f = logger(tmp_path)  # built on the running loop, as the bridge builds its filters
+    assert not f.writer.started
+    os.kill(os.getpid(), signal.SIGUSR1)  # without the handler this would end the test process
+    await wait_until(lambda: f.writer.reopens == 1, "the signal to be handled")
