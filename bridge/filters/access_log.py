@@ -34,8 +34,8 @@ import signal
 import threading
 import time
 from collections import deque
-from json.encoder import encode_basestring_ascii as _quote
 from collections.abc import Callable, Mapping, Sequence
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from metabridge.config.model import parse_duration
