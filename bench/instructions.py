@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=1, help="requests per ext_proc message (default 1)")
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1], help="repository checkout to measure (default: this one)")
     parser.add_argument("--requests", type=int, nargs=2, default=(2000, 6000), metavar=("FEW", "MANY"))
-    parser.add_argument("--with", dest="features", action="append", default=[], help="passed to bench.inproc (e.g. local_ratelimit, hash_policy)")
+    parser.add_argument("--with", dest="features", action="append", default=[], help="passed to bench.inproc (e.g. local_ratelimit, hash_policy, access_log, tracing)")
     args = parser.parse_args(argv)
     extra = [arg for feature in args.features for arg in ("--with", feature)]
     if shutil.which("valgrind") is None:
