@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import metabridge
 from examples.awesomerpc.client import call_sync
 from tests.integration.harness import REPO, free_port, port_open, wait_until
 
@@ -70,7 +71,7 @@ def test_the_wheel_holds_generated_code_codecs_license_and_entry_points(installe
     lines = probe.stdout.splitlines()
     assert lines[0] == "['awesomerpc', 'dubbo', 'thrift']"
     assert lines[1] == "['metabridge.codecs.awesomerpc', 'metabridge.codecs.dubbo.codec', 'metabridge.codecs.thrift.codec']"
-    assert lines[2] == "(1, 0) metabridge.sdk.codec"
+    assert lines[2] == f"{metabridge.CODEC_API_VERSION} metabridge.sdk.codec"
 
 
 def test_validate_render_and_a_routed_request_from_the_installed_wheel(installed, tmp_path):
