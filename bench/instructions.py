@@ -6,11 +6,15 @@ counts do not move with the load on the machine (timings here move by ±5-30 %),
 this the measure for comparing two versions of the hot path:
 
     python -m bench.instructions --protocol awesomerpc --depth 1
-    git worktree add /tmp/before <commit> && cp bridge/_proto/*_pb2*.py /tmp/before/bridge/_proto/
-    python -m bench.instructions --protocol awesomerpc --depth 1 --tree /tmp/before
+    git worktree add ../before <commit>
+    python -m bench.instructions --protocol awesomerpc --depth 1 --tree ../before
 
-``--tree`` measures another checkout of the repository with this virtualenv (its own ``bridge``
-package first on the path, ahead of the installed one). Needs valgrind (Debian's package).
+``--tree`` measures another checkout of the repository with this virtualenv: that checkout's
+package is imported instead of the installed one (its ``bridge/`` and ``codecs/`` as
+``metabridge`` and ``metabridge.codecs``, through a folder of symbolic links; a checkout from
+before the package had that name as ``bridge``). A checkout from before the generated gRPC code
+was committed needs it copied in (``cp bridge/_proto/*_pb2*.py ../before/bridge/_proto/``).
+Needs valgrind (Debian's package).
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-# Run bench.inproc from ``tree``: drop the editable install's import hook so that tree's
-# ``bridge`` package, first on sys.path, is the one imported.
+# Run bench.inproc from ``tree``: drop the editable install's import hook so that the folders
+# first on sys.path (the tree, and the package's link farm) are what is imported.
 _RUNNER = (
-    "import runpy, sys; sys.path.insert(0, {tree!r}); "
+    "import runpy, sys; sys.path[:0] = {paths!r}; "
     "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]; "
     "sys.argv = ['bench.inproc'] + sys.argv[1:]; runpy.run_module('bench.inproc', run_name='__main__')"
 )
@@ -34,16 +39,32 @@ _RUNNER = (
 _HERE = Path(__file__).resolve().parents[1]
 
 
+def package_links(tree: Path, farm: Path) -> list[str]:
+    """The sys.path entries that import ``tree``'s package: for a tree whose ``bridge/`` is
+    installed as ``metabridge``, a ``metabridge`` folder in ``farm`` linking to bridge/'s
+    entries, with ``codecs`` linking to the tree's codecs/."""
+    tree = tree.resolve()
+    if '"metabridge" = "bridge"' not in (tree / "pyproject.toml").read_text():
+        return [str(tree)]  # from before the rename: the package is imported as ``bridge``
+    package = farm / "metabridge"
+    package.mkdir()
+    for entry in (tree / "bridge").iterdir():
+        (package / entry.name).symlink_to(entry)
+    (package / "codecs").symlink_to(tree / "codecs")
+    return [str(tree), str(farm)]
+
+
 def count(tree: Path, protocol: str, depth: int, requests: int, extra: list[str]) -> int:
     """Instructions of one whole bench.inproc run of ``requests`` requests."""
-    command = [
-        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-        # This checkout runs as installed; another one needs the path hack (which cannot map
-        # its bridge/ to the metabridge import name: a tree from before that rename).
-        sys.executable, *(("-m", "bench.inproc") if tree.resolve() == _HERE else ("-c", _RUNNER.format(tree=str(tree)))),
-        "--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1", *extra,
-    ]
-    result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as farm:
+        # This checkout runs as installed; another one through the path hack.
+        runner = ("-m", "bench.inproc") if tree.resolve() == _HERE else ("-c", _RUNNER.format(paths=package_links(tree, Path(farm))))
+        command = [
+            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+            sys.executable, *runner,
+            "--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1", *extra,
+        ]
+        result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
     found = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or not found:
         raise SystemExit(f"callgrind run failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
