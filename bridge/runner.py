@@ -24,6 +24,7 @@ from metabridge.config.model import Config, ConfigError, load
 from metabridge.logs import event
 from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.core.runtime import build_runtimes, reload_routes
+from metabridge.filters import access_log
 from metabridge.filters.local_ratelimit import remove_shared_buckets
 from metabridge.transport.ext_proc import serve
 
@@ -125,7 +126,11 @@ async def _start_bridge(config: Config, address: str, index: int, admin_dir: str
         serve_worker_socket(LocalAdmin(config, runtimes, server), worker_socket(admin_dir, index))
     elif config.metrics_port is not None:
         serve_admin(LocalAdmin(config, runtimes, server), config.metrics_address, config.metrics_port)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
+    # Every bridge process handles SIGUSR1 (access logs reopen their files), so a rotation's
+    # signal never ends a process that has no log file.
+    loop.add_signal_handler(signal.SIGUSR1, access_log.reopen_files)
     return server
 
 

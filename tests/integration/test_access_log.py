@@ -92,3 +92,13 @@ async def many_calls(port: int, *, connections: int, per_connection: int) -> int
     replies = await asyncio.gather(*(calls(port, [(1 + i % 2, b"r")] * per_connection) for i in range(connections)))
     assert all(r.rsp_code == 0 for batch in replies for r in batch)
     return sum(len(batch) for batch in replies)
+
+
+def test_sigusr1_to_a_bridge_without_an_access_log_file_keeps_it_serving(stack):
+    s = stack(ROUTES)
+    bridge = s.procs["bridge"]
+    bridge.send_signal(signal.SIGUSR1)
+    # The signal is handled (the reopen is logged), and the bridge goes on serving.
+    wait_until(lambda: "access_log_reopen" in s.log("bridge"), 10, "the bridge's SIGUSR1 handling")
+    assert run_async(calls(s.listen_port, [(1, b"after")]))[0].body == b"v1|after"
+    assert bridge.poll() is None
