@@ -130,10 +130,15 @@ class Stack:
             wait_until(lambda: port_open(listener["port"]), 10, f"envoy listener {listener['name']}", proc)
 
     def start(self) -> Stack:
-        for name, port in self.backends.items():
-            self.start_backend(name, port)
-        self.start_bridge()
-        self.start_envoy()
+        """Start everything; a stack that fails to start stops what it had started."""
+        try:
+            for name, port in self.backends.items():
+                self.start_backend(name, port)
+            self.start_bridge()
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:

@@ -33,11 +33,7 @@ def start_pool_stack(tmp, lb_policy: str, backend_args: dict[str, list[str]] | N
     cfg["clusters"] = [multi_endpoint_cluster("pool", [ports[h] for h in HOSTS], lb_policy=lb_policy)]
     stack = Stack(tmp, cfg, ports, backend_args=backend_args)
     stack.listen_port = cfg["listeners"][0]["port"]
-    try:
-        return stack.start()
-    except BaseException:
-        stack.stop()
-        raise
+    return stack.start()
 
 
 @pytest.fixture(scope="module")
@@ -289,11 +285,7 @@ def start_hashed_stack(tmp, lb_policy: str, workers: int) -> Stack:
     cfg["clusters"] = [multi_endpoint_cluster("ring", [ports[h] for h in HOSTS], lb_policy=lb_policy, circuit_breakers=breakers, health_check=health)]
     stack = Stack(tmp, cfg, ports)
     stack.listen_port = cfg["listeners"][0]["port"]
-    try:
-        return stack.start()
-    except BaseException:
-        stack.stop()
-        raise
+    return stack.start()
 
 
 async def hosts_of_keys(stack: Stack, keys, connections: int = KEY_CONNECTIONS, rounds: int = 3) -> dict[int, set[str]]:

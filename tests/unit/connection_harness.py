@@ -152,6 +152,8 @@ class Harness:
     of what the client got."""
 
     def __init__(self, routes=ROUTES, codec_cls=AwesomeRpcCodec, clusters=None, **listener_options) -> None:
+        self._accepted: set[int] = set()  # answer_all: tunnels accepted, requests answered
+        self._answered: set[int] = set()
         config = ListenerConfig(name="test", address="127.0.0.1", port=0, codec="awesomerpc", routes=tuple(routes), **listener_options)
         self.runtime = ListenerRuntime(config=config, codec_cls=codec_cls, codec_options={}, router=Router(config.routes), clusters=clusters or {})
         self.emitted: list[ProcessingResponse] = []
@@ -213,6 +215,19 @@ class Harness:
 
     def client_frames(self) -> list[tuple[int, int, int, bytes]]:
         return parse_frames(bytes(self.client))
+
+    def answer_all(self, body: bytes = b"ok") -> None:
+        """HCM accepts every new tunnel and the backend answers every request it has not
+        answered yet (once each), with ``body``."""
+        for sid, data in self.hcm.received.items():
+            if sid not in self._accepted:
+                self.hcm.accept(sid)
+                self._accepted.add(sid)
+            for flow, cmd, _, _ in parse_frames(bytes(data)):
+                if flow not in self._answered:
+                    self._answered.add(flow)
+                    self.hcm.send(sid, encode_frame(flow, cmd, body))
+        self.write()
 
 
 async def wait_until(condition, what: str, limit: float = 5.0) -> None:

@@ -32,21 +32,6 @@ def with_filter(f: AccessLogFilter) -> Harness:
     return h
 
 
-def answer_all(h: Harness, body: bytes = b"pong") -> None:
-    """HCM accepts each new tunnel and the backend answers each request it has not answered."""
-    accepted = h.__dict__.setdefault("accepted", set())
-    answered = h.__dict__.setdefault("answered", set())
-    for sid, data in h.hcm.received.items():
-        if sid not in accepted:
-            h.hcm.accept(sid)
-            accepted.add(sid)
-        for flow, cmd, _, _ in parse_frames(bytes(data)):
-            if flow not in answered:
-                answered.add(flow)
-                h.hcm.send(sid, encode_frame(flow, cmd, body))
-    h.write()
-
-
 def lines(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -109,7 +94,7 @@ async def test_one_line_per_request_with_what_the_core_recorded(tmp_path):
     f = logger(tmp_path, headers=["cmd"])
     h = with_filter(f)
     h.read(encode_frame(1, 1, b"ping") + encode_frame(2, 7, b"x"))  # cmd 7: no route
-    answer_all(h)
+    h.answer_all(b"pong")
     assert [flow for flow, *_ in h.client_frames()] == [2, 1]
     f.writer.drain()
     by_id = {entry["request_id"]: entry for entry in lines(tmp_path / "access.log")}
@@ -148,7 +133,7 @@ async def test_lines_wait_for_the_interval_then_go_in_few_whole_line_writes(tmp_
     f = logger(tmp_path, flush_interval="500ms", headers=["cmd"])
     h = with_filter(f)
     h.read(b"".join(encode_frame(flow, 1, b"ping") for flow in range(1, 101)))
-    answer_all(h)
+    h.answer_all(b"pong")
     assert writes == [], "nothing is written on the event loop, nor per request"
     path = tmp_path / "access.log"
     await wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 100, "the writer thread's flush")
@@ -163,7 +148,7 @@ async def test_a_full_queue_wakes_the_writer_before_its_interval(tmp_path):
     f = logger(tmp_path)  # 60 s interval: only the size trigger can write in time
     h = with_filter(f)
     h.read(b"".join(encode_frame(flow, 1) for flow in range(1, access_log.FLUSH_LINES + 1)))
-    answer_all(h)
+    h.answer_all(b"pong")
     path = tmp_path / "access.log"
     await wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == access_log.FLUSH_LINES, "the size-triggered flush")
 
@@ -173,7 +158,7 @@ async def test_past_max_pending_lines_are_dropped_and_counted(tmp_path):
     f = logger(tmp_path, max_pending=3)
     h = with_filter(f)
     h.read(b"".join(encode_frame(flow, 1) for flow in range(1, 8)))
-    answer_all(h)
+    h.answer_all(b"pong")
     assert len(h.client_frames()) == 7, "requests are served whatever the log does"
     assert f.stats.snapshot()["dropped"] == 4 and f.stats.lines == 3
     f.writer.drain()
@@ -186,13 +171,13 @@ async def test_sigusr1_reopens_the_file_after_rotation(tmp_path):
     h = with_filter(f)
     path = tmp_path / "access.log"
     h.read(encode_frame(1, 1))
-    answer_all(h)
+    h.answer_all(b"pong")
     f.writer.drain()
     os.rename(path, tmp_path / "access.log.1")
     os.kill(os.getpid(), signal.SIGUSR1)  # the handler the first line installed on this loop
     await wait_until(lambda: f.writer.reopens == 1, "the signal to be handled")
     h.read(encode_frame(2, 1))
-    answer_all(h)
+    h.answer_all(b"pong")
     f.writer.drain()
     assert [e["request_id"] for e in lines(tmp_path / "access.log.1")] == [1]
     assert [e["request_id"] for e in lines(path)] == [2]
@@ -206,13 +191,13 @@ async def test_a_failing_write_is_counted_and_logged_once(tmp_path, caplog):
     f.writer.path = str(tmp_path / "gone" / "access.log")  # a folder that does not exist
     for flow in (1, 2):
         h.read(encode_frame(flow, 1))
-        answer_all(h)
+        h.answer_all(b"pong")
         f.writer.drain()
     assert f.stats.snapshot()["write_errors"] == 2
     assert [r.getMessage() for r in caplog.records].count("access_log_write_failed") == 1
     (tmp_path / "gone").mkdir()
     h.read(encode_frame(3, 1))
-    answer_all(h)
+    h.answer_all(b"pong")
     f.writer.drain()
     assert [e["request_id"] for e in lines(tmp_path / "gone" / "access.log")] == [3]
     assert "access_log_write_recovered" in [r.getMessage() for r in caplog.records]

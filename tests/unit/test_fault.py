@@ -38,21 +38,6 @@ def frames(cmd: int, flows) -> bytes:
     return b"".join(encode_frame(flow, cmd) for flow in flows)
 
 
-def answer_all(h: Harness) -> None:
-    """HCM accepts every tunnel and the backend answers every request it got, once."""
-    accepted = h.__dict__.setdefault("accepted", set())
-    answered = h.__dict__.setdefault("answered", set())
-    for sid, data in h.hcm.received.items():
-        if sid not in accepted:
-            h.hcm.accept(sid)
-            accepted.add(sid)
-        for flow, cmd, _, _ in parse_frames(bytes(data)):
-            if flow not in answered:
-                answered.add(flow)
-                h.hcm.send(sid, encode_frame(flow, cmd, b"ok"))
-    h.write()
-
-
 @in_loop
 async def test_an_abort_answers_with_the_codecs_error_reply_and_never_reaches_the_router():
     f = fault({"abort": {"error": "TIMEOUT"}})
@@ -90,14 +75,14 @@ async def test_a_delay_holds_its_request_and_nothing_else():
     h.read(encode_frame(1, 5) + encode_frame(2, 1))
     assert routed(h) == [2], "the other request went on at once"
     assert f.stats.active_faults == 1 and f.stats.delays_injected == 1
-    answer_all(h)
+    h.answer_all()
     assert h.client_frames() == [(2, 1, 0, b"ok")], "and was answered while the delayed one waits"
     h.read(encode_frame(3, 1))  # the connection keeps taking requests meanwhile
     assert routed(h) == [2, 3]
     await wait_until(lambda: 1 in routed(h), "the delayed request to be forwarded")
     assert loop.time() - started >= 0.15
     assert f.stats.active_faults == 0
-    answer_all(h)
+    h.answer_all()
     assert sorted(flow for flow, *_ in h.client_frames()) == [1, 2, 3]
 
 
