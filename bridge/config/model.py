@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,29 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class RdsTls:
+    """Files (relative to the config file) for the xDS server's TLS: the CA that signed its
+    certificate, and a client certificate and key for mTLS."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # the name its certificate must hold (default: the server's host)
+
+
+@dataclass(frozen=True)
+class RdsConfig:
+    """A listener's routes from an xDS server (docs/rds.md)."""
+
+    server: str  # HOST:PORT or unix:PATH
+    route_config_name: str
+    api: str = "rds"  # rds: RouteDiscoveryService.StreamRoutes; ads: AggregatedDiscoveryService
+    node_id: str = "metabridge"
+    node_cluster: str = "metabridge"
+    tls: RdsTls | None = None
+
+
+@dataclass(frozen=True)
 class FilterConfig:
     name: str
     ref: str | None = None  # None: a built-in filter
@@ -100,6 +123,8 @@ class ListenerConfig:
     max_upstream_queue: int = DEFAULT_MAX_FRAME_SIZE
     # How often a connection with open tunnels asks HCM whether Envoy is draining (0: never).
     drain_probe_interval: float = 5.0
+    # Routes from an xDS server; ``routes`` then serve until its first accepted push.
+    rds: RdsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +275,52 @@ def _route(raw: dict[str, Any], index: int) -> RouteConfig:
     )
 
 
+def build_routes(raw_routes: list[dict[str, Any]], clusters: Mapping[str, Any], where: str) -> tuple[tuple[RouteConfig, ...], list[str]]:
+    """Schema-checked ``routes`` entries as RouteConfigs, and the problems found in them (each
+    "<where>.routes[j]...: message": bad regexes, weights adding up to 0, clusters not among
+    ``clusters``). The one builder of routes, for a config file's and for routes from RDS."""
+    routes = []
+    problems: list[str] = []
+    for j, raw_route in enumerate(raw_routes):
+        for k, header in enumerate((raw_route.get("match") or {}).get("headers", ())):
+            if "regex" in header:
+                try:
+                    re.compile(header["regex"])
+                except re.error as exc:
+                    problems.append(f"{where}.routes[{j}].match.headers[{k}].regex: invalid regular expression: {exc}")
+        route = _route(raw_route, j)
+        if sum(w.weight for w in route.clusters) == 0:
+            problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
+        targets = [("route.cluster", route.clusters[0].name)] if "cluster" in raw_route["route"] else [
+            (f"route.weighted_clusters[{k}].name", w.name) for k, w in enumerate(route.clusters)
+        ]
+        targets += [(f"request_mirror_policies[{k}].cluster", m.cluster) for k, m in enumerate(route.mirrors)]
+        for at, cluster in targets:
+            if cluster not in clusters:
+                problems.append(f"{where}.routes[{j}].{at}: {_undefined('cluster', cluster, 'clusters', clusters)}")
+        routes.append(route)
+    return tuple(routes), problems
+
+
+def _rds(raw: dict[str, Any], base_dir: Path) -> RdsConfig:
+    tls = raw.get("tls")
+    return RdsConfig(
+        server=raw["server"],
+        route_config_name=raw["route_config_name"],
+        api=raw.get("api", "rds"),
+        node_id=raw.get("node_id", "metabridge"),
+        node_cluster=raw.get("node_cluster", "metabridge"),
+        tls=None
+        if tls is None
+        else RdsTls(
+            ca=base_dir / tls["ca"],
+            cert=base_dir / tls["cert"] if "cert" in tls else None,
+            key=base_dir / tls["key"] if "key" in tls else None,
+            server_name=tls.get("server_name"),
+        ),
+    )
+
+
 def _retry_policy(raw: dict[str, Any]) -> RetryPolicy:
     default = RetryPolicy()
     return RetryPolicy(
@@ -382,25 +453,15 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
         ports.add((address, entry["port"]))
         if entry["codec"] not in codecs:
             problems.append(f"{where}.codec: {_undefined('codec', entry['codec'], 'codecs', codecs)}")
-        routes = []
-        for j, raw_route in enumerate(entry["routes"]):
-            for k, header in enumerate((raw_route.get("match") or {}).get("headers", ())):
-                if "regex" in header:
-                    try:
-                        re.compile(header["regex"])
-                    except re.error as exc:
-                        problems.append(f"{where}.routes[{j}].match.headers[{k}].regex: invalid regular expression: {exc}")
-            route = _route(raw_route, j)
-            if sum(w.weight for w in route.clusters) == 0:
-                problems.append(f"{where}.routes[{j}].route.weighted_clusters: weights add up to 0")
-            targets = [("route.cluster", route.clusters[0].name)] if "cluster" in raw_route["route"] else [
-                (f"route.weighted_clusters[{k}].name", w.name) for k, w in enumerate(route.clusters)
-            ]
-            targets += [(f"request_mirror_policies[{k}].cluster", m.cluster) for k, m in enumerate(route.mirrors)]
-            for at, cluster in targets:
-                if cluster not in clusters:
-                    problems.append(f"{where}.routes[{j}].{at}: {_undefined('cluster', cluster, 'clusters', clusters)}")
-            routes.append(route)
+        if "routes" not in entry and "rds" not in entry:
+            problems.append(f"{where}: 'routes' is a required property (or 'rds', to receive them from an xDS server)")
+        routes, route_problems = build_routes(entry.get("routes", []), clusters, where)
+        problems += route_problems
+        rds = _rds(entry["rds"], base_dir) if "rds" in entry else None
+        if rds is not None:
+            problem = _listen_problem(rds.server, 1)
+            if problem:
+                problems.append(f"{where}.rds.server: {problem}")
         max_frame_size = parse_size(entry.get("max_frame_size", DEFAULT_MAX_FRAME_SIZE))
         max_client_buffer = parse_size(entry.get("max_client_buffer", 2 * max_frame_size))
         if max_client_buffer < max_frame_size:
@@ -423,6 +484,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
                 max_client_buffer=max_client_buffer,
                 max_upstream_queue=parse_size(entry.get("max_upstream_queue", max_frame_size)),
                 drain_probe_interval=parse_duration(entry.get("drain_probe_interval", "5s")),
+                rds=rds,
             )
         )
     bridge = raw.get("bridge") or {}

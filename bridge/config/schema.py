@@ -108,6 +108,28 @@ _route = {
         },
     },
 }
+ROUTE = _route  # one route's schema, also for routes received over RDS (metabridge.xds)
+_file = {"type": "string", "minLength": 1}
+# A listener's routes from an xDS server (docs/rds.md).
+_rds = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["server", "route_config_name"],
+    "properties": {
+        "server": {"type": "string", "minLength": 1},
+        "route_config_name": {"type": "string", "minLength": 1},
+        "api": {"enum": ["rds", "ads"]},
+        "node_id": {"type": "string", "minLength": 1},
+        "node_cluster": {"type": "string", "minLength": 1},
+        "tls": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["ca"],
+            "properties": {"ca": _file, "cert": _file, "key": _file, "server_name": {"type": "string", "minLength": 1}},
+            "dependentRequired": {"cert": ["key"], "key": ["cert"]},
+        },
+    },
+}
 _filter = {
     "type": "object",
     "additionalProperties": False,
@@ -173,13 +195,14 @@ SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["name", "port", "codec", "routes"],
+                "required": ["name", "port", "codec"],  # and routes, or rds (checked in model.parse)
                 "properties": {
                     "name": _name,
                     "address": {"type": "string"},
                     "port": _port,
                     "codec": _name,
                     "routes": {"type": "array", "items": _route},
+                    "rds": _rds,
                     "filters": {"type": "array", "items": _filter},
                     "max_frame_size": SIZE_VALUE,
                     "frame_timeout": DURATION_VALUE,

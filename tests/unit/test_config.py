@@ -434,7 +434,7 @@ def test_schema_errors_say_the_accepted_forms_and_the_nearest_key():
     assert str(caught.value).splitlines() == [
         "invalid config:",
         "  x.yaml: listeners[0]: unknown key 'request_timout' (did you mean 'request_timeout'?); valid keys: address, codec, drain_probe_interval, filters, "
-        "frame_timeout, idle_timeout, max_client_buffer, max_frame_size, max_requests_in_flight, max_upstream_queue, name, port, request_timeout, routes, "
+        "frame_timeout, idle_timeout, max_client_buffer, max_frame_size, max_requests_in_flight, max_upstream_queue, name, port, rds, request_timeout, routes, "
         "tunnel_setup_timeout, tunnels_per_cluster",
         f"  x.yaml: listeners[0].idle_timeout: '5 s' is not a duration: no space between the number and the unit: 5s {DURATION_FORMS}",
         f"  x.yaml: listeners[0].max_frame_size: '1MB' is not a size: use 1MiB or 1000000 {SIZE_FORMS}",
