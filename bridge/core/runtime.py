@@ -3,11 +3,12 @@ and their reload on SIGHUP."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 from dataclasses import dataclass, field
 
-from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, load
+from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, RouteConfig, load
 from metabridge.core.chain import FilterChain
 from metabridge.core.router import Router
 from metabridge.filters import build_filters
@@ -58,6 +59,8 @@ class ListenerRuntime:
     budget: ByteBudget = field(default_factory=lambda: ByteBudget(1 << 62))
     stats: ListenerStats = field(default_factory=ListenerStats)
     chain: FilterChain | None = None
+    # The routes the listener's xDS server last pushed (and the bridge accepted); None: none yet.
+    rds_routes: tuple[RouteConfig, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.chain is None:
@@ -74,6 +77,16 @@ class ListenerRuntime:
         open ones keep the factory they started with."""
         self.codec_cls, self.codec_options = cls, options
         self.codecs = CodecFactory(cls, options, self.config.max_frame_size)
+
+    def replace_routes(self, routes: tuple[RouteConfig, ...]) -> None:
+        """Route every request from now on, on every connection, by ``routes`` (from RDS): the
+        table is built first and swapped in one assignment, so a request sees the old table or
+        the new one, never a mix. A SIGHUP reload keeps them (the file's routes only stand in
+        until the first push)."""
+        router = Router(routes)
+        self.router = router
+        self.rds_routes = tuple(routes)
+        self.config = dataclasses.replace(self.config, routes=self.rds_routes)
 
     def new_codec(self, direction: Direction = Direction.REQUEST) -> Codec:
         return self.codecs.new(direction)
@@ -153,6 +166,10 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
         if listener is None or listener.port != runtime.config.port:
             event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its port changed: re-render Envoy's bootstrap and restart")
             continue
+        if listener.rds != runtime.config.rds:
+            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="the listener's rds settings changed: restart the bridge to reach the new xDS server")
+        if runtime.rds_routes is not None and runtime.config.rds is not None:
+            listener = dataclasses.replace(listener, routes=runtime.rds_routes, rds=runtime.config.rds)  # RDS's routes stay
         runtime.router = Router(listener.routes)
         runtime.chain = FilterChain(chains[name], name, runtime.stats)
         runtime.config = listener
