@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from typing import TYPE_CHECKING
 
 from metabridge.core.tunnels import Tunnel
-from metabridge.sdk.codec import Direction
+from metabridge.sdk.codec import Direction, ErrorType
 
 if TYPE_CHECKING:
     from metabridge.core.request import ActiveRequest
@@ -66,9 +66,10 @@ class Slot:
 
 
 class ClusterSlots:
-    __slots__ = ("slots", "policy", "next")
+    __slots__ = ("hosts", "slots", "policy", "next")
 
     def __init__(self, hosts: tuple[str, ...], policy: str) -> None:
+        self.hosts = hosts  # the listener's plan they were made from
         self.slots = [Slot(h) for h in hosts]
         self.policy = policy
         self.next = random.randrange(len(self.slots))  # connections do not all start on host 0
@@ -131,6 +132,25 @@ class UpstreamPool:
         self._codecs = connection.listener.codecs
         self._clusters: dict[str, ClusterSlots] = {}
         self._hashed: dict[str, HashedHosts] = {}
+        self._orphans: set[Link] = set()  # tunnels to hosts a reload took out of their cluster
+
+    def _replan(self, cluster: str, old: ClusterSlots, hosts: tuple[str, ...], policy: str) -> ClusterSlots:
+        """A reload changed the cluster's hosts: new slots, keeping the tunnels of hosts still
+        in it; a tunnel whose host left finishes its requests and then closes."""
+        slots = ClusterSlots(hosts, policy)
+        spare = [s for s in old.slots if s.link is not None]
+        for slot in slots.slots:
+            match = next((s for s in spare if s.host == slot.host), None)
+            if match is not None:
+                spare.remove(match)
+                slot.link, match.link.slot = match.link, slot
+        for orphan in spare:
+            link = orphan.link
+            link.retiring = True
+            self._orphans.add(link)
+            if link.active == 0:
+                self._connection._drop_link(link, ErrorType.UNSPECIFIED, "its host left the cluster")
+        return slots
 
     def pick_hashed(self, cluster: str, key: str, avoid: Link | None = None) -> Link | None:
         """The link for a request whose route hashes to ``key`` on ``cluster``."""
@@ -166,9 +186,14 @@ class UpstreamPool:
         another host's than ``avoid``'s when the cluster has one; None when no tunnel can carry
         it (the HTTP/2 connection to HCM is draining or lost)."""
         slots = self._clusters.get(cluster)
+        hosts, policy = self._connection.listener.cluster_plan(cluster)
         if slots is None:
-            hosts, policy = self._connection.listener.cluster_plan(cluster)
             slots = self._clusters[cluster] = ClusterSlots(hosts, policy)
+        elif slots.hosts is not hosts:  # a reload made a new plan: the same, or other hosts
+            if slots.hosts == hosts and slots.policy == policy:
+                slots.hosts = hosts
+            else:
+                slots = self._clusters[cluster] = self._replan(cluster, slots, hosts, policy)
         members = slots.slots
         if len(members) == 1 and avoid is None and members[0].link is not None:
             return members[0].link
@@ -218,6 +243,7 @@ class UpstreamPool:
 
     def remove(self, link: Link, failed: bool = False) -> None:
         """Forget a link; ``failed``: its tunnel never connected, so the slot rests a while."""
+        self._orphans.discard(link)
         slot = link.slot
         if slot is None:
             hosts = self._hashed.get(link.tunnel.cluster)
@@ -232,7 +258,7 @@ class UpstreamPool:
     def links(self) -> list[Link]:
         slotted = [s.link for c in self._clusters.values() for s in c.slots if s.link is not None]
         hashed = {id(link): link for h in self._hashed.values() for link in (*h.by_host.values(), *h.probing.values(), *h.retired)}
-        return slotted + list(hashed.values())
+        return slotted + list(hashed.values()) + list(self._orphans)
 
     def size(self, cluster: str) -> int:
         """How many hosts a request may try in ``cluster`` (its tunnel slots)."""

@@ -142,29 +142,43 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
 
 
 def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
-    """Re-read the config file: each listener's routes, filters and timeouts, and its codec when
+    """Re-read the config file and apply it (SIGHUP; see apply_config). A config that does not
+    load leaves everything as it was."""
+    try:
+        config = load(path)
+    except (ConfigError, OSError) as exc:
+        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
+        return
+    apply_config(runtimes, config)
+
+
+def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_follows: bool = False) -> bool:
+    """Each listener's routes, filters, timeouts and clusters from ``config``, and its codec when
     the listener names another one or the codec's file or folder, reference or options changed
-    (SIGHUP; Envoy's bootstrap does not depend on codecs).
+    (Envoy's bootstrap does not depend on codecs).
 
     Running connections pick the new routes up on their next request and keep the codec they
     started with; connections opened after the reload get the new codec. A codec that does not
     load (import error, contract violation, options refused) is refused and logged, and the old
-    one stays; the routes are reloaded all the same. Changes that need Envoy's bootstrap
-    re-rendered (listeners, ports, clusters) are reported and left alone. A config that does not
-    load leaves everything as it was.
+    one stays; the routes are reloaded all the same. ``envoy_follows``: Envoy gets the new
+    listeners and clusters too (live config, metabridge.config.live), so a new listener gets a
+    runtime here and nothing needs a restart; otherwise such changes are reported and a new
+    listener is left alone. A removed listener keeps its runtime (Envoy may still send it
+    connections until it has the change). Returns False when nothing was applied.
     """
     try:
-        config = load(path)
         chains = {lst.name: build_filters(lst, config) for lst in config.listeners}
     except (ConfigError, CodecLoadError, OSError) as exc:
-        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
-        return
+        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=config.source, error=str(exc))
+        return False
     new = {listener.name: listener for listener in config.listeners}
+    known = next(iter(runtimes.values())).clusters if runtimes else {}
     loaded: dict[str, type[Codec] | CodecLoadError] = {}  # each codec imported once per reload
     for name, runtime in runtimes.items():
         listener = new.pop(name, None)
-        if listener is None or listener.port != runtime.config.port:
-            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its port changed: re-render Envoy's bootstrap and restart")
+        if listener is None or (listener.port != runtime.config.port and not envoy_follows):
+            if not envoy_follows:
+                event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="listener removed or its port changed: re-render Envoy's bootstrap and restart")
             continue
         if listener.rds != runtime.config.rds:
             event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="the listener's rds settings changed: restart the bridge to reach the new xDS server")
@@ -173,16 +187,39 @@ def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
         runtime.router = Router(listener.routes)
         runtime.chain = FilterChain(chains[name], name, runtime.stats)
         runtime.config = listener
+        runtime.clusters = config.clusters
         runtime._plans.clear()
         _reload_codec(runtime, config, loaded)
         event(log, logging.INFO, "routes_reloaded", listener=name, routes=len(listener.routes), filters=len(chains[name]))
-    for name in new:
-        event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
-    known = next(iter(runtimes.values())).clusters if runtimes else {}
-    for name, cluster in config.clusters.items():
-        if known.get(name) != cluster:
-            change = "new" if name not in known else "changed"
-            event(log, logging.WARNING, "reload_needs_restart", cluster=name, hint=f"{change} cluster: Envoy knows it as it was only until its bootstrap is re-rendered and it restarts (requests routed to a cluster Envoy does not have get CLUSTER_NOT_FOUND)")
+    budget = next(iter(runtimes.values())).budget if runtimes else ByteBudget(config.max_buffered_bytes)
+    for name, listener in new.items():
+        if not envoy_follows:
+            event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
+            continue
+        entry = config.codecs[listener.codec]
+        if entry.name not in loaded:
+            try:
+                loaded[entry.name] = load_codec_class(entry.ref, config.base_dir)
+            except CodecLoadError as exc:
+                loaded[entry.name] = exc
+        cls = loaded[entry.name]
+        try:
+            if isinstance(cls, CodecLoadError):
+                raise cls
+            stats = ListenerStats()
+            runtime = ListenerRuntime(config=listener, codec_cls=cls, codec_options=entry.options, router=Router(listener.routes), clusters=config.clusters, budget=budget, stats=stats, chain=FilterChain(chains[name], name, stats))
+            runtime.new_codec()  # options refused here
+        except Exception as exc:  # noqa: BLE001 - whatever the codec raises refuses the listener
+            event(log, logging.ERROR, "listener_add_failed", listener=name, codec=entry.name, ref=entry.ref, error=f"{type(exc).__name__}: {exc}", hint="fix the codec; its connections are closed until a reload loads it")
+            continue
+        runtimes[name] = runtime
+        event(log, logging.INFO, "listener_added", listener=name, routes=len(listener.routes), filters=len(chains[name]))
+    if not envoy_follows:
+        for name, cluster in config.clusters.items():
+            if known.get(name) != cluster:
+                change = "new" if name not in known else "changed"
+                event(log, logging.WARNING, "reload_needs_restart", cluster=name, hint=f"{change} cluster: Envoy knows it as it was only until its bootstrap is re-rendered and it restarts (requests routed to a cluster Envoy does not have get CLUSTER_NOT_FOUND)")
+    return True
 
 
 def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> None:
