@@ -425,21 +425,26 @@ def _tunnel_route(hashed: ClusterConfig | None = None) -> route_v3.Route:
     )
 
 
-def _hcm_filter(listener: ListenerConfig, hashed: list[ClusterConfig]) -> listener_v3.Filter:
+def _route_config(listener: ListenerConfig, hashed: list[ClusterConfig]) -> route_v3.RouteConfiguration:
+    return route_v3.RouteConfiguration(
+        name=listener.name,
+        virtual_hosts=[
+            route_v3.VirtualHost(
+                name=listener.name,
+                domains=["*"],
+                routes=[*(_tunnel_route(c) for c in hashed), _tunnel_route()],
+            )
+        ],
+    )
+
+
+def _hcm_filter(listener: ListenerConfig, hashed: list[ClusterConfig], rds: core_v3.ConfigSource | None = None) -> listener_v3.Filter:
+    """With ``rds``, the tunnel routes come from that source (the dynamic bootstrap), so a
+    change of hash clusters updates routes without draining the listener."""
     hcm = hcm_v3.HttpConnectionManager(
         # The bridge speaks prior-knowledge HTTP/2 (HTTP/1.1 loses pipelined requests here).
         codec_type=hcm_v3.HttpConnectionManagerCodecType.HTTP2,
         stat_prefix=listener.name,
-        route_config=route_v3.RouteConfiguration(
-            name=listener.name,
-            virtual_hosts=[
-                route_v3.VirtualHost(
-                    name=listener.name,
-                    domains=["*"],
-                    routes=[*(_tunnel_route(c) for c in hashed), _tunnel_route()],
-                )
-            ],
-        ),
         http_filters=[
             hcm_v3.HttpFilter(
                 name="envoy.filters.http.router",
@@ -463,11 +468,19 @@ def _hcm_filter(listener: ListenerConfig, hashed: list[ClusterConfig]) -> listen
         # Request ids are the bridge's job; a UUID per tunnel would be wasted work.
         generate_request_id=False,
     )
+    if rds is None:
+        hcm.route_config = _route_config(listener, hashed)
+    else:
+        hcm.rds = hcm_v3.Rds(config_source=rds, route_config_name=listener.name)
     return listener_v3.Filter(name="envoy.filters.network.http_connection_manager", typed_config=AnyProto.pack(hcm))
 
 
 def _listener(
-    listener: ListenerConfig, bind_address: str | None, message_timeout: float, hashed: list[ClusterConfig]
+    listener: ListenerConfig,
+    bind_address: str | None,
+    message_timeout: float,
+    hashed: list[ClusterConfig],
+    rds: core_v3.ConfigSource | None = None,
 ) -> listener_v3.Listener:
     return listener_v3.Listener(
         name=listener.name,
@@ -475,7 +488,7 @@ def _listener(
             socket_address=core_v3.SocketAddress(address=bind_address or listener.address, port_value=listener.port)
         ),
         filter_chains=[
-            listener_v3.FilterChain(filters=[_ext_proc_filter(listener, message_timeout), _hcm_filter(listener, hashed)])
+            listener_v3.FilterChain(filters=[_ext_proc_filter(listener, message_timeout), _hcm_filter(listener, hashed, rds)])
         ],
     )
 
@@ -496,6 +509,40 @@ def _make_explicit(bootstrap: dict[str, Any]) -> dict[str, Any]:
     return bootstrap
 
 
+def _clusters(
+    config: Config, bridge_addresses: list[str] | None, endpoint_overrides: dict[str, str] | None
+) -> tuple[cluster_v3.Cluster, list[cluster_v3.Cluster]]:
+    """(the bridge cluster, the service clusters)."""
+    overrides = dict(endpoint_overrides or {})
+    used: set[str] = set()
+    if BRIDGE_CLUSTER in config.clusters:
+        raise EnvoyConfigError(f"{config.source}: cluster name {BRIDGE_CLUSTER!r} is reserved for the bridge; rename the cluster")
+    addresses = config.worker_addresses() if bridge_addresses is None else list(bridge_addresses)
+    bridge = _bridge_cluster(addresses)
+    services = [_service_cluster(c, overrides, used) for c in config.clusters.values()]
+    unused = sorted(set(overrides) - used)
+    if unused:
+        raise EnvoyConfigError(
+            f"{config.source}: endpoint overrides match no cluster endpoint: {', '.join(unused)}"
+            " (keys are 'address:port' exactly as written in the config)"
+        )
+    return bridge, services
+
+
+def _hashed(config: Config) -> list[ClusterConfig]:
+    return [c for c in config.clusters.values() if c.lb_policy in HASH_LB_POLICIES]
+
+
+def _admin(config: Config, admin_address: str | None) -> bootstrap_v3.Admin:
+    return bootstrap_v3.Admin(
+        address=core_v3.Address(
+            socket_address=core_v3.SocketAddress(
+                address=admin_address or config.envoy_admin_address, port_value=config.envoy_admin_port
+            )
+        )
+    )
+
+
 def build_bootstrap(
     config: Config,
     *,
@@ -512,35 +559,90 @@ def build_bootstrap(
     endpoint in the config -> "host:port" to use instead (containers use service names).
     admin_address: instead of config.envoy_admin_address.
     """
-    overrides = dict(endpoint_overrides or {})
-    used: set[str] = set()
-    if BRIDGE_CLUSTER in config.clusters:
-        raise EnvoyConfigError(f"{config.source}: cluster name {BRIDGE_CLUSTER!r} is reserved for the bridge; rename the cluster")
-    addresses = config.worker_addresses() if bridge_addresses is None else list(bridge_addresses)
-    hashed = [c for c in config.clusters.values() if c.lb_policy in HASH_LB_POLICIES]
-    clusters = [_bridge_cluster(addresses)]
-    clusters += [_service_cluster(c, overrides, used) for c in config.clusters.values()]
-    unused = sorted(set(overrides) - used)
-    if unused:
-        raise EnvoyConfigError(
-            f"{config.source}: endpoint overrides match no cluster endpoint: {', '.join(unused)}"
-            " (keys are 'address:port' exactly as written in the config)"
-        )
-
+    bridge, services = _clusters(config, bridge_addresses, endpoint_overrides)
+    hashed = _hashed(config)
     bootstrap = bootstrap_v3.Bootstrap(
-        admin=bootstrap_v3.Admin(
-            address=core_v3.Address(
-                socket_address=core_v3.SocketAddress(
-                    address=admin_address or config.envoy_admin_address, port_value=config.envoy_admin_port
-                )
-            )
-        ),
+        admin=_admin(config, admin_address),
         static_resources=bootstrap_v3.BootstrapStaticResources(
             listeners=[_listener(lst, listener_address, config.message_timeout, hashed) for lst in config.listeners],
-            clusters=clusters,
+            clusters=[bridge, *services],
         ),
     )
     return _make_explicit(bootstrap.to_dict(casing=betterproto2.Casing.SNAKE))
+
+
+# The dynamic bootstrap: listeners (LDS), service clusters (CDS) and each listener's tunnel routes
+# (RDS) come from files in one directory that Envoy watches; the bridge cluster stays static.
+LDS_FILE = "lds.yaml"
+CDS_FILE = "cds.yaml"
+_TYPE_URL = "type.googleapis.com/"
+_LISTENER_TYPE = _TYPE_URL + "envoy.config.listener.v3.Listener"
+_CLUSTER_TYPE = _TYPE_URL + "envoy.config.cluster.v3.Cluster"
+_ROUTE_TYPE = _TYPE_URL + "envoy.config.route.v3.RouteConfiguration"
+
+
+def rds_file(listener_name: str) -> str:
+    """The RDS file of one listener: a file name made of the listener's name (mesh names hold
+    `|`), with a digest so two names that read alike never share a file."""
+    import hashlib
+
+    readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", listener_name)[:64]
+    return f"rds-{readable}-{hashlib.sha256(listener_name.encode()).hexdigest()[:8]}.yaml"
+
+
+def _file_source(directory: Path, name: str) -> core_v3.ConfigSource:
+    # Envoy reloads the file when an entry is moved into the directory: files are replaced by
+    # rename (see metabridge.config.live), never rewritten in place.
+    return core_v3.ConfigSource(
+        path_config_source=core_v3.PathConfigSource(
+            path=str(directory / name), watched_directory=core_v3.WatchedDirectory(path=str(directory))
+        ),
+        resource_api_version=core_v3.ApiVersion.V3,
+    )
+
+
+def _discovery_response(type_url: str, resources: list[betterproto2.Message]) -> dict[str, Any]:
+    items = [{"@type": type_url, **r.to_dict(casing=betterproto2.Casing.SNAKE)} for r in resources]
+    return {"resources": items}
+
+
+def build_dynamic(
+    config: Config,
+    directory: str | Path,
+    *,
+    bridge_addresses: list[str] | None = None,
+    listener_address: str | None = None,
+    endpoint_overrides: dict[str, str] | None = None,
+    admin_address: str | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the bootstrap, {file name in ``directory``: its DiscoveryResponse}) for `config`: the
+    same listeners, routes and clusters as build_bootstrap, served to Envoy from files in
+    ``directory`` (an absolute path as Envoy will see it). Options as for build_bootstrap."""
+    directory = Path(directory)
+    bridge, services = _clusters(config, bridge_addresses, endpoint_overrides)
+    hashed = _hashed(config)
+    files: dict[str, dict[str, Any]] = {
+        CDS_FILE: _discovery_response(_CLUSTER_TYPE, services),
+        LDS_FILE: _discovery_response(
+            _LISTENER_TYPE,
+            [
+                _listener(lst, listener_address, config.message_timeout, hashed, _file_source(directory, rds_file(lst.name)))
+                for lst in config.listeners
+            ],
+        ),
+    }
+    for lst in config.listeners:
+        files[rds_file(lst.name)] = _discovery_response(_ROUTE_TYPE, [_route_config(lst, hashed)])
+    bootstrap = bootstrap_v3.Bootstrap(
+        # Envoy refuses file-based CDS without a node id and cluster.
+        node=core_v3.Node(id="metabridge", cluster="metabridge"),
+        admin=_admin(config, admin_address),
+        static_resources=bootstrap_v3.BootstrapStaticResources(clusters=[bridge]),
+        dynamic_resources=bootstrap_v3.BootstrapDynamicResources(
+            lds_config=_file_source(directory, LDS_FILE), cds_config=_file_source(directory, CDS_FILE)
+        ),
+    )
+    return bootstrap.to_dict(casing=betterproto2.Casing.SNAKE), files
 
 
 def render_yaml(
