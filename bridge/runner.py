@@ -122,6 +122,10 @@ async def _start_bridge(config: Config, address: str, index: int, admin_dir: str
     raise_open_file_limit()
     runtimes = build_runtimes(config)
     server = await serve(address, runtimes, config.grpc_limits)
+    if any(listener.rds for listener in config.listeners):  # this process's own RDS streams (docs/rds.md)
+        from metabridge.xds import client as rds_client  # envoy-data-plane's models load only here
+
+        rds_client.start(runtimes)
     if admin_dir is not None:
         serve_worker_socket(LocalAdmin(config, runtimes, server), worker_socket(admin_dir, index))
     elif config.metrics_port is not None:
