@@ -167,6 +167,9 @@ class Config:
     clusters: dict[str, ClusterConfig]
     bridge_listen: str = _DEFAULT_LISTEN
     workers: int = 1
+    # ext_proc: the bridge is a process Envoy streams to; inprocess: Envoy runs it in a dynamic
+    # module (docs/inprocess.md).
+    mode: str = "ext_proc"
     metrics_port: int | None = None
     metrics_address: str = "127.0.0.1"
     log_level: str = "info"
@@ -502,6 +505,7 @@ def parse(raw: Any, source: str = "<config>", base_dir: Path = Path("."), lines:
         clusters=clusters,
         bridge_listen=bridge.get("listen", _DEFAULT_LISTEN),
         workers=bridge.get("workers", 1),
+        mode=bridge.get("mode", "ext_proc"),
         metrics_port=bridge.get("metrics_port"),
         metrics_address=bridge.get("metrics_address", "127.0.0.1"),
         log_level=bridge.get("log_level", "info"),

@@ -146,6 +146,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "listen": {"type": "string", "minLength": 1},
+                "mode": {"enum": ["ext_proc", "inprocess"]},
                 "workers": {"type": "integer", "minimum": 1, "maximum": 64},
                 "metrics_port": _port,
                 "metrics_address": {"type": "string", "minLength": 1},

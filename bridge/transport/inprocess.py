@@ -1,0 +1,290 @@
+"""The in-process transport: Envoy's network dynamic module (metabridge/native) drives one core
+Connection per client connection, inside Envoy, on the connection's worker thread.
+
+The module calls, per connection: ``on_read`` with the client's bytes (the answer replaces the
+read buffer, so it reaches HCM), ``on_write`` with HCM's bytes (the answer replaces the write
+buffer, so it reaches the client), ``on_scheduled`` when an event posted with
+``native.schedule`` runs on the worker, ``on_event`` and ``on_destroy``. Bytes for HCM that
+arise while HCM is writing (WINDOW_UPDATE, a request released by a response) are queued and
+injected from a scheduled event: pushing them into HCM from inside its own write is not safe.
+Timers run on one timer thread that only posts an event; the timer's callback runs on the worker.
+
+Any exception here is contained: logged once per kind, counted, and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+
+from metabridge.config.model import load
+from metabridge.core.connection import Connection
+from metabridge.core.runtime import ListenerRuntime, build_runtimes
+from metabridge.logs import event, failure
+
+try:  # only inside Envoy: the module defines it before importing this one
+    import _metabridge_native as native
+except ImportError:  # imported elsewhere (tests of the pure parts, docs)
+    native = None
+
+log = logging.getLogger("metabridge.inprocess")
+
+_EMPTY = b""
+# Envoy's network_connection_event values
+REMOTE_CLOSE, LOCAL_CLOSE = 0, 1
+
+
+class _Timer:
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class TimerThread:
+    """One thread for every connection's timers: at a timer's time it posts an event to the
+    connection's worker (``native.schedule``), where the session runs what is due."""
+
+    def __init__(self) -> None:
+        self._heap: list = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, when: float, session: Session) -> None:
+        with self._cond:
+            earliest = self._heap[0][0] if self._heap else None
+            heapq.heappush(self._heap, (when, next(self._seq), weakref.ref(session)))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="metabridge-timers", daemon=True)
+                self._thread.start()
+            elif earliest is None or when < earliest:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        heap, cond = self._heap, self._cond
+        while True:
+            with cond:
+                while not heap or heap[0][0] > time.monotonic():
+                    cond.wait(None if not heap else max(0.0, heap[0][0] - time.monotonic()))
+                _, _, ref = heapq.heappop(heap)
+            session = ref()
+            if session is not None:
+                session.post()
+
+
+_TIMERS = TimerThread()
+
+
+class SessionClock:
+    """The core's Clock for one session: timers fire on the session's worker."""
+
+    __slots__ = ("_session", "_heap", "_seq")
+    now = staticmethod(time.monotonic)
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        self._heap: list = []
+        self._seq = itertools.count()
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> _Timer:
+        timer = _Timer(when, callback)
+        heap = self._heap
+        if not heap or when < heap[0][0]:
+            _TIMERS.add(when, self._session)
+        heapq.heappush(heap, (when, next(self._seq), timer))
+        return timer
+
+    def run_due(self) -> None:
+        heap, now = self._heap, time.monotonic()
+        while heap and heap[0][0] <= now:
+            timer = heapq.heappop(heap)[2]
+            if not timer.cancelled:
+                timer.callback()
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        if heap:
+            _TIMERS.add(heap[0][0], self._session)  # the next one (a duplicate post is harmless)
+
+
+class Session:
+    """One client connection inside Envoy."""
+
+    __slots__ = ("handle", "connection", "factory", "clock", "_hcm_queue", "_posted", "_in_hook", "_closed", "__weakref__")
+
+    def __init__(self, factory: FilterFactory, handle: int, connection_id: str) -> None:
+        self.handle = handle
+        self.factory = factory
+        self._hcm_queue: list[bytes] = []
+        self._posted = False
+        self._in_hook = False
+        self._closed = False
+        self.clock = SessionClock(self)
+        self.connection = Connection(factory.runtime, self.clock, connection_id, wake=self._wake)
+
+    # ---- hooks (the module calls these on the worker, with the GIL) ---------------------------
+
+    def on_read(self, data: bytes, end_of_stream: bool) -> bytes:
+        """The client's bytes; returns the bytes for HCM."""
+        if self._closed:
+            return _EMPTY
+        self._in_hook = True
+        try:
+            self.connection.receive_client(data, end_of_stream)
+            to_hcm, to_client, close, end = self.connection.take()
+            if self._hcm_queue:  # queued earlier: keep HCM's byte order
+                to_hcm = _EMPTY.join([*self._hcm_queue, to_hcm])
+                self._hcm_queue.clear()
+            if to_client:
+                native.inject_write(self.handle, to_client)
+            if close or end:
+                self._close(flush=True)
+                return _EMPTY
+            return to_hcm
+        except Exception as exc:  # noqa: BLE001 - contained: the connection closes
+            self._failed("on_read", exc)
+            return _EMPTY
+        finally:
+            self._in_hook = False
+
+    def on_write(self, data: bytes, end_of_stream: bool) -> bytes:
+        """HCM's bytes; returns the bytes for the client. Bytes for HCM wait for a scheduled event."""
+        if self._closed:
+            return _EMPTY
+        self._in_hook = True
+        try:
+            self.connection.receive_upstream(data, end_of_stream)
+            to_hcm, to_client, close, end = self.connection.take()
+            if to_hcm:
+                self._hcm_queue.append(to_hcm)
+            if to_hcm or close or end:
+                if close or end:
+                    self._hcm_queue.append(None)  # close after what is queued
+                self.post()
+            return to_client
+        except Exception as exc:  # noqa: BLE001
+            self._failed("on_write", exc)
+            return _EMPTY
+        finally:
+            self._in_hook = False
+
+    def on_scheduled(self) -> None:
+        """On the worker: run due timers, then send what waits."""
+        self._posted = False
+        if self._closed:
+            return
+        try:
+            self._in_hook = True
+            try:
+                self.clock.run_due()
+                to_hcm, to_client, close, end = self.connection.take()
+            finally:
+                self._in_hook = False
+            queue = self._hcm_queue
+            close_after = None in queue or close or end
+            parts = [part for part in queue if part]
+            queue.clear()
+            if to_hcm:
+                parts.append(to_hcm)
+            if to_client:
+                native.inject_write(self.handle, to_client)
+            if close_after:
+                self._close(flush=True)
+            elif parts:
+                # HCM may answer at once (our on_write runs inside this call): it queues.
+                native.inject_read(self.handle, parts[0] if len(parts) == 1 else _EMPTY.join(parts))
+        except Exception as exc:  # noqa: BLE001
+            self._failed("on_scheduled", exc)
+
+    def on_event(self, kind: int) -> None:
+        if kind in (REMOTE_CLOSE, LOCAL_CLOSE):
+            self._end()
+
+    def on_destroy(self) -> None:
+        self._end()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def post(self) -> None:
+        """Have on_scheduled run on the worker (from the timer thread or a hook)."""
+        if self._closed or self._posted:
+            return
+        self._posted = True
+        native.schedule(self.handle)
+
+    def _wake(self) -> None:
+        # Output made outside a hook (a timer's, which runs in on_scheduled, is taken there).
+        if not self._in_hook:
+            self.post()
+
+    def _close(self, flush: bool) -> None:
+        if not self._closed:
+            native.close(self.handle, flush)
+
+    def _end(self) -> None:
+        if self._closed:
+            return
+        self._closed = True  # from now on nothing touches the handle
+        try:
+            self.connection.close()
+        except Exception as exc:  # noqa: BLE001
+            self.factory.contain("close", exc)
+
+    def _failed(self, hook: str, exc: Exception) -> None:
+        self.factory.contain(hook, exc)
+        if not self._closed:
+            native.close(self.handle, False)
+
+
+class FilterFactory:
+    """One listener's filter config inside Envoy: makes a Session per connection."""
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+        self.errors = 0  # transport failures contained (each closed its connection)
+        self._logged: set[str] = set()
+        self._ids = itertools.count(1)
+        self._pid = os.getpid()
+
+    def new_connection(self, handle: int) -> Session:
+        return Session(self, handle, f"{self._pid}-{next(self._ids)}")
+
+    def contain(self, hook: str, exc: Exception) -> None:
+        self.errors += 1
+        if hook not in self._logged:  # once per hook: a failing path must not flood the log
+            self._logged.add(hook)
+            failure(log, "inprocess_transport_error", exc, listener=self.runtime.name, hook=hook, errors=self.errors)
+
+
+_RUNTIMES: dict[str, dict[str, ListenerRuntime]] = {}  # config path -> its listeners' runtimes
+_LOCK = threading.Lock()
+
+
+def new_filter_config(name: bytes, config: bytes) -> FilterFactory:
+    """Envoy's filter config: ``config`` is JSON ``{"config": PATH, "listener": NAME}``. Raises
+    (and Envoy then refuses the listener) when the config or its codecs do not load."""
+    settings = json.loads(config or b"{}")
+    path, listener = settings["config"], settings["listener"]
+    with _LOCK:
+        runtimes = _RUNTIMES.get(path)
+        if runtimes is None:
+            from metabridge import logs
+
+            logs.setup(os.environ.get("METABRIDGE_LOG_LEVEL", "info"))
+            runtimes = _RUNTIMES[path] = build_runtimes(load(path))
+            event(log, logging.INFO, "inprocess_ready", config=path, listeners=sorted(runtimes))
+    if listener not in runtimes:
+        raise KeyError(f"{path}: no listener {listener!r} (known: {', '.join(sorted(runtimes))})")
+    return FilterFactory(runtimes[listener])

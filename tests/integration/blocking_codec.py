@@ -1,0 +1,26 @@
+"""An awesomerpc codec whose decode blocks (time.sleep) for cmd 55: what a codec stuck in a
+blocking call costs the connections beside it (tests/integration/test_inprocess.py)."""
+
+from __future__ import annotations
+
+import struct
+import time
+from pathlib import Path
+
+from metabridge.registry import load_codec_class
+from metabridge.sdk.codec import DecodeStatus, Metadata
+
+_REPO = Path(__file__).resolve().parents[2]
+AwesomeRpcCodec = load_codec_class("codecs/awesomerpc.py:AwesomeRpcCodec", _REPO)
+
+BLOCKING_CMD = 55
+BLOCK_SECONDS = 1.0
+_CMD = struct.Struct("!h")
+_CMD_OFFSET = 9
+
+
+class BlockingAwesomeRpcCodec(AwesomeRpcCodec):
+    def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
+        if len(buffer) >= _CMD_OFFSET + 2 and _CMD.unpack_from(buffer, _CMD_OFFSET)[0] == BLOCKING_CMD:
+            time.sleep(BLOCK_SECONDS)
+        return super().decode(buffer, metadata)

@@ -1,0 +1,245 @@
+"""The in-process mode (bridge.mode: inprocess): the core runs inside Envoy through the dynamic
+module. The same awesomerpc scenarios run in both modes (``mode`` is a parameter); what only
+one mode has is tested on its own.
+
+Not parametrized, because they do not apply in-process (docs/inprocess.md): the bridge being
+killed or restarted (there is no bridge process), SIGHUP route reloads (Envoy's process has no
+watcher), bridge workers, the bridge's admin endpoint, and the filters that need the bridge's
+asyncio loop (fault delays, the global rate limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from examples.awesomerpc.client import AwesomeRpcClient, encode_frame
+from examples.awesomerpc.protocol import ERROR_CODES
+from metabridge.config import bootstrap as envoy_config
+from metabridge.config.model import load
+from metabridge.native import build as native_build
+from metabridge.sdk.codec import ErrorType
+from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD
+from tests.integration.broken_codec import DECODE_BUG_CMD
+from tests.integration.harness import REPO, Stack, awesomerpc_config, cmd_route, free_port, port_open, read_until_closed, run_async, wait_until
+
+CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
+MODES = ("ext_proc", "inprocess")
+ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(CMD_SLOW, "v1"), cmd_route(DECODE_BUG_CMD, "v1"), cmd_route(BLOCKING_CMD, "v1")]
+
+
+class InProcessStack(Stack):
+    """A Stack whose Envoy runs the core itself: no bridge process."""
+
+    def start_bridge(self) -> None:
+        pass
+
+    def envoy_command(self) -> tuple[list[str], dict[str, str]]:
+        bootstrap = self.tmp / "bootstrap.yaml"
+        bootstrap.write_text(envoy_config.render_inprocess_yaml(load(self.config_path)))
+        env = envoy_config.inprocess_environment()
+        env["METABRIDGE_LOG_LEVEL"] = "debug"
+        return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"], env
+
+    def start_envoy(self) -> None:
+        args, env = self.envoy_command()
+        log_path = self.tmp / "envoy.log"
+        self.logs["envoy"] = self.logs["bridge"] = log_path  # the core logs into Envoy's output
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs["envoy"] = proc
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 30, "envoy", proc)
+        for listener in self.config["listeners"]:
+            wait_until(lambda: port_open(listener["port"]), 10, f"envoy listener {listener['name']}", proc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_module():
+    assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+
+
+@pytest.fixture
+def make(tmp_path):
+    """make(mode, routes=ROUTES, codec_ref=None, backends=("v1", "v2"), **listener_options) -> a started stack."""
+    started: list[Stack] = []
+
+    def factory(mode, routes=ROUTES, codec_ref=None, backends=("v1", "v2"), extra_clusters=None, **listener_options):
+        ports = {name: free_port() for name in backends}
+        cfg = awesomerpc_config(free_port(), {**ports, **(extra_clusters or {})}, routes, **listener_options)
+        if codec_ref:
+            cfg["codecs"]["awesomerpc"]["ref"] = codec_ref
+        cfg.setdefault("bridge", {})["mode"] = mode
+        cls = InProcessStack if mode == "inprocess" else Stack
+        (tmp_path / mode).mkdir(exist_ok=True)
+        s = cls(tmp_path / mode, cfg, ports)
+        s.listen_port = cfg["listeners"][0]["port"]
+        started.append(s)
+        return s.start()
+
+    yield factory
+    for s in started:
+        s.stop()
+
+
+def run(coro):
+    return run_async(coro, 60)
+
+
+async def connect(s: Stack) -> AwesomeRpcClient:
+    return await AwesomeRpcClient.connect("127.0.0.1", s.listen_port)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_routes_and_pipelined_requests(make, mode):
+    s = make(mode)
+
+    async def main():
+        async with await connect(s) as c:
+            first = [await c.call(1, b"a"), await c.call(2, b"b")]
+            many = await asyncio.gather(*(c.call(1 + i % 2, f"m{i}".encode()) for i in range(50)))
+            return first, many
+
+    first, many = run(main())
+    assert [(r.rsp_code, r.body) for r in first] == [(0, b"v1|a"), (0, b"v2|b")]
+    assert [r.body for r in many] == [f"v{1 + i % 2}|m{i}".encode() for i in range(50)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_local_replies_no_route_and_heartbeat(make, mode):
+    s = make(mode)
+
+    async def main():
+        async with await connect(s) as c:
+            return await c.call(7, b"?"), await c.heartbeat(), await c.call(1, b"after")
+
+    bad, beat, good = run(main())
+    assert bad.rsp_code == ERROR_CODES[ErrorType.ROUTE_NOT_FOUND] and bad.cmd == 7
+    assert beat.cmd == 0 and beat.rsp_code == 0
+    assert good.body == b"v1|after"
+    assert s.envoy_stat("cluster.v2.upstream_cx_total") == 0  # the heartbeat never left
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dead_backend_gets_error_reply(make, mode):
+    s = make(mode, routes=[cmd_route(1, "dead")], backends=(), extra_clusters={"dead": free_port()})
+
+    async def main():
+        async with await connect(s) as c:
+            return await c.call(1, b"x")
+
+    assert run(main()).rsp_code == ERROR_CODES[ErrorType.UNSPECIFIED]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_request_timeout_fires_from_the_core_timer(make, mode):
+    s = make(mode, request_timeout="300ms")
+
+    async def main():
+        async with await connect(s) as c:
+            started = time.monotonic()
+            slow = await c.call(CMD_SLOW, b"1500")
+            elapsed = time.monotonic() - started
+            return slow, elapsed, await c.call(1, b"ok")
+
+    slow, elapsed, fast = run(main())
+    assert slow.rsp_code == ERROR_CODES[ErrorType.TIMEOUT]
+    assert 0.25 < elapsed < 1.4  # the core's timer, not the backend's late reply
+    assert fast.body == b"v1|ok"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_idle_timeout_closes_the_connection(make, mode):
+    s = make(mode, idle_timeout="500ms")
+    import socket
+
+    with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as sock:
+        sock.sendall(encode_frame(1, 1, b"x"))
+        started = time.monotonic()
+        data = read_until_closed(sock)
+        elapsed = time.monotonic() - started
+    assert b"v1|x" in data
+    assert 0.4 < elapsed < 4.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_codec_exception_closes_only_that_connection(make, mode):
+    import socket
+
+    s = make(mode, codec_ref=f"{REPO / 'tests' / 'integration' / 'broken_codec.py'}:BrokenAwesomeRpcCodec")
+
+    async def main():
+        async with await connect(s) as healthy:
+            before = await healthy.call(1, b"before")
+            with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as bad:
+                bad.sendall(encode_frame(1, 1, b"ok") + encode_frame(2, DECODE_BUG_CMD, b"boom"))
+                data = await asyncio.get_running_loop().run_in_executor(None, read_until_closed, bad)
+            after = await healthy.call(2, b"after")
+            return before, data, after
+
+    before, data, after = run(main())
+    assert before.body == b"v1|before" and after.body == b"v2|after"
+    assert b"v1|ok" in data  # the request before the bug was answered, then the connection closed
+    assert "RuntimeError" in s.log("bridge")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_blocking_codec_stalls_its_worker_but_loses_nothing(make, mode):
+    s = make(mode, codec_ref=f"{REPO / 'tests' / 'integration' / 'blocking_codec.py'}:BlockingAwesomeRpcCodec")
+
+    async def main():
+        async with await connect(s) as a, await connect(s) as b:
+            assert (await b.call(1, b"warm")).body == b"v1|warm"
+            blocked = asyncio.ensure_future(a.call(BLOCKING_CMD, b"slow", timeout=10))
+            await asyncio.sleep(0.1)  # let the blocking frame reach the codec first
+            started = time.monotonic()
+            other = await b.call(2, b"beside", timeout=10)
+            return await blocked, other, time.monotonic() - started
+
+    blocked, other, waited = run(main())
+    assert blocked.rsp_code == 0 and other.body == b"v2|beside"
+    # Both modes run every connection of a worker (bridge loop / Envoy worker) on one thread.
+    assert waited > BLOCK_SECONDS / 2
+
+
+def test_module_failure_at_start_up_is_reported(tmp_path):
+    """The module's Python side cannot load the config (its codec is gone): Envoy refuses the
+    listener and exits, and the log says why."""
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")])
+    cfg["bridge"] = {"mode": "inprocess", "listen": f"unix:{tmp_path}/unused.sock"}
+    s = InProcessStack(tmp_path, cfg, {})
+    args, env = s.envoy_command()
+    cfg["codecs"]["awesomerpc"]["ref"] = str(tmp_path / "missing.py") + ":Codec"
+    s.config_path.write_text(yaml.safe_dump(cfg))
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "new_filter_config" in output and "missing.py" in output
+
+
+def test_missing_module_is_a_clear_error(tmp_path, monkeypatch):
+    """Without the built module, rendering for inprocess mode says how to build it."""
+    monkeypatch.setattr(native_build, "LIBRARY", Path(tmp_path) / "libmetabridge.so")
+    with pytest.raises(envoy_config.EnvoyConfigError, match="metabridge.native.build"):
+        envoy_config.inprocess_environment({})
+
+
+def test_static_bootstrap_untouched_by_mode(tmp_path):
+    """The inprocess bootstrap swaps only the network filter and drops the bridge cluster."""
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config = load(path)
+    ext_proc = envoy_config.build_bootstrap(config)
+    inprocess = envoy_config.build_inprocess_bootstrap(config)
+    names = [f["name"] for f in inprocess["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]]
+    assert names == ["envoy.filters.network.dynamic_modules", "envoy.filters.network.http_connection_manager"]
+    assert [c["name"] for c in inprocess["static_resources"]["clusters"]] == [c["name"] for c in ext_proc["static_resources"]["clusters"] if c["name"] != envoy_config.BRIDGE_CLUSTER]
+    assert inprocess["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1] == ext_proc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1]
+    envoy_config.validate_with_envoy(envoy_config.render_inprocess_yaml(config), env=envoy_config.inprocess_environment())
