@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench import wire
-from bench.stacks import DIRECT, GENERIC_PROXY, METABRIDGE, TCP_PROXY, PathSpec
+from bench.stacks import DIRECT, GENERIC_PROXY, INPROCESS, METABRIDGE, TCP_PROXY, PathSpec
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -65,6 +65,8 @@ def paths(quick: bool) -> list[PathSpec]:
         PathSpec(GENERIC_PROXY, wire.DUBBO),
         PathSpec(METABRIDGE, wire.AWESOMERPC),
         PathSpec(METABRIDGE, wire.DUBBO),
+        PathSpec(INPROCESS, wire.AWESOMERPC),
+        PathSpec(INPROCESS, wire.DUBBO),
     ]
 
 

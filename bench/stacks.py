@@ -5,6 +5,8 @@
 - ``generic_proxy``: Envoy's native generic_proxy with its Dubbo codec (bench.native).
 - ``metabridge``: Envoy + the bridge (``python -m metabridge.cli run``), per-request routing with
   the awesomerpc or Dubbo codec, the bootstrap rendered by metabridge.config.bootstrap.
+- ``inprocess``: the same config with ``bridge.mode: inprocess``: Envoy alone, the core running
+  inside it through the dynamic module (docs/inprocess.md).
 
 Every Envoy runs with ``--concurrency 1``.
 """
@@ -26,7 +28,8 @@ DIRECT = "direct"
 TCP_PROXY = "tcp_proxy"
 GENERIC_PROXY = "generic_proxy"
 METABRIDGE = "metabridge"
-PATHS = (DIRECT, TCP_PROXY, GENERIC_PROXY, METABRIDGE)
+INPROCESS = "inprocess"
+PATHS = (DIRECT, TCP_PROXY, GENERIC_PROXY, METABRIDGE, INPROCESS)
 
 BRIDGE_MAX_FRAME_SIZE = "4MiB"  # the size points go up to 1 MiB
 _CODEC_REFS = {
@@ -84,6 +87,10 @@ class Stack:
             bootstrap = native.generic_proxy_bootstrap(admin_port, listen_port, self.backend_port)
         elif self.spec.path == METABRIDGE:
             bootstrap = self._start_bridge(admin_port, listen_port)
+        elif self.spec.path == INPROCESS:
+            bootstrap, env = self._inprocess(admin_port, listen_port)
+            self._start_envoy(bootstrap, admin_port, listen_port, env)
+            return listen_port
         else:
             raise ValueError(f"unknown path {self.spec.path!r}")
         self._start_envoy(bootstrap, admin_port, listen_port)
@@ -92,10 +99,12 @@ class Stack:
     def _log(self, role: str) -> Path:
         return self.workdir / f"{self.spec.name.replace('/', '-')}-r{self.spec.routes}-{role}.log"
 
-    def _start_envoy(self, bootstrap: dict[str, Any] | str, admin_port: int, listen_port: int) -> None:
+    def _start_envoy(self, bootstrap: dict[str, Any] | str, admin_port: int, listen_port: int, env: dict[str, str] | None = None) -> None:
         path = self.workdir / f"{self.spec.name.replace('/', '-')}-r{self.spec.routes}-bootstrap.yaml"
         path.write_text(bootstrap if isinstance(bootstrap, str) else yaml.safe_dump(bootstrap, sort_keys=False))
         args = [_envoy_bin(), "-c", str(path), "--concurrency", "1", "--log-level", "warning", "--use-dynamic-base-id"]
+        if env:  # through env(1), which execs Envoy: the pid measured stays Envoy's
+            args = ["env", *(f"{key}={value}" for key, value in env.items()), *args]
         envoy = self.children["envoy"] = Child(f"envoy ({self.spec.name})", args, self._log("envoy"))
         ready = f"http://127.0.0.1:{admin_port}/ready"
         envoy.wait_until(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, 30, "ready")
@@ -121,6 +130,24 @@ class Stack:
         for address in config_model.worker_addresses():
             bridge.wait_until(lambda a=address: _bridge_serving(a), 30, f"serving on {address}")
         return bootstrap
+
+    def _inprocess(self, admin_port: int, listen_port: int) -> tuple[str, dict[str, str]]:
+        """The in-process bootstrap and the variables Envoy needs for the module."""
+        from metabridge.config import bootstrap as envoy_config
+        from metabridge.config.model import load
+
+        protocol = self.spec.protocol
+        config = {
+            "bridge": {"mode": "inprocess", "log_level": "warning"},
+            "envoy": {"admin_port": admin_port, "concurrency": 1},
+            **bridge_listener_config(protocol, self.spec.routes, listen_port, self.backend_port),
+        }
+        config_path = self.workdir / f"inprocess-{protocol}-r{self.spec.routes}.yaml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        names = ("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", "METABRIDGE_PYTHON", "PYTHONPATH")
+        env = envoy_config.inprocess_environment({})
+        env = {key: env[key] for key in names} | {"METABRIDGE_LOG_LEVEL": "warning"}
+        return envoy_config.render_inprocess_yaml(load(config_path)), env
 
     def pids(self) -> dict[str, int]:
         return {role: child.pid for role, child in self.children.items()}
