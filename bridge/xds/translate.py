@@ -126,7 +126,7 @@ def _header(header, where: str, problems: list[str]) -> dict[str, Any] | None:
     _unsupported(header, {"name", "exact_match", "safe_regex_match", "present_match", "prefix_match", "suffix_match", "string_match", "invert_match"}, where, problems)
     entry: dict[str, Any] = {"name": header.name}
     kind, value = betterproto2.which_one_of(header, "header_match_specifier")
-    if kind is None:
+    if not kind:
         entry["present"] = True  # Envoy: a matcher with no specifier asks that the header is present
     elif kind in ("exact_match", "prefix_match", "suffix_match"):
         entry[kind[: -len("_match")]] = value
@@ -137,7 +137,7 @@ def _header(header, where: str, problems: list[str]) -> dict[str, Any] | None:
     elif kind == "string_match":
         _unsupported(value, {"exact", "prefix", "suffix", "safe_regex"}, f"{where}.string_match", problems)
         pattern, text = betterproto2.which_one_of(value, "match_pattern")
-        if pattern is None:
+        if not pattern:
             problems.append(f"{where}.string_match: no pattern; give exact, prefix, suffix or safe_regex")
             return None
         entry["regex" if pattern == "safe_regex" else pattern] = text.regex if pattern == "safe_regex" else text
@@ -218,8 +218,8 @@ def _retry(policy, where: str, problems: list[str]) -> dict[str, Any]:
 
 
 def _duration(duration) -> str | None:
-    """A protobuf Duration in the config's syntax ("1500ms"); None for 0."""
-    millis = duration.seconds * 1000 + duration.nanos / 1_000_000
+    """A protobuf Duration (a timedelta in the models) in the config's syntax ("1500ms"); None for 0."""
+    millis = duration.total_seconds() * 1000
     if millis <= 0:
         return None
     return f"{millis:.6f}".rstrip("0").rstrip(".") + "ms"
