@@ -127,9 +127,22 @@ class XdsServer:
                     raise TimeoutError(f"xDS server: no {what} within {timeout}s; received (stream, version, nonce, error): {seen}")
                 self._lock.wait(left)
 
-    def acks(self, nonce: str) -> list[Received]:
+    def wait_streams(self, check: Callable[[Received], bool], streams: int, timeout: float = 10.0, what: str = "a request") -> list[Received]:
+        """The first request ``check`` holds for on each of ``streams`` different streams."""
+        deadline = time.monotonic() + timeout
         with self._lock:
-            return [r for r in self.received if r.request.response_nonce == nonce and not r.nack]
+            while True:
+                found: dict[int, Received] = {}
+                for received in self.received:
+                    if received.stream not in found and check(received):
+                        found[received.stream] = received
+                if len(found) >= streams:
+                    return list(found.values())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [(r.stream, r.request.version_info, r.request.response_nonce, r.error) for r in self.received]
+                    raise TimeoutError(f"xDS server: {what} on {len(found)} of {streams} streams within {timeout}s; received (stream, version, nonce, error): {seen}")
+                self._lock.wait(left)
 
     def _stream(self, requests, context):
         out: queue.Queue = queue.Queue()
