@@ -23,7 +23,8 @@ from metabridge import logs
 from metabridge.config.model import Config, ConfigError, load
 from metabridge.logs import event
 from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
-from metabridge.core.runtime import build_runtimes, reload_routes
+from metabridge.config import live
+from metabridge.core.runtime import apply_config, build_runtimes, reload_routes
 from metabridge.filters import access_log
 from metabridge.filters.local_ratelimit import remove_shared_buckets
 from metabridge.transport.ext_proc import serve
@@ -64,13 +65,15 @@ class _RestartBudget:
 class EnvoySupervisor:
     """Starts Envoy with the rendered bootstrap and restarts it if it dies unexpectedly."""
 
-    def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str) -> None:
+    def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str, bootstrap: str | None = None) -> None:
+        """``bootstrap``: the text to start Envoy with (live config's dynamic bootstrap);
+        default: the static rendering of ``config``."""
         from metabridge.config import bootstrap as envoy_config
 
         self._bin = envoy_bin or envoy_config.find_envoy()
         self._dir = tempfile.TemporaryDirectory(prefix="metabridge-envoy-")
         self.bootstrap = Path(self._dir.name) / "bootstrap.yaml"
-        self.bootstrap.write_text(envoy_config.render_yaml(config, bridge_addresses=bridge_addresses))
+        self.bootstrap.write_text(bootstrap or envoy_config.render_yaml(config, bridge_addresses=bridge_addresses))
         self._args = [self._bin, "-c", str(self.bootstrap), "--concurrency", str(config.envoy_concurrency), "--log-level", log_level, "--use-dynamic-base-id"]
         self._proc: subprocess.Popen | None = None
         self._budget = _RestartBudget("Envoy")
@@ -116,9 +119,10 @@ def raise_open_file_limit() -> None:
     event(log, logging.DEBUG, "open_file_limit", soft=resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
-async def _start_bridge(config: Config, address: str, index: int, admin_dir: str | None = None):
+async def _start_bridge(config: Config, address: str, index: int, admin_dir: str | None = None, live_dir: str | None = None):
     """One bridge: the gRPC server, its admin endpoint and route reload on SIGHUP. A worker
-    (``admin_dir`` set) answers its supervisor's admin on a Unix socket there instead."""
+    (``admin_dir`` set) answers its supervisor's admin on a Unix socket there instead. With
+    ``live_dir`` (a worker under live config) SIGHUP applies the supervisor's snapshot there."""
     raise_open_file_limit()
     runtimes = build_runtimes(config)
     server = await serve(address, runtimes, config.grpc_limits)
@@ -131,23 +135,26 @@ async def _start_bridge(config: Config, address: str, index: int, admin_dir: str
     elif config.metrics_port is not None:
         serve_admin(LocalAdmin(config, runtimes, server), config.metrics_address, config.metrics_port)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
+    if live_dir is not None:
+        loop.add_signal_handler(signal.SIGHUP, live.apply_snapshot, Path(live_dir), runtimes, index)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
     # Every bridge process handles SIGUSR1 (access logs reopen their files), so a rotation's
     # signal never ends a process that has no log file.
     loop.add_signal_handler(signal.SIGUSR1, access_log.reopen_files)
-    return server
+    return server, runtimes
 
 
-def _worker_main(config: Config, address: str, index: int, log_level: str, admin_dir: str | None = None) -> None:
+def _worker_main(config: Config, address: str, index: int, log_level: str, admin_dir: str | None = None, live_dir: str | None = None) -> None:
     """Entry point of a worker process: serve one address until SIGTERM."""
     logs.setup(log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     install_event_loop()
-    asyncio.run(_serve_until_stopped(config, address, index, admin_dir))
+    asyncio.run(_serve_until_stopped(config, address, index, admin_dir, live_dir))
 
 
-async def _serve_until_stopped(config: Config, address: str, index: int, admin_dir: str | None = None) -> None:
-    server = await _start_bridge(config, address, index, admin_dir)
+async def _serve_until_stopped(config: Config, address: str, index: int, admin_dir: str | None = None, live_dir: str | None = None) -> None:
+    server, _ = await _start_bridge(config, address, index, admin_dir, live_dir)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     try:
@@ -173,7 +180,7 @@ async def _accepts(address: str) -> bool:
 class WorkerSupervisor:
     """Runs one bridge process per worker address and restarts any that dies."""
 
-    def __init__(self, config: Config, addresses: list[str]) -> None:
+    def __init__(self, config: Config, addresses: list[str], live_config: bool = False) -> None:
         self._config = config
         self._addresses = addresses
         self._context = multiprocessing.get_context("spawn")  # no forked gRPC state
@@ -183,12 +190,16 @@ class WorkerSupervisor:
         # With bridge.metrics_port: where the workers answer the supervisor's admin endpoint.
         self._admin_dir = tempfile.TemporaryDirectory(prefix="metabridge-admin-") if config.metrics_port is not None else None
         self.admin_sockets = [worker_socket(self._admin_dir.name, i) for i in range(len(addresses))] if self._admin_dir else []
+        # Live config: where the supervisor leaves the config for the workers to apply.
+        self._live_dir = tempfile.TemporaryDirectory(prefix="metabridge-live-") if live_config else None
+        self._version = 0
 
     def _start(self, address: str) -> None:
         index = self._addresses.index(address)
         level = logging.getLevelName(logging.getLogger().level).lower()
         admin_dir = self._admin_dir.name if self._admin_dir else None
-        proc = self._context.Process(target=_worker_main, args=(self._config, address, index, level, admin_dir), name=f"metabridge-worker {address}", daemon=False)
+        live_dir = self._live_dir.name if self._live_dir else None
+        proc = self._context.Process(target=_worker_main, args=(self._config, address, index, level, admin_dir, live_dir), name=f"metabridge-worker {address}", daemon=False)
         proc.start()
         self._procs[address] = proc
         event(log, logging.INFO, "worker_started", pid=proc.pid, address=address)
@@ -229,6 +240,29 @@ class WorkerSupervisor:
             if proc.is_alive():
                 os.kill(proc.pid, signal.SIGHUP)
 
+    async def apply(self, config: Config) -> None:
+        """Live config: every live worker applies ``config``; returns once each has said so (a
+        worker started from now on starts from it)."""
+        assert self._live_dir is not None
+        self._config = config
+        self._version += 1
+        version = f"{os.getpid()}-{self._version}"
+        directory = Path(self._live_dir.name)
+        live.write_snapshot(directory, config, version)
+        waiting = {}
+        for address, proc in self._procs.items():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGHUP)
+                waiting[self._addresses.index(address)] = proc
+        deadline = time.monotonic() + live.WORKER_APPLY_TIMEOUT
+        while waiting and time.monotonic() < deadline:
+            for index, proc in list(waiting.items()):
+                if live.read_ack(directory, index) == version or not proc.is_alive():
+                    del waiting[index]  # applied, or died: a restart starts from ``config``
+            await asyncio.sleep(0.01)
+        if waiting:
+            event(log, logging.WARNING, "workers_slow_to_apply_config", workers=sorted(waiting), seconds=live.WORKER_APPLY_TIMEOUT)
+
     def forward(self, sig: int) -> None:
         """Pass a signal on to every live worker (SIGUSR1: access logs reopen their files)."""
         for proc in self._procs.values():
@@ -247,10 +281,12 @@ class WorkerSupervisor:
                 proc.join()
         if self._admin_dir:
             self._admin_dir.cleanup()
+        if self._live_dir:
+            self._live_dir.cleanup()
         remove_shared_buckets(os.getpid())  # the workers' shared rate-limit buckets
 
 
-async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str) -> int:
+async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str, source: live.ConfigSource | None = None, xds_dir: Path | None = None) -> int:
     addresses = config.worker_addresses(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -259,12 +295,15 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
     server = workers = envoy = None
     watchers: list[asyncio.Future] = []
     exit_code = 0
+    xds_tmp = None
     try:
         if len(addresses) == 1:
-            server = await _start_bridge(config, addresses[0], 0)
+            server, runtimes = await _start_bridge(config, addresses[0], 0)
+            apply_workers = _in_process(runtimes)
         else:
             build_runtimes(config)  # fail here, once, on a bad codec rather than in every worker
-            workers = WorkerSupervisor(config, addresses)
+            workers = WorkerSupervisor(config, addresses, live_config=source is not None)
+            apply_workers = workers.apply
             workers.start()
             loop.add_signal_handler(signal.SIGHUP, workers.reload)
             loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
@@ -272,8 +311,19 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             await workers.wait_ready()
             if config.metrics_port is not None:
                 serve_admin(SupervisorAdmin(workers.admin_sockets), config.metrics_address, config.metrics_port)
+        live_config = None
+        if source is not None:
+            if xds_dir is None:
+                xds_tmp = tempfile.TemporaryDirectory(prefix="metabridge-xds-")
+                xds_dir = Path(xds_tmp.name)
+            live_config = live.LiveConfig(source, config, xds_dir.resolve(), apply_workers, bridge_addresses=addresses)
+            # SIGHUP now reloads Envoy's resources too, not only the workers' routes.
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(live_config.reload(force=True)))
+            watchers.append(asyncio.ensure_future(live_config.run()))
+            event(log, logging.INFO, "live_config_watching", files=[str(p) for p in source.files()][:20], xds_dir=str(xds_dir))
         if with_envoy:
-            envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level)
+            bootstrap = live_config.bootstrap_yaml() if live_config else None
+            envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level, bootstrap)
             envoy.start()
             watchers.append(asyncio.ensure_future(envoy.watch()))
         waiter = asyncio.ensure_future(stop.wait())
@@ -293,10 +343,24 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             workers.stop()
         if server:
             await server.stop(grace=2.0)
+        if xds_tmp:
+            xds_tmp.cleanup()
         event(log, logging.INFO, "stopped")
     return exit_code
 
 
-def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning") -> int:
+def _in_process(runtimes: dict):
+    """Live config's worker step when the bridge runs in this process."""
+
+    async def apply(config: Config) -> None:
+        apply_config(runtimes, config, envoy_follows=True)
+
+    return apply
+
+
+def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning", source: live.ConfigSource | None = None, xds_dir: Path | None = None) -> int:
+    """``source``: watch it and apply changes live (Envoy's listeners and clusters from files
+    in ``xds_dir``, a private directory by default); None: the static bootstrap, SIGHUP reloads
+    the workers' routes only."""
     install_event_loop()
-    return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level))
+    return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level, source, xds_dir))
