@@ -362,5 +362,9 @@ def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, 
     """``source``: watch it and apply changes live (Envoy's listeners and clusters from files
     in ``xds_dir``, a private directory by default); None: the static bootstrap, SIGHUP reloads
     the workers' routes only."""
+    if config.mode == "inprocess":  # no bridge process: Envoy runs the core (docs/inprocess.md)
+        from metabridge.inprocess_runner import run_inprocess
+
+        return run_inprocess(config, with_envoy=with_envoy, envoy_bin=envoy_bin, envoy_log_level=envoy_log_level)
     install_event_loop()
     return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level, source, xds_dir))
