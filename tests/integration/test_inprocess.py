@@ -230,6 +230,14 @@ def test_missing_module_is_a_clear_error(tmp_path, monkeypatch):
         envoy_config.inprocess_environment({})
 
 
+def test_filters_needing_the_bridge_loop_are_refused(tmp_path):
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")], filters=[{"name": "fault", "config": {"delay": {"fixed_delay": "1s", "percentage": 100}}}])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(envoy_config.EnvoyConfigError, match="filter 'fault' needs the bridge's event loop"):
+        envoy_config.build_inprocess_bootstrap(load(path))
+
+
 def test_static_bootstrap_untouched_by_mode(tmp_path):
     """The inprocess bootstrap swaps only the network filter and drops the bridge cluster."""
     cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")])
