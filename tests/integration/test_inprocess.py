@@ -251,3 +251,32 @@ def test_static_bootstrap_untouched_by_mode(tmp_path):
     assert [c["name"] for c in inprocess["static_resources"]["clusters"]] == [c["name"] for c in ext_proc["static_resources"]["clusters"] if c["name"] != envoy_config.BRIDGE_CLUSTER]
     assert inprocess["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1] == ext_proc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][1]
     envoy_config.validate_with_envoy(envoy_config.render_inprocess_yaml(config), env=envoy_config.inprocess_environment())
+
+
+def test_metabridge_run_with_envoy_in_process(tmp_path):
+    """`metabridge run --with-envoy` with bridge.mode inprocess: Envoy alone serves the listener;
+    SIGTERM stops it cleanly."""
+    import signal
+    import sys
+
+    backend_port = free_port()
+    cfg = awesomerpc_config(free_port(), {"v1": backend_port}, [cmd_route(1, "v1")])
+    s = Stack(tmp_path, cfg, {"v1": backend_port})
+    cfg["bridge"]["mode"] = "inprocess"
+    s.config_path.write_text(yaml.safe_dump(cfg))
+    s.start_backend("v1", backend_port)
+    try:
+        run_proc = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy"])
+        wait_until(lambda: port_open(cfg["listeners"][0]["port"]), 30, "listener", run_proc)
+
+        async def main():
+            async with await AwesomeRpcClient.connect("127.0.0.1", cfg["listeners"][0]["port"]) as c:
+                return await c.call(1, b"hi")
+
+        assert run(main()).body == b"v1|hi"
+        assert not Path(s.bridge_address.removeprefix("unix:")).exists()  # no bridge process listens
+        run_proc.send_signal(signal.SIGTERM)  # the runner stops its Envoy
+        assert run_proc.wait(timeout=20) == 0
+        assert not port_open(cfg["listeners"][0]["port"])
+    finally:
+        s.stop()
