@@ -37,6 +37,7 @@ class Received:
     stream: int  # which stream (1, 2, ... in the order they were opened)
     request: DiscoveryRequest
     client_cn: str | None  # the client certificate's common name (mTLS)
+    method: str = ""  # the RPC the stream is: RDS's StreamRoutes or ADS's StreamAggregatedResources
 
     @property
     def nack(self) -> bool:
@@ -59,11 +60,18 @@ class XdsServer:
         self._resources: list[Any] = []
         self.received: list[Received] = []
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        handler = grpc.stream_stream_rpc_method_handler(self._stream, request_deserializer=DiscoveryRequest.FromString, response_serializer=DiscoveryResponse.SerializeToString)
+        def handler(method: str):
+            return grpc.stream_stream_rpc_method_handler(
+                lambda requests, context: self._stream(requests, context, method), request_deserializer=DiscoveryRequest.FromString, response_serializer=DiscoveryResponse.SerializeToString
+            )
+
         self._server.add_generic_rpc_handlers(
             (
-                grpc.method_handlers_generic_handler("envoy.service.route.v3.RouteDiscoveryService", {"StreamRoutes": handler}),
-                grpc.method_handlers_generic_handler("envoy.service.discovery.v3.AggregatedDiscoveryService", {"StreamAggregatedResources": handler}),
+                grpc.method_handlers_generic_handler("envoy.service.route.v3.RouteDiscoveryService", {"StreamRoutes": handler("/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes")}),
+                grpc.method_handlers_generic_handler(
+                    "envoy.service.discovery.v3.AggregatedDiscoveryService",
+                    {"StreamAggregatedResources": handler("/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources")},
+                ),
             )
         )
         if tls is None:
@@ -144,7 +152,7 @@ class XdsServer:
                     raise TimeoutError(f"xDS server: {what} on {len(found)} of {streams} streams within {timeout}s; received (stream, version, nonce, error): {seen}")
                 self._lock.wait(left)
 
-    def _stream(self, requests, context):
+    def _stream(self, requests, context, method: str):
         out: queue.Queue = queue.Queue()
         client_cn = None
         if context.auth_context().get("x509_common_name"):
@@ -158,7 +166,7 @@ class XdsServer:
             try:
                 for request in requests:
                     with self._lock:
-                        self.received.append(Received(stream, request, client_cn))
+                        self.received.append(Received(stream, request, client_cn, method))
                         if first and self.version is not None:
                             out.put(self._response())
                         self._lock.notify_all()

@@ -426,3 +426,41 @@ def test_sighup_reload_keeps_the_routes_from_rds(tmp_path):
     reload_routes({"greeter": runtime}, str(path))
     assert runtime.config.request_timeout == 7.0  # the file's other settings apply
     assert _route_names(runtime) == ["from-rds"] and [r.name for r in runtime.config.routes] == ["from-rds"]
+
+
+def test_client_over_ads():
+    server = XdsServer("127.0.0.1:0").start()
+    runtime = _runtime(_rds_config(server=server.address, api="ads"))
+
+    async def main():
+        task = asyncio.ensure_future(RdsClient(runtime, runtime.config.rds).run())
+        try:
+            version, _ = server.push([one_route(aeraki_route("all-v2", cluster=V2)), one_route(aeraki_route("x", cluster=V1), name="another_1")])
+            ack = await asyncio.to_thread(server.wait_for, lambda r: r.request.version_info == version, 15, "ACK over ADS")
+            assert not ack.nack and ack.method.endswith("AggregatedDiscoveryService/StreamAggregatedResources")
+            assert _route_names(runtime) == ["all-v2"]  # its own RouteConfiguration, not the other
+        finally:
+            task.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+
+
+def test_client_uses_rds_by_default():
+    server = XdsServer("127.0.0.1:0").start()
+    runtime = _runtime(_rds_config(server=server.address))
+
+    async def main():
+        task = asyncio.ensure_future(RdsClient(runtime, runtime.config.rds).run())
+        try:
+            first = await asyncio.to_thread(server.wait_for, lambda r: True, 15, "a first request")
+            assert first.method == "/envoy.service.route.v3.RouteDiscoveryService/StreamRoutes"
+        finally:
+            task.cancel()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
