@@ -30,3 +30,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# The in-process mode's Envoy module (bridge/native), built with the system C compiler against
+# this Python. Optional: where it cannot build, setup carries on and only that mode is unavailable.
+if ! .venv/bin/python -m metabridge.native.build --quiet; then
+  echo "setup: the in-process module was not built (bridge.mode inprocess unavailable; ext_proc mode unaffected)" >&2
+fi
