@@ -27,7 +27,7 @@ from envoy_data_plane.envoy.service.discovery.v3 import DiscoveryRequest, Discov
 from envoy_data_plane.google.rpc import Status
 
 from metabridge.config.model import RdsConfig
-from metabridge.logs import event
+from metabridge.logs import event, failure
 from metabridge.xds.translate import TYPE_URL, TranslationError, translate
 
 log = logging.getLogger("metabridge.xds")
@@ -73,7 +73,10 @@ class Subscription:
         self.nonce = response.nonce
         try:
             self._take(response)
-        except (TranslationError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever refuses the push is its error_detail
+            if not isinstance(exc, (TranslationError, ValueError)):  # a bug: keep its traceback
+                failure(log, "rds_apply_failed", exc, route_config_name=self.name, version_info=response.version_info)
+                exc = f"{type(exc).__name__}: {exc}"
             self.last_error = f"version {response.version_info!r}: {exc}"
             return DiscoveryRequest(
                 version_info=self.version_info,
@@ -164,6 +167,9 @@ class RdsClient:
                 error = f"{exc.code().name}: {exc.details()}"
             except OSError as exc:  # the TLS files
                 error = f"cannot read a TLS file: {exc}; check listeners[].rds.tls"
+            except Exception as exc:  # noqa: BLE001 - a bug must not end the subscription for good
+                failure(log, "rds_client_error", exc, listener=listener, server=self.rds.server)
+                error = f"{type(exc).__name__}: {exc}"
             if received:
                 backoff = _BACKOFF_INITIAL
             delay = backoff * (0.5 + self._rand())

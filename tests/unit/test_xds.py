@@ -464,3 +464,12 @@ def test_client_uses_rds_by_default():
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         server.stop()
+
+
+def test_an_unexpected_error_while_applying_is_a_nack_not_a_dead_subscription():
+    def broken(config):
+        raise KeyError("bug")
+
+    sub = _subscription(broken)
+    nack = sub.on_response(_response("1", "n1", one_route(aeraki_route("all", cluster=V1))))
+    assert nack.error_detail.message == "version '1': KeyError: 'bug'" and nack.version_info == ""
