@@ -38,6 +38,8 @@ ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(CMD_SLOW, "v1"), cmd
 class InProcessStack(Stack):
     """A Stack whose Envoy runs the core itself: no bridge process."""
 
+    concurrency = 1
+
     def start_bridge(self) -> None:
         pass
 
@@ -46,7 +48,7 @@ class InProcessStack(Stack):
         bootstrap.write_text(envoy_config.render_inprocess_yaml(load(self.config_path)))
         env = envoy_config.inprocess_environment()
         env["METABRIDGE_LOG_LEVEL"] = "debug"
-        return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"], env
+        return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info", "--use-dynamic-base-id"], env
 
     def start_envoy(self) -> None:
         args, env = self.envoy_command()
@@ -280,3 +282,52 @@ def test_metabridge_run_with_envoy_in_process(tmp_path):
         assert not port_open(cfg["listeners"][0]["port"])
     finally:
         s.stop()
+
+
+def test_two_envoy_workers_share_the_interpreter(tmp_path):
+    """--concurrency 2: both workers run the core (one Python thread state each, one GIL)."""
+    ports = {"v1": free_port(), "v2": free_port()}
+    cfg = awesomerpc_config(free_port(), ports, ROUTES)
+    cfg["bridge"] = {"mode": "inprocess"}
+    s = InProcessStack(tmp_path, cfg, ports)
+    s.concurrency = 2
+    s.listen_port = cfg["listeners"][0]["port"]
+    s.start()
+    try:
+        async def one(i):
+            async with await connect(s) as c:
+                return [await c.call(1 + i % 2, f"{i}-{j}".encode()) for j in range(5)]
+
+        async def main():
+            return await asyncio.gather(*(one(i) for i in range(40)))
+
+        replies = run(main())
+        assert [[r.body for r in rs] for rs in replies] == [[f"v{1 + i % 2}|{i}-{j}".encode() for j in range(5)] for i in range(40)]
+        workers = {line.split("worker_")[1].split(".")[0] for line in _stats(s).splitlines() if line.startswith("listener.127.0.0.1") and ".worker_" in line and "downstream_cx_total" in line and not line.endswith(": 0")}
+        assert workers == {"0", "1"}, workers  # both workers took connections
+    finally:
+        s.stop()
+
+
+def _stats(s: Stack) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/stats", timeout=2) as r:
+        return r.read().decode()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_clients_leaving_mid_request_leave_the_proxy_healthy(make, mode):
+    """Connections closed with requests in flight, timers armed and tunnels opening: their
+    state is freed and Envoy (with the module) keeps serving."""
+    import socket
+
+    s = make(mode, request_timeout="200ms")
+    for i in range(100):
+        with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as sock:
+            sock.sendall(encode_frame(i + 1, CMD_SLOW if i % 2 else 1, b"300" if i % 2 else b"x"))
+
+    async def main():
+        async with await connect(s) as c:
+            return await c.call(2, b"still")
+
+    assert run(main()).body == b"v2|still"
+    wait_until(lambda: s.envoy_stat("listener.127.0.0.1_%d.downstream_cx_active" % s.listen_port) == 0, 10, "connections freed")
