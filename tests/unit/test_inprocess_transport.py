@@ -1,0 +1,83 @@
+"""metabridge.transport.inprocess without Envoy: a fake native module records what the Session
+asks of Envoy. Containment of the transport's own failures, timers through the timer thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from metabridge.config.model import ListenerConfig
+from metabridge.core.router import Router
+from metabridge.core.runtime import ListenerRuntime
+from metabridge.transport import inprocess
+from tests.unit.connection_harness import AwesomeRpcCodec, encode_frame, route
+
+
+class FakeNative:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.scheduled = threading.Event()
+
+    def inject_read(self, handle, data, end=False):
+        self.calls.append(("inject_read", handle, bytes(data)))
+
+    def inject_write(self, handle, data, end=False):
+        self.calls.append(("inject_write", handle, bytes(data)))
+
+    def close(self, handle, flush=True):
+        self.calls.append(("close", handle, flush))
+
+    def schedule(self, handle):
+        self.calls.append(("schedule", handle))
+        self.scheduled.set()
+        return True
+
+
+@pytest.fixture
+def native(monkeypatch):
+    fake = FakeNative()
+    monkeypatch.setattr(inprocess, "native", fake)
+    return fake
+
+
+def factory(**options) -> inprocess.FilterFactory:
+    config = ListenerConfig(name="arpc", address="127.0.0.1", port=1, codec="awesomerpc", routes=(route("r1", "1", "v1"),), **options)
+    return inprocess.FilterFactory(ListenerRuntime(config=config, codec_cls=AwesomeRpcCodec, codec_options={}, router=Router(config.routes)))
+
+
+def test_a_request_becomes_hcm_bytes_and_a_no_route_a_local_reply(native):
+    session = factory().new_connection(7)
+    to_hcm = session.on_read(encode_frame(1, 1, b"x"), False)
+    assert to_hcm.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # the HTTP/2 connection, then CONNECT + DATA
+    assert encode_frame(1, 1, b"x") in to_hcm  # the request travels in the tunnel's DATA
+    assert session.on_read(encode_frame(2, 9, b"?"), False) == b""  # cmd 9 has no route
+    assert [c[0] for c in native.calls] == ["inject_write"]  # the local reply, to the client
+
+
+def test_a_transport_failure_is_contained_logged_once_and_counted(native, caplog, monkeypatch):
+    f = factory()
+    sessions = [f.new_connection(h) for h in (1, 2)]
+    for s in sessions:
+        monkeypatch.setattr(s.connection, "receive_client", lambda *a: 1 / 0)
+    with caplog.at_level(logging.ERROR, logger="metabridge.inprocess"):
+        assert [s.on_read(b"abc", False) for s in sessions] == [b"", b""]
+    assert f.errors == 2
+    assert [r.getMessage() for r in caplog.records].count("inprocess_transport_error") == 1
+    assert ("close", 1, False) in native.calls and ("close", 2, False) in native.calls
+
+
+def test_a_timer_posts_an_event_and_runs_on_scheduled(native):
+    session = factory(idle_timeout=0.05).new_connection(3)
+    assert native.scheduled.wait(5), "the timer thread never posted the idle timer's event"
+    session.on_scheduled()
+    assert ("close", 3, True) in native.calls  # idle: the connection is closed
+
+
+def test_nothing_reaches_envoy_after_destroy(native):
+    session = factory(idle_timeout=0.05).new_connection(4)
+    session.on_destroy()
+    assert session.on_read(encode_frame(1, 1, b"x"), False) == b""
+    session.post()
+    assert native.calls == []
