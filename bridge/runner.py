@@ -75,6 +75,12 @@ class EnvoySupervisor:
         self.bootstrap = Path(self._dir.name) / "bootstrap.yaml"
         self.bootstrap.write_text(bootstrap or envoy_config.render_yaml(config, bridge_addresses=bridge_addresses))
         self._args = [self._bin, "-c", str(self.bootstrap), "--concurrency", str(config.envoy_concurrency), "--log-level", log_level, "--use-dynamic-base-id"]
+        if bootstrap is not None:
+            # A changed or removed listener drains: with Envoy's default (gradual) strategy its HCM
+            # sends the GOAWAY that makes the bridge finish and close a connection only with a
+            # probability that grows over the drain time, so a connection could still be open when
+            # the drain time ends and Envoy closes it. Immediate: the bridge's next drain probe sees it.
+            self._args += ["--drain-strategy", "immediate"]
         self._proc: subprocess.Popen | None = None
         self._budget = _RestartBudget("Envoy")
         self._stopping = False

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,15 +85,19 @@ class Traffic:
         self.loop = asyncio.new_event_loop()
         self.replies: list[tuple[float, int, int, int, str]] = []  # (time, client, cmd, rsp_code, backend)
         self.failures: list[str] = []
+        self.ended: dict[int, float] = {}  # client -> when it found its connection closed between calls
+        self.closed: list[int] = []  # clients whose connection was closed by the end
         self.clients: list[AwesomeRpcClient] = []
         self._stop = False
         self._tasks: list[asyncio.Future] = []
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
-    def add(self, port: int, cmds: list[int], count: int) -> None:
+    def add(self, port: int, cmds: list[int], count: int) -> range:
+        first = len(self.clients)
         for _ in range(count):
             asyncio.run_coroutine_threadsafe(self._connect(port, cmds), self.loop).result(10)
+        return range(first, first + count)
 
     async def _connect(self, port: int, cmds: list[int]) -> None:
         client = await AwesomeRpcClient.connect("127.0.0.1", port)
@@ -105,6 +110,9 @@ class Traffic:
         while not self._stop:
             cmd = cmds[n % len(cmds)]
             n += 1
+            if client.closed:  # closed by the proxy with nothing in flight: no request lost
+                self.ended[index] = time.monotonic()
+                return
             try:
                 reply = await client.call(cmd, b"x", timeout=5)
             except Exception as exc:  # noqa: BLE001 - every failure is recorded and fails the test
@@ -128,8 +136,7 @@ class Traffic:
                 client.close()
             return closed
 
-        closed = asyncio.run_coroutine_threadsafe(finish(), self.loop).result(15)
-        self.failures += [f"client {i}: its connection was closed" for i in closed]
+        self.closed = asyncio.run_coroutine_threadsafe(finish(), self.loop).result(15)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
 
@@ -203,6 +210,7 @@ def test_listener_endpoint_weight_and_cluster_changes_apply_live_under_traffic(t
         traffic.stop()
 
         assert traffic.failures == [], traffic.failures[:5]
+        assert traffic.closed == [], "no connection was closed"
         assert all(value < VISIBLE_WITHIN for value in timings.values()), timings
         by_backend = Counter((cmd, backend) for _, _, cmd, _, backend in traffic.replies)
         assert by_backend[(3, "v1")] + by_backend[(3, "v1b")] > 0, by_backend
@@ -258,10 +266,52 @@ def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_ol
         t = stack.save({**good, "listeners": [{**good["listeners"][0], "routes": [cmd_route(1, "v2")]}]})
         measure(lambda: traffic.seen(t, 1, "v2"), "the good config", t)
         traffic.stop()
-        assert traffic.failures == [], traffic.failures[:5]
+        assert traffic.failures == [] and traffic.closed == [], traffic.failures[:5]
         served_v1 = [r for r in traffic.replies if r[4] == "v1"]
         assert len(served_v1) > 50
         assert stack.procs["bridge"].poll() is None
+    finally:
+        if traffic is not None and not traffic._stop:
+            traffic.stop()
+        stack.stop()
+
+
+def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(tmp_path):
+    """A listener's port changes and another is removed: the new port serves and the removed
+    one stops accepting within 2 s; the connections open on the old listeners are answered until
+    Envoy's drain reaches them, then closed with nothing in flight."""
+    ports = {"v1": free_port(), "v2": free_port()}
+    moved, gone, new_port = free_port(), free_port(), free_port()
+    cfg = awesomerpc_config(moved, ports, [cmd_route(1, "v1")], drain_probe_interval="500ms")
+    cfg["listeners"].append({**cfg["listeners"][0], "name": "gone", "port": gone, "routes": [cmd_route(1, "v2")]})
+    stack = LiveStack(tmp_path, cfg, ports)
+    traffic = None
+    try:
+        stack.start()
+        traffic = Traffic()
+        on_moved, on_gone = traffic.add(moved, [1], 2), traffic.add(gone, [1], 2)
+        wait_until(lambda: traffic.seen(0, 1, "v1") and traffic.seen(0, 1, "v2"), 10, "traffic flowing")
+        new = yaml.safe_load(yaml.safe_dump(stack.config))
+        new["listeners"] = [{**new["listeners"][0], "port": new_port}]
+        t = stack.save(new)
+        assert measure(lambda: answers(new_port, 1) == "v1", "the moved listener", t) < VISIBLE_WITHIN
+        assert measure(lambda: not port_open(gone) and not port_open(moved), "the old ports closed", t) < VISIBLE_WITHIN
+        # Envoy drains both old listeners: at its next drain probe the bridge answers what is in
+        # flight on each connection, then closes it.
+        wait_until(lambda: len(traffic.ended) + len(traffic.failures) == 4, 10, "the old connections closed by the drain")
+        closes = [e for e in stack.events("connection_closed") if e["listener"] in ("awesomerpc", "gone")]
+        assert len(stack.events("upstream_draining")) == 4 and [e["requests_in_flight"] for e in closes[-4:]] == [0] * 4
+        applied = stack.events("live_config_applied")[0]
+        assert applied["listeners_removed"] == ["gone"] and applied["listeners_changed"] == ["awesomerpc"]
+        traffic.stop()
+        # A call a client makes as its connection closes finds it closed, or closing: it cannot
+        # be answered (awesomerpc has no way to tell a client to stop sending). Nothing else fails.
+        assert all(re.match(r"client \d+ cmd 1: ConnectionClosed: .*(closed the connection|reset by peer)", f) for f in traffic.failures), traffic.failures
+        assert stack.events("tunnel_lost") == [] and not [r for r in traffic.replies if r[3] != 0]
+        assert set(traffic.closed) == {*on_moved, *on_gone}
+        late = [r for r in traffic.replies if r[0] > t]
+        assert {r[1] for r in late} == {*on_moved, *on_gone}, "every old connection was served after the change"
+        assert stack.events("reload_needs_restart") == []
     finally:
         if traffic is not None and not traffic._stop:
             traffic.stop()
