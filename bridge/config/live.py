@@ -53,6 +53,7 @@ log = logging.getLogger("metabridge.live")
 
 POLL_INTERVAL = 0.25  # seconds between looks at the config's files
 ENVOY_APPLY_TIMEOUT = 5.0  # how long a step waits for Envoy's admin to report the new version
+ADMIN_UNANSWERED = 1.0  # an admin silent this long is taken as unreachable, not waited for
 WORKER_APPLY_TIMEOUT = 10.0
 _SNAPSHOT = "config.pickle"
 
@@ -191,6 +192,7 @@ class EnvoyAdmin:
 
     def __init__(self, address: str, port: int) -> None:
         self.url = f"http://{address}:{port}"
+        self.known = port != 0  # port 0: Envoy picked one; nothing to ask
 
     def _stats(self, prefix: str) -> dict[str, str]:
         with urllib.request.urlopen(f"{self.url}/stats?filter=^{prefix}\\.", timeout=1) as reply:
@@ -203,6 +205,8 @@ class EnvoyAdmin:
 
     async def failures(self, prefix: str) -> tuple | None:
         """Envoy's count of refused updates under ``prefix``; None when the admin does not answer."""
+        if not self.known:
+            return None
         try:
             stats = await asyncio.to_thread(self._stats, prefix)
         except (OSError, urllib.error.URLError):
@@ -214,10 +218,15 @@ class EnvoyAdmin:
         cluster_manager.cds); LiveConfigError when it refuses the update (its refusal count
         moves from ``before``) or answers without the version. An admin that does not answer
         at all is logged and waited for no longer: the files are in place for when it reads them."""
-        deadline = time.monotonic() + timeout
+        if not self.known:
+            return
+        start = time.monotonic()
+        deadline = start + timeout
         answered = False
         last_error: Exception | None = None
         while time.monotonic() < deadline:
+            if not answered and time.monotonic() - start > ADMIN_UNANSWERED:
+                break
             try:
                 stats = await asyncio.to_thread(self._stats, prefix)
             except (OSError, urllib.error.URLError) as exc:

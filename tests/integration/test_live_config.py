@@ -318,6 +318,54 @@ def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(t
         stack.stop()
 
 
+def awesomerpc_manifests(port: int, backends: dict[str, int], weights: dict[str, int]) -> list[dict]:
+    """A ServiceEntry with one endpoint per backend (labelled by name), its DestinationRule
+    subsets, and a MetaRouter splitting cmd 1 by ``weights``; awesomerpc named by annotation."""
+    host = "awesome.example.com"
+    port_name = "tcp-metaprotocol-awesomerpc-main"
+    return [
+        {"apiVersion": "metaprotocol.aeraki.io/v1alpha1", "kind": "ApplicationProtocol", "metadata": {"name": "awesomerpc", "annotations": {"metabridge.io/codec": "awesomerpc"}}, "spec": {"protocol": "awesomerpc", "codec": "example.codec.awesomerpc"}},
+        {"apiVersion": "networking.istio.io/v1beta1", "kind": "ServiceEntry", "metadata": {"name": "awesome", "namespace": "apps"}, "spec": {"hosts": [host], "ports": [{"number": port, "name": port_name, "protocol": "TCP"}], "resolution": "STATIC", "endpoints": [{"address": "127.0.0.1", "ports": {port_name: p}, "labels": {"track": name}} for name, p in backends.items()]}},
+        {"apiVersion": "networking.istio.io/v1beta1", "kind": "DestinationRule", "metadata": {"name": "awesome", "namespace": "apps"}, "spec": {"host": host, "subsets": [{"name": name, "labels": {"track": name}} for name in backends]}},
+        {"apiVersion": "metaprotocol.aeraki.io/v1alpha1", "kind": "MetaRouter", "metadata": {"name": "awesome", "namespace": "apps"}, "spec": {"hosts": [host], "routes": [{"name": "split", "match": {"attributes": {"cmd": {"exact": "1"}}}, "route": [{"destination": {"host": host, "subset": name}, "weight": w} for name, w in weights.items()]}]}},
+    ]
+
+
+def test_a_manifests_folder_changes_live(tmp_path):
+    """`run --manifests DIR --with-envoy`: a MetaRouter's split shifted in the folder reaches the
+    running connections within 2 s; a manifest that does not translate is refused."""
+    backends = {"v1": free_port(), "v2": free_port()}
+    port = free_port()
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    (folder / "awesome.yaml").write_text(yaml.safe_dump_all(awesomerpc_manifests(port, backends, {"v1": 100, "v2": 0}), sort_keys=False))
+    stack = LiveStack(tmp_path, {}, backends)
+    stack.config["listeners"] = [{"name": "awesome", "port": port}]  # for start_envoy's wait only
+    command = [sys.executable, "-m", "metabridge.cli", "--log-level", "debug", "run", "--manifests", str(folder), "-c", str(stack.config_path), "--with-envoy", "--envoy-log-level", "info"]
+    stack.start_bridge = lambda: stack._spawn("bridge", command)
+    traffic = None
+    try:
+        stack.start()
+        traffic = Traffic()
+        traffic.add(port, [1], 3)
+        wait_until(lambda: traffic.seen(0, 1, "v1"), 10, "traffic flowing")
+        (folder / "broken.yaml").write_text("apiVersion: networking.istio.io/v1beta1\nkind: ServiceEntry\nmetadata: {name: x}\nspec: {hosts: [b.example.com], ports: [{number: 1, name: tcp-metaprotocol-nosuch}]}\n")
+        wait_until(lambda: stack.events("live_config_refused_keeping_old"), 5, "the refusal")
+        assert "unknown protocol 'nosuch'" in stack.events("live_config_refused_keeping_old")[0]["error"]
+        (folder / "broken.yaml").unlink()
+        t = time.monotonic()
+        (folder / "awesome.yaml").write_text(yaml.safe_dump_all(awesomerpc_manifests(port, backends, {"v1": 0, "v2": 100}), sort_keys=False))
+        assert measure(lambda: traffic.seen(t, 1, "v2", range(3)), "the shifted split", t) < VISIBLE_WITHIN
+        traffic.stop()
+        assert traffic.failures == [] and traffic.closed == [], traffic.failures[:5]
+        # Removing broken.yaml gave back the folder as it was (nothing to apply), then the split.
+        assert len(stack.events("live_config_applied")) >= 1
+    finally:
+        if traffic is not None and not traffic._stop:
+            traffic.stop()
+        stack.stop()
+
+
 def test_render_dynamic_writes_a_bootstrap_and_files_envoy_accepts(tmp_path):
     from metabridge.config import bootstrap as envoy_config
 
