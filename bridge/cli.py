@@ -157,9 +157,14 @@ def _render(config, args) -> int:
         return _render_istio(config, args)
     if args.dynamic is not None:
         return _render_dynamic(config, args)
-    text = envoy_config.render_yaml(config, **_render_kwargs(args))
+    if config.mode == "inprocess":  # the module in place of ext_proc (docs/inprocess.md)
+        kwargs = {key: value for key, value in _render_kwargs(args).items() if key != "bridge_addresses"}
+        text = envoy_config.render_inprocess_yaml(config, **kwargs)
+        env = envoy_config.inprocess_environment() if args.check else None
+    else:
+        text, env = envoy_config.render_yaml(config, **_render_kwargs(args)), None
     if args.check:
-        envoy_config.validate_with_envoy(text)
+        envoy_config.validate_with_envoy(text, env=env)
     if args.output:
         args.output.write_text(text)
     else:
@@ -227,7 +232,10 @@ def _validate(config, args) -> int:
     build_runtimes(config)  # imports and checks every codec and filter (routes and clusters: by load)
     if not args.no_envoy:
         try:
-            envoy_config.validate_with_envoy(envoy_config.render_yaml(config))
+            if config.mode == "inprocess":
+                envoy_config.validate_with_envoy(envoy_config.render_inprocess_yaml(config), env=envoy_config.inprocess_environment())
+            else:
+                envoy_config.validate_with_envoy(envoy_config.render_yaml(config))
         except envoy_config.EnvoyConfigError as exc:
             print(f"metabridge: {config.source}: Envoy rejects the rendered bootstrap: {exc}", file=sys.stderr)
             return 2
