@@ -331,3 +331,21 @@ def test_clients_leaving_mid_request_leave_the_proxy_healthy(make, mode):
 
     assert run(main()).body == b"v2|still"
     wait_until(lambda: s.envoy_stat("listener.127.0.0.1_%d.downstream_cx_active" % s.listen_port) == 0, 10, "connections freed")
+
+
+def test_render_and_validate_in_process(tmp_path):
+    """`metabridge render --check` and `metabridge validate` take the in-process bootstrap
+    for bridge.mode inprocess, and Envoy validates it with the module loaded."""
+    import sys
+
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")])
+    cfg["bridge"] = {"mode": "inprocess"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = [sys.executable, "-m", "metabridge.cli"]
+    rendered = subprocess.run([*cli, "render", "-c", str(path), "--check"], capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr
+    bootstrap = yaml.safe_load(rendered.stdout)
+    assert [f["name"] for f in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]][0] == "envoy.filters.network.dynamic_modules"
+    validated = subprocess.run([*cli, "validate", "-c", str(path)], capture_output=True, text=True, timeout=120)
+    assert validated.returncode == 0 and "OK" in validated.stdout, validated.stderr
