@@ -43,11 +43,18 @@ extern void envoy_dynamic_module_callback_network_filter_close(envoy_ptr, int);
 extern void *envoy_dynamic_module_callback_network_filter_scheduler_new(envoy_ptr);
 extern void envoy_dynamic_module_callback_network_filter_scheduler_commit(void *, uint64_t);
 extern void envoy_dynamic_module_callback_network_filter_scheduler_delete(void *);
+extern int envoy_dynamic_module_callback_network_filter_config_define_counter(envoy_ptr, envoy_buffer, size_t *);
+extern int envoy_dynamic_module_callback_network_filter_increment_counter(envoy_ptr, size_t, uint64_t);
+
+/* Envoy's counter of Python failures the transport contained (each closed its connection). */
+static const char ERRORS_COUNTER[] = "metabridge_inprocess_errors";
 
 /* ---- state ------------------------------------------------------------------------------- */
 
 typedef struct {
   PyObject *factory; /* inprocess.FilterFactory */
+  size_t errors;     /* ERRORS_COUNTER's id */
+  bool has_errors;
 } filter_config;
 
 typedef struct {
@@ -55,7 +62,13 @@ typedef struct {
   void *scheduler;    /* events onto this connection's worker */
   PyObject *session;  /* inprocess.Session, or NULL */
   PyObject *factory;
+  filter_config *config;
 } filter;
+
+static void count_error(filter *f) {
+  if (f->envoy != NULL && f->config != NULL && f->config->has_errors)
+    envoy_dynamic_module_callback_network_filter_increment_counter(f->envoy, f->config->errors, 1);
+}
 
 static PyObject *g_module; /* metabridge.transport.inprocess */
 static bool g_ready;
@@ -133,7 +146,16 @@ static PyObject *py_schedule(PyObject *self, PyObject *args) {
   Py_RETURN_TRUE;
 }
 
+static PyObject *py_count_error(PyObject *self, PyObject *args) {
+  PyObject *h;
+  if (!PyArg_ParseTuple(args, "O", &h)) return NULL;
+  filter *f = handle_of(h);
+  if (f != NULL) count_error(f);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef native_methods[] = {
+    {"count_error", py_count_error, METH_VARARGS, "count_error(handle): add one to Envoy's metabridge_inprocess_errors counter"},
     {"inject_read", py_inject_read, METH_VARARGS, "inject_read(handle, data, end=False): bytes to the filters after this one (HCM)"},
     {"inject_write", py_inject_write, METH_VARARGS, "inject_write(handle, data, end=False): bytes to the client"},
     {"close", py_close, METH_VARARGS, "close(handle, flush=True): close the client connection"},
@@ -194,6 +216,8 @@ module_ptr envoy_dynamic_module_on_network_filter_config_new(envoy_ptr config_en
   } else {
     fc = calloc(1, sizeof *fc);
     fc->factory = factory;
+    envoy_buffer name = {ERRORS_COUNTER, sizeof ERRORS_COUNTER - 1};
+    fc->has_errors = envoy_dynamic_module_callback_network_filter_config_define_counter(config_envoy, name, &fc->errors) == 0;
   }
   leave();
   return fc;
@@ -212,6 +236,7 @@ module_ptr envoy_dynamic_module_on_network_filter_new(module_ptr config_ptr, env
   filter_config *fc = (filter_config *)config_ptr;
   filter *f = calloc(1, sizeof *f);
   f->envoy = envoy;
+  f->config = fc;
   enter();
   Py_INCREF(fc->factory);
   f->factory = fc->factory;
@@ -223,6 +248,7 @@ module_ptr envoy_dynamic_module_on_network_filter_new(module_ptr config_ptr, env
 
 static void close_on_failure(filter *f, const char *where) {
   report(where);
+  count_error(f);
   envoy_ptr envoy = f->envoy;
   leave();
   envoy_dynamic_module_callback_network_filter_close(envoy, CLOSE_NO_FLUSH);

@@ -245,6 +245,7 @@ class Session:
     def _failed(self, hook: str, exc: Exception) -> None:
         self.factory.contain(hook, exc)
         if not self._closed:
+            native.count_error(self.handle)  # Envoy's metabridge_inprocess_errors
             native.close(self.handle, False)
 
 

@@ -111,6 +111,9 @@ def test_routes_and_pipelined_requests(make, mode):
     first, many = run(main())
     assert [(r.rsp_code, r.body) for r in first] == [(0, b"v1|a"), (0, b"v2|b")]
     assert [r.body for r in many] == [f"v{1 + i % 2}|m{i}".encode() for i in range(50)]
+    if mode == "inprocess":  # the module's counter of contained failures exists, and none happened
+        errors = [line for line in _stats(s).splitlines() if line.split(":")[0].endswith("metabridge_inprocess_errors")]
+        assert errors and all(line.endswith(": 0") for line in errors), errors
 
 
 @pytest.mark.parametrize("mode", MODES)

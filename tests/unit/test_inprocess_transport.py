@@ -29,6 +29,9 @@ class FakeNative:
     def close(self, handle, flush=True):
         self.calls.append(("close", handle, flush))
 
+    def count_error(self, handle):
+        self.calls.append(("count_error", handle))
+
     def schedule(self, handle):
         self.calls.append(("schedule", handle))
         self.scheduled.set()
@@ -66,6 +69,7 @@ def test_a_transport_failure_is_contained_logged_once_and_counted(native, caplog
     assert f.errors == 2
     assert [r.getMessage() for r in caplog.records].count("inprocess_transport_error") == 1
     assert ("close", 1, False) in native.calls and ("close", 2, False) in native.calls
+    assert [c for c in native.calls if c[0] == "count_error"] == [("count_error", 1), ("count_error", 2)]  # Envoy's counter
 
 
 def test_a_timer_posts_an_event_and_runs_on_scheduled(native):
