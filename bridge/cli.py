@@ -40,13 +40,18 @@ def _load(args):
     return loaded.config
 
 
-def _render_kwargs(args) -> dict:
+def _endpoint_overrides(args) -> dict[str, str]:
     overrides = {}
     for item in args.endpoint or ():
         old, sep, new = item.partition("=")
         if not sep or not old or not new:
             raise SystemExit(f"--endpoint {item!r}: expected OLD_HOST:PORT=NEW_HOST:PORT")
         overrides[old] = new
+    return overrides
+
+
+def _render_kwargs(args) -> dict:
+    overrides = _endpoint_overrides(args)
     return {
         "bridge_addresses": [args.bridge_address] if args.bridge_address else None,
         "listener_address": args.listener_address,
@@ -81,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--envoy-bin", help="the envoy binary (default: the one installed next to this Python, else PATH)")
     run.add_argument("--envoy-log-level", default="warning", help="Envoy's --log-level when started with --with-envoy")
     run.add_argument("--dynamic", type=Path, metavar="DIR", help="keep Envoy's LDS/CDS/RDS files in DIR up to date with the config (for an Envoy started with `render --dynamic DIR`); implied, in a private folder, by --with-envoy (docs/live-config.md)")
+    run.add_argument("--listener-address", help="with live config: bind every listener to this address in Envoy's files (as `render --dynamic --listener-address`)")
+    run.add_argument("--endpoint", action="append", metavar="OLD=NEW", help="with live config: rewrite a cluster endpoint HOST:PORT in Envoy's files (repeatable; as `render --endpoint`)")
     run.add_argument("--no-watch", action="store_true", help="do not apply config changes live: with --with-envoy, Envoy gets the static bootstrap and SIGHUP reloads the bridge's routes only")
 
     render = sub.add_parser("render", help="render Envoy's bootstrap from the config", description="Write Envoy's bootstrap YAML (listeners with ext_proc + HCM CONNECT termination, clusters) for the config.")
@@ -132,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.dynamic is not None and args.no_watch:
                 raise SystemExit("metabridge: --dynamic and --no-watch contradict each other: --dynamic keeps Envoy's files up to date with the config")
             source = ConfigSource(args.config, args.manifests) if watch else None
-            return run(_with_metrics_overrides(config, args), listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level, source=source, xds_dir=args.dynamic)
+            if not watch and (args.listener_address or args.endpoint):
+                raise SystemExit("metabridge: --listener-address and --endpoint apply to live config's files: give --with-envoy or --dynamic DIR (or use `render` for a static bootstrap)")
+            render_options = {"listener_address": args.listener_address, "endpoint_overrides": _endpoint_overrides(args) or None}
+            return run(_with_metrics_overrides(config, args), listen=args.listen, with_envoy=args.with_envoy, envoy_bin=args.envoy_bin, envoy_log_level=args.envoy_log_level, source=source, xds_dir=args.dynamic, render_options=render_options)
         if args.command == "render":
             return _render(config, args)
         if args.command == "validate":

@@ -292,7 +292,7 @@ class WorkerSupervisor:
         remove_shared_buckets(os.getpid())  # the workers' shared rate-limit buckets
 
 
-async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str, source: live.ConfigSource | None = None, xds_dir: Path | None = None) -> int:
+async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin: str | None, envoy_log_level: str, source: live.ConfigSource | None = None, xds_dir: Path | None = None, render_options: dict | None = None) -> int:
     addresses = config.worker_addresses(listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -322,7 +322,7 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             if xds_dir is None:
                 xds_tmp = tempfile.TemporaryDirectory(prefix="metabridge-xds-")
                 xds_dir = Path(xds_tmp.name)
-            live_config = live.LiveConfig(source, config, xds_dir.resolve(), apply_workers, bridge_addresses=addresses)
+            live_config = live.LiveConfig(source, config, xds_dir.resolve(), apply_workers, bridge_addresses=addresses, render_options=render_options)
             # SIGHUP now reloads Envoy's resources too, not only the workers' routes.
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(live_config.reload(force=True)))
             watchers.append(asyncio.ensure_future(live_config.run()))
@@ -364,13 +364,13 @@ def _in_process(runtimes: dict):
     return apply
 
 
-def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning", source: live.ConfigSource | None = None, xds_dir: Path | None = None) -> int:
+def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, envoy_bin: str | None = None, envoy_log_level: str = "warning", source: live.ConfigSource | None = None, xds_dir: Path | None = None, render_options: dict | None = None) -> int:
     """``source``: watch it and apply changes live (Envoy's listeners and clusters from files
-    in ``xds_dir``, a private directory by default); None: the static bootstrap, SIGHUP reloads
-    the workers' routes only."""
+    in ``xds_dir``, a private directory by default, rendered with ``render_options``); None: the
+    static bootstrap, SIGHUP reloads the workers' routes only."""
     if config.mode == "inprocess":  # no bridge process: Envoy runs the core (docs/inprocess.md)
         from metabridge.inprocess_runner import run_inprocess
 
         return run_inprocess(config, with_envoy=with_envoy, envoy_bin=envoy_bin, envoy_log_level=envoy_log_level)
     install_event_loop()
-    return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level, source, xds_dir))
+    return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level, source, xds_dir, render_options))

@@ -167,7 +167,24 @@ def test_a_config_envoy_refuses_is_undone(tmp_path):
     assert after == before, "Envoy's files are as the running config renders them"
 
 
-@pytest.mark.parametrize("flag", ["--dynamic", "--no-watch"])
+def test_render_options_apply_to_every_file_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    write_config(path, {"a": [16001]}, {1: "a"})
+
+    async def apply_workers(config):
+        pass
+
+    cfg = live.LiveConfig(live.ConfigSource(config=path), load(path), tmp_path / "xds", apply_workers, render_options={"listener_address": "0.0.0.0", "endpoint_overrides": {"127.0.0.1:16001": "backend:16001"}})
+    cfg.admin = FakeEnvoy(tmp_path / "xds")
+    write_config(path, {"a": [16001]}, {1: "a"}, listeners=2)
+    assert asyncio.run(cfg.reload())
+    listeners = yaml.safe_load((tmp_path / "xds" / envoy_config.LDS_FILE).read_text())["resources"]
+    assert [lst["address"]["socket_address"]["address"] for lst in listeners] == ["0.0.0.0", "0.0.0.0"]
+    [cluster] = yaml.safe_load((tmp_path / "xds" / envoy_config.CDS_FILE).read_text())["resources"]
+    assert cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"] == "backend"
+
+
+@pytest.mark.parametrize("flag", ["--dynamic", "--no-watch", "--listener-address", "--endpoint"])
 def test_run_has_the_live_config_flags(flag):
     from metabridge.cli import build_parser
 
