@@ -352,3 +352,16 @@ def test_render_and_validate_in_process(tmp_path):
     assert [f["name"] for f in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]][0] == "envoy.filters.network.dynamic_modules"
     validated = subprocess.run([*cli, "validate", "-c", str(path)], capture_output=True, text=True, timeout=120)
     assert validated.returncode == 0 and "OK" in validated.stdout, validated.stderr
+
+
+def test_envoy_without_the_module_refuses_to_start(tmp_path):
+    """Envoy's search path without libmetabridge.so: Envoy exits at start-up, naming the module."""
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")])
+    cfg["bridge"] = {"mode": "inprocess", "listen": f"unix:{tmp_path}/unused.sock"}
+    s = InProcessStack(tmp_path, cfg, {})
+    args, env = s.envoy_command()
+    (tmp_path / "empty").mkdir()
+    env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(tmp_path / "empty")
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Failed to load dynamic module" in result.stdout + result.stderr and "libmetabridge.so" in result.stdout + result.stderr
