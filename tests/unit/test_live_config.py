@@ -190,3 +190,43 @@ def test_run_has_the_live_config_flags(flag):
 
     run = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
     assert flag in run.format_help()
+
+
+def test_a_running_connection_follows_a_clusters_new_hosts_and_retires_a_removed_ones_tunnel():
+    """The pool side of a live endpoint change: a new host gets a tunnel slot on connections
+    already open; the tunnel of a host that left the cluster answers what it carries, then closes."""
+    from metabridge.config.model import ClusterConfig, Endpoint
+    from tests.unit.connection_harness import Harness, encode_frame, in_loop, parse_frames
+
+    def cluster(*ports):
+        return {"c1": ClusterConfig("c1", tuple(Endpoint("127.0.0.1", p) for p in ports))}
+
+    @in_loop
+    async def run():
+        h = Harness(clusters=cluster(10001, 10002))
+        h.read(encode_frame(1, 1) + encode_frame(2, 1))
+        by_host = {r[b"x-metabridge-host"]: sid for sid, r in h.hcm.requests.items()}
+        assert set(by_host) == {b"127.0.0.1:10001", b"127.0.0.1:10002"}
+        gone = by_host[b"127.0.0.1:10001"]
+        for sid in by_host.values():
+            h.hcm.accept(sid)
+        [(pending_flow, *_)] = parse_frames(bytes(h.hcm.received[gone]))
+        kept = by_host[b"127.0.0.1:10002"]
+        h.hcm.send(kept, encode_frame(parse_frames(bytes(h.hcm.received[kept]))[0][0], 1, b"ok"))
+        h.write()
+        # The reload: 10001 leaves c1, 10003 joins.
+        h.runtime.clusters = cluster(10002, 10003)
+        h.runtime._plans.clear()
+        h.read(b"".join(encode_frame(flow, 1) for flow in range(10, 16)))
+        hosts = {sid: r[b"x-metabridge-host"] for sid, r in h.hcm.requests.items()}
+        assert sorted(hosts.values()) == [b"127.0.0.1:10001", b"127.0.0.1:10002", b"127.0.0.1:10003"]
+        new = next(sid for sid, host in hosts.items() if host == b"127.0.0.1:10003")
+        assert [f for f, *_ in parse_frames(bytes(h.hcm.received[gone]))] == [pending_flow], "the removed host gets nothing more"
+        assert len(parse_frames(bytes(h.hcm.received[new]))) == 3 and len(parse_frames(bytes(h.hcm.received[kept]))) == 4
+        assert gone not in h.hcm.ended and gone not in h.hcm.reset, "its request is still in flight"
+        h.hcm.send(gone, encode_frame(pending_flow, 1, b"late but answered"))
+        h.write()
+        assert (pending_flow, b"late but answered") in [(f, body) for f, _, _, body in h.client_frames()]
+        assert gone in h.hcm.ended or gone in h.hcm.reset, "then its tunnel closes"
+
+    run()
