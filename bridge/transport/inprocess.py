@@ -57,16 +57,26 @@ class TimerThread:
     """One thread for every connection's timers: at a timer's time it posts an event to the
     connection's worker (``native.schedule``), where the session runs what is due."""
 
+    _COMPACT_MIN = 1024
+
     def __init__(self) -> None:
         self._heap: list = []
         self._seq = itertools.count()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._compact_at = self._COMPACT_MIN
 
     def add(self, when: float, session: Session) -> None:
         with self._cond:
-            earliest = self._heap[0][0] if self._heap else None
-            heapq.heappush(self._heap, (when, next(self._seq), weakref.ref(session)))
+            heap = self._heap
+            if len(heap) >= self._compact_at:
+                # Closed connections leave entries up to their idle timeout away: drop them, so
+                # the heap stays proportional to the open connections (amortised O(1) per add).
+                heap[:] = [entry for entry in heap if (s := entry[2]()) is not None and not s.closed]
+                heapq.heapify(heap)
+                self._compact_at = max(self._COMPACT_MIN, 2 * len(heap))
+            earliest = heap[0][0] if heap else None
+            heapq.heappush(heap, (when, next(self._seq), weakref.ref(session)))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="metabridge-timers", daemon=True)
                 self._thread.start()
@@ -214,6 +224,10 @@ class Session:
 
     def on_destroy(self) -> None:
         self._end()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # ---- internals ----------------------------------------------------------------------------
 

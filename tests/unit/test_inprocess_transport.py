@@ -85,3 +85,12 @@ def test_nothing_reaches_envoy_after_destroy(native):
     assert session.on_read(encode_frame(1, 1, b"x"), False) == b""
     session.post()
     assert native.calls == []
+
+
+def test_closed_connections_do_not_pile_up_in_the_timer_heap(native):
+    f = factory(idle_timeout=3600)  # each connection's idle timer: an hour away
+    for handle in range(5000):
+        f.new_connection(handle).on_destroy()
+    live = f.new_connection(99999)
+    assert len(inprocess._TIMERS._heap) < 2 * inprocess.TimerThread._COMPACT_MIN
+    assert any(entry[2]() is live for entry in inprocess._TIMERS._heap)  # the open one's timer stays
