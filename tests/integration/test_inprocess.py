@@ -365,3 +365,23 @@ def test_envoy_without_the_module_refuses_to_start(tmp_path):
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "Failed to load dynamic module" in result.stdout + result.stderr and "libmetabridge.so" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_access_log_lines(make, mode, tmp_path):
+    """The access log filter (its writer thread) works inside Envoy as in the bridge."""
+    import json
+
+    path = tmp_path / f"access-{mode}.log"
+    s = make(mode, filters=[{"name": "access_log", "config": {"path": str(path)}}])
+
+    async def main():
+        async with await connect(s) as c:
+            return await c.call(1, b"logged"), await c.call(7, b"?")
+
+    ok, bad = run(main())
+    assert ok.body == b"v1|logged" and bad.rsp_code == ERROR_CODES[ErrorType.ROUTE_NOT_FOUND]
+    wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 2, 10, "two access log lines")
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert (first["listener"], first["cluster"], first["upstream_host"]) == ("awesomerpc", "v1", f"127.0.0.1:{s.backends['v1']}")
+    assert second["cluster"] in ("", None) and second["outcome"] != first["outcome"]  # the local reply
