@@ -753,6 +753,11 @@ def build_inprocess_bootstrap(config: Config, config_path: str | None = None, **
     filter replaced by the dynamic module (which reads ``config_path``, default the config's own
     file, absolute), and no bridge cluster. ``options``: build_bootstrap's, but bridge_addresses."""
     for listener in config.listeners:
+        if listener.rds is not None:  # the RDS client is a bridge process's (asyncio) stream
+            raise EnvoyConfigError(
+                f"{config.source}: listener {listener.name!r}: routes over RDS need the bridge process"
+                " and do not work in bridge.mode inprocess; use bridge.mode ext_proc"
+            )
         for entry in listener.filters:
             if entry.ref is None and entry.name in INPROCESS_UNSUPPORTED_FILTERS:
                 raise EnvoyConfigError(

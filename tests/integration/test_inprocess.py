@@ -385,3 +385,12 @@ def test_access_log_lines(make, mode, tmp_path):
     first, second = (json.loads(line) for line in path.read_text().splitlines())
     assert (first["listener"], first["cluster"], first["upstream_host"]) == ("awesomerpc", "v1", f"127.0.0.1:{s.backends['v1']}")
     assert second["cluster"] in ("", None) and second["outcome"] != first["outcome"]  # the local reply
+
+
+def test_rds_listeners_are_refused(tmp_path):
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [])
+    cfg["listeners"][0]["rds"] = {"server": "127.0.0.1:18000", "route_config_name": "rc"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(envoy_config.EnvoyConfigError, match="routes over RDS need the bridge process"):
+        envoy_config.build_inprocess_bootstrap(load(path))
