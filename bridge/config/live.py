@@ -381,7 +381,7 @@ class LiveConfig:
         self._last = time.monotonic()
         # 1. Every cluster either config has, with the new definitions.
         union = dataclasses.replace(new, clusters={**old.clusters, **new.clusters})
-        _, union_files = self._render(union) if set(old.clusters) - set(new.clusters) else (None, files)
+        _, union_files = await asyncio.to_thread(self._render, union) if set(old.clusters) - set(new.clusters) else (None, files)
         self._step("render")
         await self._write_and_wait(envoy_config.CDS_FILE, union_files[envoy_config.CDS_FILE], "cluster_manager.cds")
         self._step("clusters_added")
@@ -410,7 +410,7 @@ class LiveConfig:
     async def _restore(self) -> None:
         """Put Envoy's files back as the config in force renders them (a refused step may have
         written some), and the workers on it."""
-        _, files = self._render(self.config)
+        _, files = await asyncio.to_thread(self._render, self.config)
         for name in sorted(files, key=lambda n: n == envoy_config.LDS_FILE):
             self.xds.write(name, files[name])
         await self._apply_workers(self.config)
