@@ -265,6 +265,10 @@ def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_ol
         # The watch goes on: a good config after the bad ones applies.
         t = stack.save({**good, "listeners": [{**good["listeners"][0], "routes": [cmd_route(1, "v2")]}]})
         measure(lambda: traffic.seen(t, 1, "v2"), "the good config", t)
+        # SIGHUP applies the config at once, as a detected change does (here: nothing changed).
+        applied = len(stack.events("live_config_applied"))
+        stack.procs["bridge"].send_signal(signal.SIGHUP)
+        wait_until(lambda: len(stack.events("live_config_applied")) == applied + 1, 5, "the SIGHUP reload")
         traffic.stop()
         assert traffic.failures == [] and traffic.closed == [], traffic.failures[:5]
         served_v1 = [r for r in traffic.replies if r[4] == "v1"]
