@@ -56,6 +56,8 @@ ENVOY_APPLY_TIMEOUT = 5.0  # how long a step waits for Envoy's admin to report t
 ADMIN_UNANSWERED = 1.0  # an admin silent this long is taken as unreachable, not waited for
 WORKER_APPLY_TIMEOUT = 10.0
 _SNAPSHOT = "config.pickle"
+# Config fields read only at start (the bridge's processes and servers, Envoy's command line).
+_RESTART_ONLY = ("bridge_listen", "workers", "metrics_port", "metrics_address", "log_level", "max_buffered_bytes", "grpc_limits", "envoy_admin_address", "envoy_admin_port", "envoy_concurrency", "mode")
 
 
 class LiveConfigError(Exception):
@@ -346,8 +348,9 @@ class LiveConfig:
             except (ConfigError, CodecLoadError, envoy_config.EnvoyConfigError, OSError) as exc:
                 event(log, logging.ERROR, "live_config_refused_keeping_old", config=self.config.source, error=str(exc), hint="fix the config; the running one stays in force until a config that loads is saved")
                 return False
-            if new_bootstrap != self.bootstrap:
-                event(log, logging.WARNING, "reload_needs_restart", hint="bridge or envoy settings changed (bridge addresses, admin): they apply when Envoy and the bridge restart; listeners, routes and clusters apply now")
+            fixed = [name for name in _RESTART_ONLY if getattr(new, name, None) != getattr(self.config, name, None)]
+            if fixed or new_bootstrap != self.bootstrap:
+                event(log, logging.WARNING, "reload_needs_restart", settings=fixed or ["envoy bootstrap"], hint="these settings apply when the bridge (and Envoy) restart; listeners, routes and clusters apply now")
             try:
                 await self._apply(new, files)
             except LiveConfigError as exc:

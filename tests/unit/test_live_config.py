@@ -230,3 +230,15 @@ def test_a_running_connection_follows_a_clusters_new_hosts_and_retires_a_removed
         assert gone in h.hcm.ended or gone in h.hcm.reset, "then its tunnel closes"
 
     run()
+
+
+def test_a_setting_read_only_at_start_is_named_as_needing_a_restart_and_the_rest_applies(tmp_path, caplog):
+    path, cfg, envoy, steps = make_live(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["bridge"] = {"metrics_port": 19555}
+    raw["listeners"][0]["routes"] = raw["listeners"][0]["routes"][:1]
+    path.write_text(yaml.safe_dump(raw))
+    assert asyncio.run(cfg.reload())
+    [restart] = [r.fields for r in caplog.records if r.getMessage() == "reload_needs_restart"]
+    assert restart["settings"] == ["metrics_port"]
+    assert len(cfg.config.listeners[0].routes) == 1
