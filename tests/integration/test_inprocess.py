@@ -394,3 +394,18 @@ def test_rds_listeners_are_refused(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(envoy_config.EnvoyConfigError, match="routes over RDS need the bridge process"):
         envoy_config.build_inprocess_bootstrap(load(path))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_responses_past_the_tunnel_window(make, mode):
+    """24 MiB of responses on one tunnel, more than its 16 MiB window: the window must be given
+    back to HCM (in-process: bytes for HCM made during HCM's write, sent from a scheduled event)."""
+    s = make(mode, max_frame_size="2MiB")
+    body = b"x" * (1024 * 1024)
+
+    async def main():
+        async with await connect(s) as c:
+            return [await c.call(1, body, timeout=20) for _ in range(24)]
+
+    replies = run(main())
+    assert len(replies) == 24 and all(r.body == b"v1|" + body for r in replies)
