@@ -3,9 +3,10 @@ module. The same awesomerpc scenarios run in both modes (``mode`` is a parameter
 one mode has is tested on its own.
 
 Not parametrized, because they do not apply in-process (docs/inprocess.md): the bridge being
-killed or restarted (there is no bridge process), SIGHUP route reloads (Envoy's process has no
-watcher), bridge workers, the bridge's admin endpoint, and the filters that need the bridge's
-asyncio loop (fault delays, the global rate limit).
+killed or restarted, Envoy's message_timeout on a stalled bridge, bridge workers and the bridge's
+admin endpoint (there is no bridge process); SIGHUP reloads, live config and RDS (the bridge
+process's; RDS listeners are refused); the filters that need the bridge's asyncio loop (fault,
+the global rate limit: refused); and tracing (not tried in this mode).
 """
 
 from __future__ import annotations
