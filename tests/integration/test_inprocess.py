@@ -6,7 +6,7 @@ Not parametrized, because they do not apply in-process (docs/inprocess.md): the 
 killed or restarted, Envoy's message_timeout on a stalled bridge, bridge workers and the bridge's
 admin endpoint (there is no bridge process); SIGHUP reloads, live config and RDS (the bridge
 process's; RDS listeners are refused); the filters that need the bridge's asyncio loop (fault,
-the global rate limit: refused); and tracing (not tried in this mode).
+the global rate limit: refused).
 """
 
 from __future__ import annotations

@@ -88,3 +88,24 @@ def test_heartbeats_local_and_garbage_closes_only_that_connection(proxy):
     assert leaked == b""
     assert call(HOST, p.port, GREETER, "echo", ["after"]) == "after"
     assert "bad_request_closing_connection" in p.stack.log("bridge")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tracing_span_reaches_the_collector(tmp_path, mode):
+    """The tracing filter (its exporter thread, OTLP over gRPC) in both modes."""
+    from tests.otlp_receiver import OtlpReceiver
+
+    trace_id, consumer_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    with OtlpReceiver() as collector, start_provider(GREETER, name="greeter") as provider:
+        port = free_port()
+        filters = [{"name": "tracing", "config": {"collector": {"address": collector.address}, "service_name": "metabridge-test", "flush_interval": "100ms"}}]
+        cfg = codec_config("dubbo", DUBBO_CODEC, port, {"greeter": provider.port}, [route("greeter", interface=GREETER)], request_timeout="5s", filters=filters)
+        cfg.setdefault("bridge", {})["mode"] = mode
+        stack = (InProcessStack if mode == "inprocess" else Stack)(tmp_path, cfg).start()
+        try:
+            seen = call(HOST, port, GREETER, "attachments", attachments={"traceparent": f"00-{trace_id}-{consumer_span}-01"})
+            [span] = collector.wait_for(1)
+        finally:
+            stack.stop()
+    assert (span.name, span.trace_id, span.parent_span_id) == (f"{GREETER}/attachments", trace_id, consumer_span)
+    assert seen["traceparent"] == f"00-{trace_id}-{span.span_id}-01"
