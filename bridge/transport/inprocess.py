@@ -132,12 +132,13 @@ class SessionClock:
 class Session:
     """One client connection inside Envoy."""
 
-    __slots__ = ("handle", "connection", "factory", "clock", "_hcm_queue", "_posted", "_in_hook", "_closed", "__weakref__")
+    __slots__ = ("handle", "connection", "factory", "clock", "_hcm_queue", "_close_pending", "_posted", "_in_hook", "_closed", "__weakref__")
 
     def __init__(self, factory: FilterFactory, handle: int, connection_id: str) -> None:
         self.handle = handle
         self.factory = factory
         self._hcm_queue: list[bytes] = []
+        self._close_pending = False  # decided during HCM's write: closed from the scheduled event
         self._posted = False
         self._in_hook = False
         self._closed = False
@@ -159,7 +160,7 @@ class Session:
                 self._hcm_queue.clear()
             if to_client:
                 native.inject_write(self.handle, to_client)
-            if close or end:
+            if close or end or self._close_pending:
                 self._close(flush=True)
                 return _EMPTY
             return to_hcm
@@ -179,9 +180,9 @@ class Session:
             to_hcm, to_client, close, end = self.connection.take()
             if to_hcm:
                 self._hcm_queue.append(to_hcm)
+            if close or end:
+                self._close_pending = True
             if to_hcm or close or end:
-                if close or end:
-                    self._hcm_queue.append(None)  # close after what is queued
                 self.post()
             return to_client
         except Exception as exc:  # noqa: BLE001
@@ -202,10 +203,9 @@ class Session:
                 to_hcm, to_client, close, end = self.connection.take()
             finally:
                 self._in_hook = False
-            queue = self._hcm_queue
-            close_after = None in queue or close or end
-            parts = [part for part in queue if part]
-            queue.clear()
+            close_after = close or end or self._close_pending
+            parts = self._hcm_queue[:]
+            self._hcm_queue.clear()
             if to_hcm:
                 parts.append(to_hcm)
             if to_client:

@@ -94,3 +94,14 @@ def test_closed_connections_do_not_pile_up_in_the_timer_heap(native):
     live = f.new_connection(99999)
     assert len(inprocess._TIMERS._heap) < 2 * inprocess.TimerThread._COMPACT_MIN
     assert any(entry[2]() is live for entry in inprocess._TIMERS._heap)  # the open one's timer stays
+
+
+def test_a_close_decided_during_hcms_write_happens_even_if_the_client_speaks_first(native, monkeypatch):
+    session = factory().new_connection(5)
+    session.on_read(encode_frame(1, 1, b"x"), False)
+    monkeypatch.setattr(session.connection, "take", lambda: (b"to-hcm", b"", True, False))
+    session.on_write(b"", False)  # the core decides to close inside HCM's write: deferred
+    assert ("close", 5, True) not in native.calls and ("schedule", 5) in native.calls
+    monkeypatch.setattr(session.connection, "take", lambda: (b"", b"", False, False))
+    assert session.on_read(encode_frame(2, 1, b"y"), False) == b""  # before the scheduled event ran
+    assert ("close", 5, True) in native.calls and session.factory.errors == 0
