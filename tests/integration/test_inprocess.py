@@ -284,6 +284,8 @@ def test_metabridge_run_with_envoy_in_process(tmp_path):
         run_proc.send_signal(signal.SIGTERM)  # the runner stops its Envoy
         assert run_proc.wait(timeout=20) == 0
         assert not port_open(cfg["listeners"][0]["port"])
+        alone = subprocess.run([sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert alone.returncode == 2 and "--with-envoy" in alone.stderr  # nothing to run without Envoy
     finally:
         s.stop()
 
