@@ -224,6 +224,18 @@ class _AdminHandler(BaseHTTPRequestHandler):
             event(log, logging.ERROR, "admin_request_failed", path=path, error=f"{type(exc).__name__}: {exc}")
             self._send(500, "text/plain; charset=utf-8", f"{type(exc).__name__}: {exc}\n".encode())
 
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        # POST /reload: only an admin with a reload (in-process, where SIGHUP cannot reach it).
+        reload = getattr(self.server.admin, "reload", None)
+        if self.path.split("?", 1)[0] != "/reload" or reload is None:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+            return
+        try:
+            ok, detail = reload()
+        except Exception as exc:  # noqa: BLE001 - a failed reload must not take the admin server down
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        self._send(200 if ok else 400, "text/plain; charset=utf-8", (("reloaded: " if ok else "refused: ") + detail + "\n").encode())
+
     def _json(self, data: dict) -> None:
         self._send(200, "application/json", json.dumps(data, indent=2).encode() + b"\n")
 

@@ -24,9 +24,10 @@ import time
 import weakref
 from collections.abc import Callable
 
-from metabridge.config.model import load
+from metabridge.admin import LocalAdmin, serve_admin
+from metabridge.config.model import ConfigError, load
 from metabridge.core.connection import Connection
-from metabridge.core.runtime import ListenerRuntime, build_runtimes
+from metabridge.core.runtime import ListenerRuntime, apply_config, build_runtimes
 from metabridge.logs import event, failure
 
 try:  # only inside Envoy: the module defines it before importing this one
@@ -283,7 +284,41 @@ class FilterFactory:
             failure(log, "inprocess_transport_error", exc, listener=self.runtime.name, hook=hook, errors=self.errors)
 
 
+class _InsideEnvoy:
+    """What LocalAdmin asks of its server: Envoy serves (its own /ready says when it stops),
+    and there is no gRPC server to count."""
+
+    stopping = False
+    stats = None
+
+
+class InprocessAdmin(LocalAdmin):
+    """bridge.metrics_port inside Envoy: the bridge process's endpoints over the runtimes every
+    Envoy worker shares (one set of counters, so nothing to sum), plus ``POST /reload``: Envoy
+    owns the signals, so SIGHUP cannot reach the module."""
+
+    def __init__(self, config, runtimes) -> None:
+        super().__init__(config, runtimes, _InsideEnvoy())
+        self._reloading = threading.Lock()
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read the config file and apply its routes, filters and codecs (runtime.apply_config):
+        connections opened afterwards on any worker use them. A config that does not load is
+        refused and the old one stays."""
+        path = self._config.source
+        with self._reloading:
+            try:
+                config = load(path)
+            except (ConfigError, OSError) as exc:
+                event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
+                return False, str(exc)
+            if not apply_config(self._runtimes, config):
+                return False, "the config's filters did not load (see the log); the old routes stay"
+        return True, path
+
+
 _RUNTIMES: dict[str, dict[str, ListenerRuntime]] = {}  # config path -> its listeners' runtimes
+_ADMINS: dict[str, InprocessAdmin] = {}  # config path -> its admin endpoint (bridge.metrics_port)
 _LOCK = threading.Lock()
 
 
@@ -298,8 +333,13 @@ def new_filter_config(name: bytes, config: bytes) -> FilterFactory:
             from metabridge import logs
 
             logs.setup(os.environ.get("METABRIDGE_LOG_LEVEL", "info"))
-            runtimes = _RUNTIMES[path] = build_runtimes(load(path))
+            config = load(path)
+            runtimes = _RUNTIMES[path] = build_runtimes(config)
             event(log, logging.INFO, "inprocess_ready", config=path, listeners=sorted(runtimes))
+            if config.metrics_port is not None:
+                # A daemon thread; it runs whenever Envoy's workers are outside Python.
+                admin = _ADMINS[path] = InprocessAdmin(config, runtimes)
+                serve_admin(admin, config.metrics_address, config.metrics_port)
     if listener not in runtimes:
         raise KeyError(f"{path}: no listener {listener!r} (known: {', '.join(sorted(runtimes))})")
     return FilterFactory(runtimes[listener])

@@ -1,0 +1,116 @@
+"""The admin endpoint (bridge.metrics_port) in bridge.mode inprocess: served by the interpreter
+inside Envoy, with the bridge process's metric names and labels, counting every Envoy worker's
+connections; ``POST /reload`` applies a changed config to new connections and refuses a broken
+one (SIGHUP belongs to Envoy)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import yaml
+
+from examples.awesomerpc.client import AwesomeRpcClient
+from metabridge.native import build as native_build
+from tests.integration.harness import awesomerpc_config, cmd_route, free_port, port_open, run_async, wait_until
+from tests.integration.test_inprocess import InProcessStack, _stats
+from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_module():
+    assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+
+
+@pytest.fixture
+def stack(tmp_path):
+    ports = {"v1": free_port(), "v2": free_port()}
+    cfg = awesomerpc_config(free_port(), ports, [cmd_route(1, "v1"), cmd_route(2, "v2")])
+    cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
+    s = InProcessStack(tmp_path, cfg, ports)
+    s.concurrency = 2
+    s.listen_port = cfg["listeners"][0]["port"]
+    s.metrics_port = cfg["bridge"]["metrics_port"]
+    s.start()
+    wait_until(lambda: port_open(s.metrics_port), 10, "the in-process admin endpoint", s.procs["envoy"])
+    yield s
+    s.stop()
+
+
+async def calls(port: int, cmds: list[int]) -> list:
+    async with await AwesomeRpcClient.connect("127.0.0.1", port) as client:
+        return [await client.call(cmd, b"m") for cmd in cmds]
+
+
+def post(port: int, path: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def route_clusters(port: int) -> list:
+    routes = json.load(get(port, "/routes"))["listeners"]["awesomerpc"]["routes"]
+    return [(r["name"], [c["name"] for c in r["clusters"]]) for r in routes]
+
+
+def test_metrics_and_admin_endpoints_inside_envoy(stack):
+    assert get(stack.metrics_port, "/ready").status == 200
+    listener = (("listener", "awesomerpc"),)
+
+    async def main():  # 20 connections, spread over Envoy's two workers
+        return await asyncio.gather(*(calls(stack.listen_port, [1, 1, 2, 9]) for _ in range(20)))
+
+    replies = run_async(main(), 60)
+    assert [[r.rsp_code for r in rs] for rs in replies] == [[0, 0, 0, ROUTE_NOT_FOUND]] * 20
+    accepted = {line.split("worker_")[1].split(".")[0]: int(line.rsplit(": ", 1)[1]) for line in _stats(stack).splitlines() if f"_{stack.listen_port}.worker_" in line and line.split(":")[0].endswith("downstream_cx_total")}
+    assert accepted.keys() == {"0", "1"} and min(accepted.values()) > 0, accepted  # both workers took connections
+
+    m = scrape(stack.metrics_port)
+    assert m[("metabridge_request_total", listener)] == 80
+    # Counted at accept, so the harness's port probes too: the sum of Envoy's workers' counts.
+    assert m[("metabridge_downstream_cx_total", listener)] == sum(accepted.values()) >= 20
+    assert m[("metabridge_request_active", listener)] == 0
+    assert m[("metabridge_response_success_total", labels("cmd1", "v1"))] == 40
+    assert m[("metabridge_response_success_total", labels("cmd2", "v2"))] == 20
+    assert m[("metabridge_local_response_route_not_found_total", labels())] == 20
+    assert m[("metabridge_request_time_ms_count", labels("cmd1", "v1"))] == 40
+    assert m[("metabridge_request_time_ms_bucket", labels("cmd1", "v1", le="+Inf"))] == 40
+    assert m[("metabridge_request_time_ms_sum", labels("cmd1", "v1"))] > 0
+    assert not any(name.startswith("metabridge_grpc_") for name, _ in m)  # no bridge gRPC server in-process
+
+    assert route_clusters(stack.metrics_port) == [("cmd1", ["v1"]), ("cmd2", ["v2"])]
+    dump = json.load(get(stack.metrics_port, "/config_dump"))
+    assert dump["mode"] == "inprocess" and dump["metrics_port"] == stack.metrics_port
+    assert [r["name"] for r in dump["listeners"][0]["routes"]] == ["cmd1", "cmd2"]
+
+
+def test_post_reload_applies_to_new_connections_and_refuses_a_broken_config(stack):
+    assert run_async(calls(stack.listen_port, [1]))[0].body == b"v1|m"
+    good = stack.config_path.read_text()
+    raw = yaml.safe_load(good)
+    raw["listeners"][0]["routes"] = [cmd_route(1, "v2"), cmd_route(2, "v2")]
+    stack.config_path.write_text(yaml.safe_dump(raw))
+    status, body = post(stack.metrics_port, "/reload")
+    assert status == 200 and body.startswith("reloaded"), body
+    assert route_clusters(stack.metrics_port) == [("cmd1", ["v2"]), ("cmd2", ["v2"])]
+
+    async def many():  # new connections on both workers follow the new route
+        return await asyncio.gather(*(calls(stack.listen_port, [1]) for _ in range(10)))
+
+    assert [rs[0].body for rs in run_async(many(), 60)] == [b"v2|m"] * 10
+
+    raw["listeners"][0]["routes"] = [cmd_route(1, "nosuchcluster")]  # a route to an unknown cluster
+    stack.config_path.write_text(yaml.safe_dump(raw))
+    status, body = post(stack.metrics_port, "/reload")
+    assert status == 400 and body.startswith("refused") and "nosuchcluster" in body, body
+    assert route_clusters(stack.metrics_port) == [("cmd1", ["v2"]), ("cmd2", ["v2"])]
+    assert run_async(calls(stack.listen_port, [1]))[0].body == b"v2|m"  # the old config stays
+    assert "reload_failed_keeping_old_routes" in stack.log("envoy")
+
+    assert post(stack.metrics_port, "/metrics")[0] == 404  # only /reload takes a POST
