@@ -743,11 +743,6 @@ def _dynamic_module_filter(config_path: str, listener: str) -> dict[str, Any]:
     }
 
 
-# Built-in filters that wait on the bridge's asyncio loop (a gRPC call, a delay timer): there is
-# none inside Envoy.
-INPROCESS_UNSUPPORTED_FILTERS = ("ratelimit", "fault")
-
-
 def build_inprocess_bootstrap(config: Config, config_path: str | None = None, **options: Any) -> dict[str, Any]:
     """The bootstrap for bridge.mode inprocess: build_bootstrap's, each listener's ext_proc
     filter replaced by the dynamic module (which reads ``config_path``, default the config's own
@@ -758,12 +753,6 @@ def build_inprocess_bootstrap(config: Config, config_path: str | None = None, **
                 f"{config.source}: listener {listener.name!r}: routes over RDS need the bridge process"
                 " and do not work in bridge.mode inprocess; use bridge.mode ext_proc"
             )
-        for entry in listener.filters:
-            if entry.ref is None and entry.name in INPROCESS_UNSUPPORTED_FILTERS:
-                raise EnvoyConfigError(
-                    f"{config.source}: listener {listener.name!r}: filter {entry.name!r} needs the bridge's event loop"
-                    " and does not run in bridge.mode inprocess; use bridge.mode ext_proc"
-                )
     path = str(Path(config_path or config.source).resolve())
     bootstrap = build_bootstrap(config, bridge_addresses=["unix:/unused"], **options)
     resources = bootstrap["static_resources"]

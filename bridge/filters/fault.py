@@ -9,8 +9,9 @@
 
 Each request the match selects (every request without ``match``) is delayed with probability
 ``delay.percentage`` and aborted with probability ``abort.percentage``, decided independently
-when it arrives; ``percentage`` is 0-100 and defaults to 100. A delayed request is paused on the
-event loop (``call_later``) and then resumes with the next filter, or, if it was also chosen for
+when it arrives; ``percentage`` is 0-100 and defaults to 100. A delayed request is paused on a
+timer of the connection's clock (metabridge.core.clock: the event loop's in the ext_proc mode,
+the module's timer thread inside Envoy) and then resumes with the next filter, or, if it was also chosen for
 an abort, gets its error reply after the delay, as Envoy's fault filter does. Nothing else
 waits: other requests on the connection and other connections go on. The abort is the codec's
 error reply for ``abort.error`` (one of metabridge.sdk.codec.ErrorType). See docs/filters/fault.md.
@@ -18,7 +19,7 @@ error reply for ``abort.error`` (one of metabridge.sdk.codec.ErrorType). See doc
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import random
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -73,7 +74,7 @@ class _Held:
     def __init__(self, owner: FaultFilter, abort: bool) -> None:
         self.owner = owner
         self.abort = abort
-        self.handle: asyncio.TimerHandle | None = None
+        self.handle = None  # the clock's timer while held
 
 
 class FaultFilter(Filter):
@@ -102,7 +103,8 @@ class FaultFilter(Filter):
         abort = self.error is not None and rand() < self.abort_share
         if delay:
             held = _Held(self, abort)
-            held.handle = asyncio.get_running_loop().call_later(self.delay, self._release, request, held)
+            clock = request.connection.clock
+            held.handle = clock.call_at(clock.now() + self.delay, functools.partial(self._release, request, held))
             request.state[self.name] = held
             self.stats.delays_injected += 1
             self.stats.active_faults += 1

@@ -17,8 +17,11 @@ filters do, whether a request is over its limit.
           failure_mode_error: OVER_LIMIT                 # the reply when it fails closed
 
 The API is Envoy's ``envoy.service.ratelimit.v3.RateLimitService.ShouldRateLimit`` (what
-envoyproxy/ratelimit serves), over gRPC with a ``grpc.aio`` channel that each bridge process
-opens on its event loop at its first request and then reuses. A request whose headers the
+envoyproxy/ratelimit serves), over gRPC with a ``grpc.aio`` channel opened at the first request
+and then reused: on the bridge process's event loop in the ext_proc mode; inside Envoy
+(bridge.mode inprocess), where Envoy's workers run no event loop, on one loop in a daemon thread,
+whose answers go back to the request's worker through its connection's clock
+(``call_soon_threadsafe``). A request whose headers the
 ``match`` accepts (every request, without one) is paused (STOP) while the call runs; the
 connection's other requests and other connections go on. The call is bounded by ``timeout`` (the
 call's gRPC deadline). Then:
@@ -36,8 +39,10 @@ call. Every outcome is counted in ``stats`` (``RateLimitStats``). See docs/filte
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,6 +146,21 @@ def _check_address(address: str) -> str:
     if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
         raise ValueError(f"rls.address: {address!r}: expected HOST:PORT (port 1..65535) or unix:PATH")
     return address
+
+
+_BACKGROUND: asyncio.AbstractEventLoop | None = None
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def background_loop() -> asyncio.AbstractEventLoop:
+    """The one event loop for calls made where none runs (Envoy's workers), in a daemon thread."""
+    global _BACKGROUND
+    with _BACKGROUND_LOCK:
+        if _BACKGROUND is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="metabridge-ratelimit", daemon=True).start()
+            _BACKGROUND = loop
+        return _BACKGROUND
 
 
 class RateLimitStats:
@@ -252,42 +272,77 @@ class RateLimitFilter(Filter):
             stats.no_descriptors += 1
             return FilterStatus.CONTINUE
         message = RateLimitRequest(domain=self.domain, descriptors=descriptors)
-        call = self._method()(message, timeout=self.timeout)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # inside Envoy: the call runs on the background loop
+            future = asyncio.run_coroutine_threadsafe(self._ask(message), background_loop())
+            clock = request.connection.clock
+            future.add_done_callback(lambda done: clock.call_soon_threadsafe(functools.partial(self._answered, request, done)))
+        else:
+            future = asyncio.ensure_future(self._decide(request, self._method()(message, timeout=self.timeout)))
         stats.calls += 1
         stats.active += 1
-        request.state[self.name] = asyncio.ensure_future(self._decide(request, call))
+        request.state[self.name] = future
         return FilterStatus.STOP
 
     def on_complete(self, request) -> None:
-        task = request.state.pop(self.name, None)
-        if task is not None and not task.done():
-            # The request ended before the service answered (its connection closed).
-            task.cancel()
+        future = request.state.pop(self.name, None)
+        if future is not None:
+            # The request ended before its answer was applied (its connection closed).
+            future.cancel()
             self.stats.abandoned += 1
             self.stats.active -= 1
 
+    async def _ask(self, message) -> RateLimitResponse:
+        """On the background loop: the call's answer (or its exception)."""
+        call = self._method()(message, timeout=self.timeout)
+        try:
+            return await call
+        except asyncio.CancelledError:  # the request ended: on_complete counted it
+            call.cancel()
+            raise
+
+    def _answered(self, request, future) -> None:
+        """On the request's worker: apply the background call's outcome."""
+        if request.state.get(self.name) is not future:  # ended meanwhile (on_complete counted it)
+            return
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is not None:
+            self._settle_failure(request, exc)
+        else:
+            self._settle(request, future.result())
+
     async def _decide(self, request, call) -> None:
-        stats = self.stats
         try:
             response = await call
         except asyncio.CancelledError:  # by on_complete, which counted it
             call.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - grpc.aio.AioRpcError, or a response that does not parse
-            stats.active -= 1
-            request.state.pop(self.name, None)
-            code = getattr(exc, "code", None)
-            code = code() if callable(code) else None
-            timed_out = code is not None and code.name == "DEADLINE_EXCEEDED"
-            if timed_out:
-                stats.timeout += 1
-                why = f"did not answer within {self.timeout * 1000:g} ms"
-            else:
-                stats.error += 1
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                why = f"failed: {code.name if code is not None else type(exc).__name__}: {details}"
-            self._failed(request, "timeout" if timed_out else "error", why)
+            self._settle_failure(request, exc)
             return
+        self._settle(request, response)
+
+    def _settle_failure(self, request, exc: BaseException) -> None:
+        stats = self.stats
+        stats.active -= 1
+        request.state.pop(self.name, None)
+        code = getattr(exc, "code", None)
+        code = code() if callable(code) else None
+        timed_out = code is not None and code.name == "DEADLINE_EXCEEDED"
+        if timed_out:
+            stats.timeout += 1
+            why = f"did not answer within {self.timeout * 1000:g} ms"
+        else:
+            stats.error += 1
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            why = f"failed: {code.name if code is not None else type(exc).__name__}: {details}"
+        self._failed(request, "timeout" if timed_out else "error", why)
+
+    def _settle(self, request, response) -> None:
+        stats = self.stats
         stats.active -= 1
         request.state.pop(self.name, None)
         if response.overall_code == OVER_LIMIT:

@@ -14,6 +14,7 @@ Any exception here is contained: logged once per kind, counted, and the connecti
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import json
@@ -100,15 +101,21 @@ _TIMERS = TimerThread()
 
 
 class SessionClock:
-    """The core's Clock for one session: timers fire on the session's worker."""
+    """The core's Clock for one session: timers, and callbacks from other threads, run on the
+    session's worker."""
 
-    __slots__ = ("_session", "_heap", "_seq")
+    __slots__ = ("_session", "_heap", "_seq", "_soon")
     now = staticmethod(time.monotonic)
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._heap: list = []
         self._seq = itertools.count()
+        self._soon: collections.deque = collections.deque()  # appended from any thread
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        self._soon.append(callback)  # before post(): the event it schedules drains the deque
+        self._session.post()
 
     def call_at(self, when: float, callback: Callable[[], None]) -> _Timer:
         timer = _Timer(when, callback)
@@ -119,6 +126,9 @@ class SessionClock:
         return timer
 
     def run_due(self) -> None:
+        soon = self._soon
+        while soon:
+            soon.popleft()()
         heap, now = self._heap, time.monotonic()
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)[2]

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from metabridge.config import bootstrap as envoy_config
+from metabridge.native import build as native_build
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed
 from examples.awesomerpc.protocol import ERROR_CODES
@@ -38,12 +39,19 @@ def rls():
         server.stop()
 
 
-@pytest.fixture
-def proxy(tmp_path):
+@pytest.fixture(params=("ext_proc", "inprocess"))
+def proxy(request, tmp_path):
     """make(filter_config, closed=None) -> Stack with an awesomerpc listener (cmd 1 -> v1, cmd 2 -> v2)
     whose chain is the ratelimit filter; with ``closed``, a second listener ``closed`` whose filter
-    config is updated by it. ``stack.ports`` names each listener's port."""
+    config is updated by it. ``stack.ports`` names each listener's port. Both modes: in-process
+    the calls run on a loop in a thread inside Envoy, their answers applied on the worker."""
     stacks = []
+    mode = request.param
+    cls = Stack
+    if mode == "inprocess":
+        from tests.integration.test_inprocess import InProcessStack as cls  # noqa: N813
+
+        assert native_build.main() == 0, "the dynamic module must build here"
 
     def make(filter_config: dict, closed: dict | None = None) -> Stack:
         v1, v2, listen = free_port(), free_port(), free_port()
@@ -61,7 +69,8 @@ def proxy(tmp_path):
             second["filters"][0]["config"].update(closed)
             config["listeners"].append(second)
             ports["closed"] = second["port"]
-        stack = Stack(tmp_path, config, {"v1": v1, "v2": v2})
+        config["bridge"] = {"mode": mode}
+        stack = cls(tmp_path, config, {"v1": v1, "v2": v2})
         stack.ports = ports
         stacks.append(stack)
         return stack.start()

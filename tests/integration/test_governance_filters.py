@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 
+from metabridge.native import build as native_build
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient
 from examples.awesomerpc.protocol import ERROR_CODES
@@ -27,7 +28,7 @@ def cmd(value: int) -> dict:
     return {"headers": [{"name": "cmd", "exact": str(value)}]}
 
 
-def governance_stack(tmp, filters: list[dict] | None = None, workers: int | None = None) -> Stack:
+def governance_stack(tmp, filters: list[dict] | None = None, workers: int | None = None, mode: str = "ext_proc") -> Stack:
     """examples/governance.yaml on free ports with its two backends; ``filters`` replaces its chain."""
     ports = {"awesomerpc-v1": free_port(), "awesomerpc-v2": free_port()}
     listen = free_port()
@@ -36,7 +37,13 @@ def governance_stack(tmp, filters: list[dict] | None = None, workers: int | None
         config["listeners"][0]["filters"] = filters
     if workers is not None:
         config["bridge"]["workers"] = workers
-    s = Stack(tmp, config, {"v1": ports["awesomerpc-v1"], "v2": ports["awesomerpc-v2"]})
+    config["bridge"]["mode"] = mode
+    cls = Stack
+    if mode == "inprocess":
+        from tests.integration.test_inprocess import InProcessStack as cls  # noqa: N813
+
+        assert native_build.main() == 0, "the dynamic module must build here"
+    s = cls(tmp, config, {"v1": ports["awesomerpc-v1"], "v2": ports["awesomerpc-v2"]})
     s.listen_port = listen
     return s
 
@@ -198,14 +205,17 @@ def test_a_100_per_second_limit_admits_100_per_second_in_total_with_four_workers
 # ---- fault injection -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def fault_stack(tmp_path_factory):
+@pytest.fixture(scope="module", params=("ext_proc", "inprocess"))
+def fault_stack(request, tmp_path_factory):
+    """Both modes: the delay is a timer of the connection's clock (the event loop's, or the
+    in-process module's timer thread inside Envoy)."""
     s = governance_stack(
         tmp_path_factory.mktemp("fault"),
         [
             {"name": "fault", "config": {"delay": {"fixed_delay": "200ms"}, "match": cmd(5)}},
             {"name": "fault", "config": {"abort": {"error": "TIMEOUT", "percentage": 25}, "match": cmd(6)}},
         ],
+        mode=request.param,
     )
     yield s.start()
     s.stop()

@@ -3,10 +3,10 @@ module. The same awesomerpc scenarios run in both modes (``mode`` is a parameter
 one mode has is tested on its own.
 
 Not parametrized, because they do not apply in-process (docs/inprocess.md): the bridge being
-killed or restarted, Envoy's message_timeout on a stalled bridge, bridge workers and the bridge's
-admin endpoint (there is no bridge process); SIGHUP reloads, live config and RDS (the bridge
-process's; RDS listeners are refused); the filters that need the bridge's asyncio loop (fault,
-the global rate limit: refused).
+killed or restarted, Envoy's message_timeout on a stalled bridge, bridge workers (there is no
+bridge process); SIGHUP reloads, live config and RDS (the bridge process's; RDS listeners are
+refused). In-process elsewhere: the admin endpoint and POST /reload (test_inprocess_admin), fault
+(test_governance_filters) and the global rate limit (test_global_ratelimit).
 """
 
 from __future__ import annotations
@@ -236,12 +236,15 @@ def test_missing_module_is_a_clear_error(tmp_path, monkeypatch):
         envoy_config.inprocess_environment({})
 
 
-def test_filters_needing_the_bridge_loop_are_refused(tmp_path):
-    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")], filters=[{"name": "fault", "config": {"delay": {"fixed_delay": "1s", "percentage": 100}}}])
+def test_fault_and_ratelimit_render_in_process(tmp_path):
+    """No longer refused: both run in-process (test_governance_filters, test_global_ratelimit)."""
+    filters = [{"name": "fault", "config": {"delay": {"fixed_delay": "1s"}}}, {"name": "ratelimit", "config": {"domain": "d", "descriptors": [{"property": "cmd", "descriptor_key": "cmd"}], "rls": {"address": "127.0.0.1:1"}}}]
+    cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [cmd_route(1, "v1")], filters=filters)
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(envoy_config.EnvoyConfigError, match="filter 'fault' needs the bridge's event loop"):
-        envoy_config.build_inprocess_bootstrap(load(path))
+    bootstrap = envoy_config.build_inprocess_bootstrap(load(path))
+    names = [f["name"] for f in bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]]
+    assert "envoy.filters.network.dynamic_modules" in names and "envoy.filters.network.ext_proc" not in names
 
 
 def test_static_bootstrap_untouched_by_mode(tmp_path):
