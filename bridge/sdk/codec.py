@@ -156,6 +156,12 @@ class Headers(MutableMapping[str, str]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def copy(self) -> Headers:
+        """A new Headers with the same entries (their keys are lower-cased already)."""
+        new = Headers.__new__(Headers)
+        new._items = self._items.copy()
+        return new
+
     def __repr__(self) -> str:
         return f"Headers({self._items!r})"
 
