@@ -1,6 +1,7 @@
 """``metabridge run --with-envoy`` for bridge.mode inprocess: there is no bridge process, only
 Envoy, started with the dynamic module's bootstrap and environment and restarted if it dies.
-Stops cleanly on SIGINT/SIGTERM."""
+Stops cleanly on SIGINT/SIGTERM. SIGHUP reloads routes, filters and codecs through the module's
+``POST /reload`` on bridge.metrics_port (Envoy keeps its own signals, so none reaches the module)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import subprocess
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from metabridge.config import bootstrap as envoy_config
@@ -18,6 +21,26 @@ from metabridge.logs import event
 log = logging.getLogger("metabridge.runner")
 
 _STOP_GRACE = 10.0
+_RELOAD_TIMEOUT = 30.0
+
+
+def reload_inside_envoy(config: Config) -> bool:
+    """Ask the module inside Envoy to reload the config file (its admin endpoint's POST /reload)."""
+    if config.metrics_port is None:
+        event(log, logging.WARNING, "reload_needs_admin", hint="in-process reloads go through bridge.metrics_port's POST /reload: set bridge.metrics_port")
+        return False
+    host = config.metrics_address.strip("[]")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard bind answers on loopback
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.metrics_port}/reload"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=_RELOAD_TIMEOUT) as reply:
+            event(log, logging.INFO, "reload_applied", detail=reply.read().decode(errors="replace").strip())
+            return True
+    except urllib.error.HTTPError as exc:
+        event(log, logging.ERROR, "reload_refused", detail=exc.read().decode(errors="replace").strip())
+    except OSError as exc:
+        event(log, logging.ERROR, "reload_unanswered", url=url, error=str(exc))
+    return False
 
 
 def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = None, envoy_log_level: str = "warning") -> int:
@@ -32,6 +55,8 @@ def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = N
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Off the signal handler: the reload may take a while, and Envoy is watched meanwhile.
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_inside_envoy, args=(config,), name="metabridge-reload", daemon=True).start())
     budget = _RestartBudget("Envoy")
     with tempfile.TemporaryDirectory(prefix="metabridge-envoy-") as tmp:
         bootstrap = Path(tmp) / "bootstrap.yaml"

@@ -114,3 +114,32 @@ def test_post_reload_applies_to_new_connections_and_refuses_a_broken_config(stac
     assert "reload_failed_keeping_old_routes" in stack.log("envoy")
 
     assert post(stack.metrics_port, "/metrics")[0] == 404  # only /reload takes a POST
+
+
+def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):
+    """`metabridge run --with-envoy` in-process: SIGHUP goes to the module as POST /reload."""
+    import signal
+    import sys
+
+    ports = {"v1": free_port(), "v2": free_port()}
+    cfg = awesomerpc_config(free_port(), ports, [cmd_route(1, "v1")])
+    s = InProcessStack(tmp_path, cfg, ports)
+    cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
+    s.config_path.write_text(yaml.safe_dump(cfg))
+    port, metrics = cfg["listeners"][0]["port"], cfg["bridge"]["metrics_port"]
+    for name, backend in ports.items():
+        s.start_backend(name, backend)
+    try:
+        runner = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy"])
+        wait_until(lambda: port_open(port) and port_open(metrics), 30, "listener and admin endpoint", runner)
+        assert run_async(calls(port, [1]))[0].body == b"v1|m"
+        cfg["listeners"][0]["routes"] = [cmd_route(1, "v2")]
+        s.config_path.write_text(yaml.safe_dump(cfg))
+        runner.send_signal(signal.SIGHUP)
+        wait_until(lambda: route_clusters(metrics) == [("cmd1", ["v2"])], 20, "the reload through SIGHUP", runner)
+        assert run_async(calls(port, [1]))[0].body == b"v2|m"
+        assert runner.poll() is None  # SIGHUP did not stop the runner or its Envoy
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=20) == 0
+    finally:
+        s.stop()
