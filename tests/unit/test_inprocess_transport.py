@@ -105,3 +105,41 @@ def test_a_close_decided_during_hcms_write_happens_even_if_the_client_speaks_fir
     monkeypatch.setattr(session.connection, "take", lambda: (b"", b"", False, False))
     assert session.on_read(encode_frame(2, 1, b"y"), False) == b""  # before the scheduled event ran
     assert ("close", 5, True) in native.calls and session.factory.errors == 0
+
+
+def test_a_callback_from_another_thread_runs_on_the_worker_not_on_that_thread(native):
+    session = factory().new_connection(4)
+    ran_on: list[str] = []
+    caller = threading.Thread(target=session.clock.call_soon_threadsafe, args=(lambda: ran_on.append(threading.current_thread().name),), name="other")
+    caller.start()
+    caller.join()
+    assert ran_on == [] and ("schedule", 4) in native.calls  # posted to the worker, not run there
+    session.on_scheduled()
+    assert ran_on == [threading.current_thread().name]
+    session.on_destroy()
+    session.clock.call_soon_threadsafe(lambda: ran_on.append("late"))
+    assert native.calls.count(("schedule", 4)) == 1  # nothing is posted for a destroyed connection
+
+
+def test_admin_reload_refuses_a_broken_config_and_keeps_the_routes(tmp_path, native):
+    import yaml
+
+    from metabridge.config.model import load
+    from metabridge.core.runtime import build_runtimes
+    from tests.integration.harness import awesomerpc_config, cmd_route
+
+    path = tmp_path / "c.yaml"
+    raw = awesomerpc_config(1, {"v1": 2, "v2": 3}, [cmd_route(1, "v1")])
+    path.write_text(yaml.safe_dump(raw))
+    config = load(path)
+    runtimes = build_runtimes(config)
+    admin = inprocess.InprocessAdmin(config, runtimes)
+    path.write_text("listeners: [")
+    ok, detail = admin.reload()
+    assert not ok and str(path) in detail
+    assert [r.name for r in runtimes["awesomerpc"].config.routes] == ["cmd1"]
+    raw["listeners"][0]["routes"] = [cmd_route(1, "v2"), cmd_route(2, "v2")]
+    path.write_text(yaml.safe_dump(raw))
+    assert admin.reload() == (True, str(path))
+    assert [r.name for r in runtimes["awesomerpc"].config.routes] == ["cmd1", "cmd2"]
+    assert admin.ready() == (True, "serving") and "metabridge_request_total" in admin.metrics().decode()
