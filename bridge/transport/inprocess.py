@@ -26,10 +26,12 @@ import weakref
 from collections.abc import Callable
 
 from metabridge.admin import LocalAdmin, serve_admin
+from metabridge.config import live
 from metabridge.config.model import ConfigError, load
 from metabridge.core.connection import Connection
 from metabridge.core.runtime import ListenerRuntime, apply_config, build_runtimes
 from metabridge.logs import event, failure
+from metabridge.registry import CodecLoadError
 
 try:  # only inside Envoy: the module defines it before importing this one
     import _metabridge_native as native
@@ -313,13 +315,14 @@ class InprocessAdmin(LocalAdmin):
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply its routes, filters and codecs (runtime.apply_config):
-        connections opened afterwards on any worker use them. A config that does not load is
-        refused and the old one stays."""
+        connections opened afterwards on any worker use them. A config that does not load (its
+        codecs and filters included) is refused and the old one stays."""
         path = self._config.source
         with self._reloading:
             try:
                 config = load(path)
-            except (ConfigError, OSError) as exc:
+                live.check(config)  # codecs and filters load, as live config checks them
+            except (ConfigError, CodecLoadError, OSError) as exc:
                 event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
                 return False, str(exc)
             if not apply_config(self._runtimes, config):

@@ -15,9 +15,11 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
-from tests.integration.harness import awesomerpc_config, cmd_route, free_port, port_open, run_async, wait_until
+from tests.integration.harness import REPO, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
 from tests.integration.test_inprocess import InProcessStack, _stats
 from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
+
+NO_ROUTE_CMD = 7
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,5 +143,46 @@ def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):
         assert runner.poll() is None  # SIGHUP did not stop the runner or its Envoy
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=20) == 0
+    finally:
+        s.stop()
+
+
+def test_post_reload_gives_new_connections_a_changed_codec_and_refuses_a_broken_one(tmp_path):
+    codec = tmp_path / "arpc.py"
+    original = (REPO / "codecs" / "awesomerpc.py").read_text()
+    assert "ErrorType.ROUTE_NOT_FOUND: 404," in original
+    codec.write_text(original)
+    ports = {"v1": free_port()}
+    cfg = codec_config("awesomerpc", f"{codec}:AwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1")])
+    cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
+    s = InProcessStack(tmp_path, cfg, ports)
+    s.concurrency = 2
+    port, metrics = cfg["listeners"][0]["port"], cfg["bridge"]["metrics_port"]
+    s.start()
+    try:
+        wait_until(lambda: port_open(metrics), 10, "the in-process admin endpoint", s.procs["envoy"])
+
+        async def main():
+            a = await AwesomeRpcClient.connect("127.0.0.1", port)
+            before = await a.call(NO_ROUTE_CMD, b"?")
+            # A visible change: the codec's ROUTE_NOT_FOUND reply carries rsp_code 444.
+            codec.write_text(original.replace("ErrorType.ROUTE_NOT_FOUND: 404,", "ErrorType.ROUTE_NOT_FOUND: 444,"))
+            reloaded = await asyncio.to_thread(post, metrics, "/reload")
+            new = await asyncio.gather(*(calls(port, [NO_ROUTE_CMD, 1]) for _ in range(6)))
+            old = await a.call(NO_ROUTE_CMD, b"?")
+            codec.write_text("class AwesomeRpcCodec(:\n")  # does not compile
+            refused = await asyncio.to_thread(post, metrics, "/reload")
+            after = await calls(port, [NO_ROUTE_CMD, 1])
+            a.close()
+            await a.wait_closed()
+            return before, reloaded, new, old, refused, after
+
+        before, reloaded, new, old, refused, after = run_async(main(), 60)
+        assert before.rsp_code == 404
+        assert reloaded[0] == 200, reloaded
+        assert [[r.rsp_code for r in rs] for rs in new] == [[444, 0]] * 6, "connections opened after the reload get the new codec"
+        assert old.rsp_code == 404, "the connection opened before keeps the codec it started with"
+        assert refused[0] == 400 and str(codec) in refused[1], refused
+        assert [r.rsp_code for r in after] == [444, 0], "the last good codec serves on"
     finally:
         s.stop()
