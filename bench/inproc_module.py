@@ -8,21 +8,40 @@ Envoy's side that only records what the session asks of it. The responses reachi
 are checked. Against ``python -m bench.inproc`` (the same core behind the ext_proc transport)
 the difference is the transport: protobuf and gRPC framing there, two method calls here. What
 Envoy itself spends (sockets, HCM) is not in this figure.
+
+``--instructions`` counts instead, as ``python -m bench.instructions`` does for bench.inproc:
+this module under callgrind at two request counts, the difference per request (load-independent;
+needs valgrind); ``--tree DIR`` counts another checkout (as bench.instructions' ``--tree``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 from hpack import Encoder
 
 from bench import wire
+from bench.instructions import package_links
 from bench.inproc import _OPEN_WINDOWS, bench_config
 from metabridge.config.model import parse
 from metabridge.core.runtime import build_runtimes
 from metabridge.transport import http2, inprocess
 from metabridge.wire import UPSTREAM_HOST_HEADER
+
+_HERE = Path(__file__).resolve().parents[1]
+# As bench.instructions runs bench.inproc from another tree.
+_RUNNER = (
+    "import runpy, sys; sys.path[:0] = {paths!r}; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]; "
+    "sys.argv = ['bench.inproc_module'] + sys.argv[1:]; runpy.run_module('bench.inproc_module', run_name='__main__')"
+)
 
 
 class _Envoy:
@@ -79,6 +98,21 @@ def measure(protocol: str, depth: int, requests: int, payload: int = 100) -> flo
     return elapsed / (rounds * depth) * 1e6
 
 
+def count_instructions(tree: Path, protocol: str, depth: int, payload: int, requests: int) -> int:
+    """Instructions of one whole run of ``requests`` requests under callgrind, from ``tree``."""
+    with tempfile.TemporaryDirectory() as farm:
+        runner = ("-m", "bench.inproc_module") if tree.resolve() == _HERE else ("-c", _RUNNER.format(paths=package_links(tree, Path(farm))))
+        command = [
+            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *runner,
+            "--protocol", protocol, "--depth", str(depth), "--payload", str(payload), "--requests", str(requests), "--repeat", "1",
+        ]
+        result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
+    found = re.search(r"Collected : (\d+)", result.stderr)
+    if result.returncode != 0 or not found:
+        raise SystemExit(f"callgrind run failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    return int(found.group(1))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.inproc_module", description=__doc__.split("\n\n")[0])
     parser.add_argument("--protocol", choices=wire.PROTOCOLS, default=wire.AWESOMERPC)
@@ -86,7 +120,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload", type=int, default=100)
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3, help="report the best of this many runs")
+    parser.add_argument("--instructions", action="store_true", help="count instructions per request under callgrind (2000 and 6000 requests) instead of timing")
+    parser.add_argument("--tree", type=Path, default=_HERE, help="with --instructions: the repository checkout to count (default: this one)")
     args = parser.parse_args(argv)
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+        few, many = 2000, 6000
+        counts = [count_instructions(args.tree, args.protocol, args.depth, args.payload, n) for n in (many, few)]
+        per_request = (counts[0] - counts[1]) / (many - few)
+        print(f"{args.protocol} depth {args.depth}, {args.payload} B: {per_request:,.0f} instructions per request in-process ({args.tree})")
+        return
     best = min(measure(args.protocol, args.depth, args.requests, args.payload) for _ in range(args.repeat))
     print(f"{args.protocol} depth {args.depth}, {args.payload} B: {best:.1f} µs of Python CPU per request in-process")
 
