@@ -20,6 +20,7 @@ from metabridge.sdk.codec import (
     Error,
     ErrorType,
     FrameTooLarge,
+    Headers,
     MalformedFrame,
     MessageType,
     Metadata,
@@ -68,6 +69,11 @@ _VALID_RESULT_TYPES = frozenset(int(t) for t in ResultType)
 # An attachments map's entries as Reader.read_map_entries gives them (offsets from the map's start).
 Entries = list[tuple[str | None, str | None, int, int, int]]
 _MEMO_LIMIT = 4096  # bytes: longer body fields or attachments are parsed every time
+_DONE, _WAIT = DecodeStatus.DONE, DecodeStatus.WAIT_FOR_DATA
+_REQUEST, _ONEWAY, _RESPONSE, _ERROR, _HEARTBEAT = MessageType.REQUEST, MessageType.ONEWAY, MessageType.RESPONSE, MessageType.ERROR, MessageType.HEARTBEAT
+_OK = int(Status.OK)
+# An OK response's result type as Dubbo writes it: one compact Hessian2 int byte (0x90 + type).
+_COMPACT_RESULT_TYPES = range(0x90, 0x90 + len(ResultType))
 
 
 class DubboBodyError(MalformedFrame):
@@ -99,6 +105,8 @@ class DubboCodec(Codec):
         super().__init__(max_frame_size=max_frame_size, options=options)
         self._last_prefix: tuple[bytes, tuple] | None = None  # body fields of the last request
         self._last_attachments: tuple[bytes, list[tuple[str, str]], Entries] | None = None
+        # The headers and operation name built from the two above (while both are reused, so are they).
+        self._last_headers: tuple[tuple, list[tuple[str, str]], Headers, str] | None = None
         raw = self.options.get("max_body_size", DEFAULT_MAX_BODY_SIZE)
         try:
             self.max_body_size = parse_size(raw)
@@ -115,7 +123,7 @@ class DubboCodec(Codec):
         if available < HEADER_SIZE:
             if (available >= 1 and buffer[0] != MAGIC >> 8) or (available >= 2 and buffer[1] != MAGIC & 0xFF):
                 self._bad_magic(buffer)
-            return DecodeStatus.WAIT_FOR_DATA
+            return _WAIT
         magic, flag, status, request_id, body_size = HEADER.unpack_from(buffer)
         if magic != MAGIC:
             self._bad_magic(buffer)
@@ -135,35 +143,32 @@ class DubboCodec(Codec):
                 "(raise the codec option max_body_size if such bodies are expected)"
             )
         frame_size = HEADER_SIZE + body_size
-        self.check_frame_size(frame_size)
+        if frame_size > self.max_frame_size:
+            self.check_frame_size(frame_size)
         if available < frame_size:
-            return DecodeStatus.WAIT_FOR_DATA
+            return _WAIT
 
         frame = take_frame(buffer, frame_size)
         metadata.frame = frame
         metadata.request_id = request_id
         metadata.header_size = HEADER_SIZE
         metadata.body_size = body_size
-        props = metadata.properties
-        props["flag"] = flag
-        props["serialization"] = serialization
-        props["status"] = status
         is_request = bool(flag & FLAG_REQUEST)
         try:
             if flag & FLAG_EVENT:
                 # Heartbeats (null body) and read-only events ("R"): answered or dropped locally.
-                metadata.message_type = MessageType.HEARTBEAT
-                props["twoway"] = bool(flag & FLAG_TWOWAY)
+                metadata.message_type = _HEARTBEAT
+                metadata.properties = {"flag": flag, "serialization": serialization, "status": status, "twoway": bool(flag & FLAG_TWOWAY)}
             elif is_request:
-                self._decode_request(frame, flag, metadata)
+                self._decode_request(frame, flag, status, metadata)
             else:
-                self._decode_response(frame, status, metadata)
+                self._decode_response(frame, flag, status, metadata)
         except HessianLimitError as exc:
             raise DubboBodyError(f"dubbo: request {request_id} is over a limit: {exc}; raise it if such requests are expected", request_id, is_request) from None
         except (HessianError, ValueError) as exc:
             kind = "request" if is_request else "response"
             raise DubboBodyError(f"dubbo: malformed {kind} body in frame {request_id}: {exc}", request_id, is_request) from None
-        return DecodeStatus.DONE
+        return _DONE
 
     @staticmethod
     def _bad_magic(buffer: bytearray) -> None:
@@ -173,24 +178,22 @@ class DubboCodec(Codec):
             "(telnet/qos commands and Triple are not supported on a dubbo listener)"
         )
 
-    def _decode_request(self, frame: bytes, flag: int, metadata: Metadata) -> None:
-        metadata.message_type = MessageType.REQUEST if flag & FLAG_TWOWAY else MessageType.ONEWAY
+    def _decode_request(self, frame: bytes, flag: int, status: int, metadata: Metadata) -> None:
+        metadata.message_type = _REQUEST if flag & FLAG_TWOWAY else _ONEWAY
         # A connection sends the same service, method and attachments over and over: when the
         # bytes equal the last request's, their parse is reused (parsing depends on nothing but
         # those bytes: strings, and a plain map of strings).
         prefix = self._last_prefix
         if prefix is not None and frame.startswith(prefix[0], HEADER_SIZE):
-            dubbo_version, path, service_version, method, parameter_types = prefix[1]
+            fields = prefix[1]
             reader = self._reader(frame, HEADER_SIZE + len(prefix[0]))
         else:
             reader = self._reader(frame, HEADER_SIZE)
-            dubbo_version = reader.read_string_or_null()
-            path = reader.read_string()
-            service_version = reader.read_string_or_null()
-            method = reader.read_string()
-            parameter_types = reader.read_string_or_null() or ""
+            # dubbo version, path (the interface), service version, method, parameter types
+            fields = (reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null() or "")
             if reader.pos - HEADER_SIZE <= _MEMO_LIMIT:
-                self._last_prefix = (frame[HEADER_SIZE : reader.pos], (dubbo_version, path, service_version, method, parameter_types))
+                self._last_prefix = (frame[HEADER_SIZE : reader.pos], fields)
+        dubbo_version, path, service_version, method, parameter_types = fields
         for _ in range(count_parameters(parameter_types)):
             reader.skip()
         attachments_start = reader.pos
@@ -202,25 +205,35 @@ class DubboCodec(Codec):
             pairs, entries = self._read_attachments(reader, frame, attachments_start)
             attachments_end = reader.pos
 
-        # What the provider sees: body fields first, attachments override them (Dubbo's
-        # DecodeableRpcInvocation does putAll), except the method, which only the body names.
-        headers = metadata.headers
-        headers["interface"] = path
-        headers["path"] = path
-        if service_version:
-            headers["version"] = service_version
-        for key, value in pairs:
-            headers[key] = value
-        headers["method"] = method
-        metadata.operation_name = f"{headers['interface']}/{method}"
+        routable = self._last_headers
+        if routable is not None and routable[0] is fields and routable[1] is pairs:
+            metadata.headers = routable[2].copy()  # both memos held: the same headers again
+            metadata.operation_name = routable[3]
+        else:
+            # What the provider sees: body fields first, attachments override them (Dubbo's
+            # DecodeableRpcInvocation does putAll), except the method, which only the body names.
+            headers = metadata.headers
+            headers["interface"] = path
+            headers["path"] = path
+            if service_version:
+                headers["version"] = service_version
+            for key, value in pairs:
+                headers[key] = value
+            headers["method"] = method
+            metadata.operation_name = f"{headers['interface']}/{method}"
+            self._last_headers = (fields, pairs, headers.copy(), metadata.operation_name)
 
-        props = metadata.properties
-        props["dubbo_version"] = dubbo_version
-        props["path"] = path
-        props["service_version"] = service_version
-        props["parameter_types"] = parameter_types
-        props["attachments_span"] = (attachments_start, attachments_end)
-        props["attachment_entries"] = entries
+        metadata.properties = {
+            "flag": flag,
+            "serialization": HESSIAN2,  # the only one decode accepts
+            "status": status,
+            "dubbo_version": dubbo_version,
+            "path": path,
+            "service_version": service_version,
+            "parameter_types": parameter_types,
+            "attachments_span": (attachments_start, attachments_end),
+            "attachment_entries": entries,
+        }
 
     def _read_attachments(self, reader: Reader, frame: bytes, start: int) -> tuple[list[tuple[str, str]], Entries]:
         """The attachments' string pairs (other keys and values are not routable), and the
@@ -235,25 +248,29 @@ class DubboCodec(Codec):
         return pairs, entries
 
     @staticmethod
-    def _decode_response(frame: bytes, status: int, metadata: Metadata) -> None:
-        props = metadata.properties
-        if status != Status.OK:
-            metadata.message_type = MessageType.ERROR
+    def _decode_response(frame: bytes, flag: int, status: int, metadata: Metadata) -> None:
+        if status != _OK:
+            metadata.message_type = _ERROR
             metadata.response_status = ResponseStatus.ERROR
             reader = Reader(frame, HEADER_SIZE)
-            props["error_message"] = None if reader.at_end() else reader.read_string_or_null()
+            error_message = None if reader.at_end() else reader.read_string_or_null()
+            metadata.properties = {"flag": flag, "serialization": HESSIAN2, "status": status, "error_message": error_message}
             return
-        reader = Reader(frame, HEADER_SIZE)
-        result_type = reader.read_int()
-        if result_type not in _VALID_RESULT_TYPES:
-            raise ValueError(f"unknown result type {result_type} (expected 0-5)")
-        props["result_type"] = result_type
-        props["value_offset"] = reader.pos
+        tag = frame[HEADER_SIZE] if len(frame) > HEADER_SIZE else -1
+        if tag in _COMPACT_RESULT_TYPES:
+            result_type, value_offset = tag - 0x90, HEADER_SIZE + 1
+        else:
+            reader = Reader(frame, HEADER_SIZE)
+            result_type = reader.read_int()
+            if result_type not in _VALID_RESULT_TYPES:
+                raise ValueError(f"unknown result type {result_type} (expected 0-5)")
+            value_offset = reader.pos
+        metadata.properties = {"flag": flag, "serialization": HESSIAN2, "status": status, "result_type": result_type, "value_offset": value_offset}
         if result_type in EXCEPTION_RESULTS:
-            metadata.message_type = MessageType.ERROR
+            metadata.message_type = _ERROR
             metadata.response_status = ResponseStatus.ERROR
         else:
-            metadata.message_type = MessageType.RESPONSE
+            metadata.message_type = _RESPONSE
             metadata.response_status = ResponseStatus.OK
 
     # -- encode --------------------------------------------------------------------------------
