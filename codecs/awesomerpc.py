@@ -77,7 +77,8 @@ class AwesomeRpcCodec(Codec):
         if length < HEADER_SIZE:
             raise CodecError(f"awesomerpc frame (flow {flow}) announces len {length}, less than its own {HEADER_SIZE}-byte header")
         # Refuse an oversized frame now, before buffering a body we would throw away.
-        self.check_frame_size(length)
+        if length > self.max_frame_size:
+            self.check_frame_size(length)
         if len(buffer) < length:
             return DecodeStatus.WAIT_FOR_DATA
         frame = take_frame(buffer, length)

@@ -125,12 +125,13 @@ class Router:
                     hash_policy=tuple(k.lower() for k in rc.hash_policy),
                 )
             )
-            self._predicates.append(tuple(_compile_matcher(m) for m in rc.headers))
             exact = next((m for m in rc.headers if m.kind == "exact" and not m.invert), None)
             if exact is None:
                 self._unindexed.append(i)
             else:
                 self._index.setdefault(exact.name.lower(), {}).setdefault(exact.value, []).append(i)
+            # A route found through the index already has its indexed value: that matcher holds.
+            self._predicates.append(tuple(_compile_matcher(m) for m in rc.headers if m is not exact))
 
     @property
     def routes(self) -> list[Route]:
@@ -168,7 +169,8 @@ def route_request(request) -> None:
         request.local_reply(ErrorType.ROUTE_NOT_FOUND, f"no route matches {metadata.operation_name or dict(metadata.headers)}")
         return
     request.route = route
-    request.cluster = route.pick_cluster()
+    clusters = route.clusters
+    request.cluster = clusters[0] if len(clusters) == 1 else route.pick_cluster()
     frame = metadata.frame
     mutation = route.request_mutation
     if request.request_mutation:  # a filter's headers (a trace context) on top of the route's

@@ -295,9 +295,11 @@ class Http2Connection:
 
     def feed(self, data: bytes) -> None:
         """Handle every whole frame received so far; raises ProtocolError (a connection error)."""
-        data = self._pieces.add(data)
-        if data is None:
-            return
+        pieces = self._pieces
+        if pieces.held:  # the start of a frame came before
+            data = pieces.add(data)
+            if data is None:
+                return
         pos = 0
         if self._slow_start:
             pos = self._start_feed(data)
@@ -681,7 +683,7 @@ class Http2Connection:
         if not stream.backlog and n <= stream.send_window and n <= self.send_window and n <= self.peer_max_frame:
             stream.send_window -= n
             self.send_window -= n
-            self._write(frame(DATA, 0, stream.id, payload))
+            self._write(_frame_header.pack(n >> 16, n & 0xFFFF, DATA, 0, stream.id) + payload)  # frame(), inline
             return
         if stream.backlog:
             stream.backlog += payload
