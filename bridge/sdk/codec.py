@@ -166,6 +166,11 @@ class Headers(MutableMapping[str, str]):
         return f"Headers({self._items!r})"
 
 
+# Metadata's defaults as module constants: made for every message, and an Enum class attribute
+# costs about ten times a global's (CPython 3.11).
+_REQUEST, _STATUS_OK = MessageType.REQUEST, ResponseStatus.OK
+
+
 class Metadata:
     """What a codec learned about one message.
 
@@ -187,10 +192,10 @@ class Metadata:
     )
 
     def __init__(self) -> None:
-        self.message_type: MessageType = MessageType.REQUEST
+        self.message_type: MessageType = _REQUEST
         self.request_id: int | None = None
         self.stream_id: int | None = None
-        self.response_status: ResponseStatus = ResponseStatus.OK
+        self.response_status: ResponseStatus = _STATUS_OK
         self.operation_name: str = ""
         self.header_size: int = 0
         self.body_size: int = 0
