@@ -38,6 +38,13 @@ _CMD_OFFSET = 9  # version (1) + flow (4) + len (4)
 HEARTBEAT_CMD = 0
 PROTOCOL_VERSION = 1
 
+# Enum members as module constants: on the hot path an Enum class attribute costs about ten
+# times a global's (CPython 3.11).
+_DONE, _WAIT = DecodeStatus.DONE, DecodeStatus.WAIT_FOR_DATA
+_HEARTBEAT, _REQUEST, _RESPONSE = MessageType.HEARTBEAT, MessageType.REQUEST, MessageType.RESPONSE
+_OK, _ERROR = ResponseStatus.OK, ResponseStatus.ERROR
+_RESPONSE_DIRECTION = Direction.RESPONSE
+
 ERROR_CODES: Mapping[ErrorType, int] = MappingProxyType(
     {
         ErrorType.ROUTE_NOT_FOUND: 404,  # no route matched the request
@@ -72,7 +79,7 @@ class AwesomeRpcCodec(Codec):
 
     def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
         if len(buffer) < HEADER_SIZE:
-            return DecodeStatus.WAIT_FOR_DATA
+            return _WAIT
         version, flow, length, cmd, rsp_code = HEADER.unpack_from(buffer)
         if length < HEADER_SIZE:
             raise CodecError(f"awesomerpc frame (flow {flow}) announces len {length}, less than its own {HEADER_SIZE}-byte header")
@@ -80,24 +87,22 @@ class AwesomeRpcCodec(Codec):
         if length > self.max_frame_size:
             self.check_frame_size(length)
         if len(buffer) < length:
-            return DecodeStatus.WAIT_FOR_DATA
+            return _WAIT
         frame = take_frame(buffer, length)
 
         if cmd == HEARTBEAT_CMD:
-            metadata.message_type = MessageType.HEARTBEAT
+            metadata.message_type = _HEARTBEAT
         else:
-            metadata.message_type = MessageType.RESPONSE if self.direction is Direction.RESPONSE else MessageType.REQUEST
+            metadata.message_type = _RESPONSE if self.direction is _RESPONSE_DIRECTION else _REQUEST
         metadata.request_id = flow
-        metadata.response_status = ResponseStatus.OK if rsp_code == 0 else ResponseStatus.ERROR
+        metadata.response_status = _OK if rsp_code == 0 else _ERROR
         metadata.operation_name = f"cmd{cmd}"
         metadata.header_size = HEADER_SIZE
         metadata.body_size = length - HEADER_SIZE
         metadata.frame = frame
         metadata.headers["cmd"] = str(cmd)
-        metadata.properties["version"] = version
-        metadata.properties["cmd"] = cmd
-        metadata.properties["rsp_code"] = rsp_code
-        return DecodeStatus.DONE
+        metadata.properties = {"version": version, "cmd": cmd, "rsp_code": rsp_code}
+        return _DONE
 
     def encode(self, metadata: Metadata, mutation: Mapping[str, str]) -> bytes:
         new_cmd = _mutated_cmd(mutation)

@@ -10,7 +10,10 @@ from metabridge.core.request import ActiveRequest
 from metabridge.sdk.codec import CodecError, DecodeStatus, ErrorType, FrameTooLarge, MalformedFrame, MessageType, Metadata, ResponseStatus
 from metabridge.stats import TIME_BOUNDS_MS
 
+# Enum members as module constants: on the hot path an Enum class attribute costs about ten
+# times a global's (CPython 3.11).
 _WAIT = DecodeStatus.WAIT_FOR_DATA
+_HEARTBEAT, _ERROR, _STATUS_ERROR = MessageType.HEARTBEAT, MessageType.ERROR, ResponseStatus.ERROR
 
 
 class ResponseMatching:
@@ -42,7 +45,7 @@ class ResponseMatching:
                 self._drop_link(link, ErrorType.BAD_RESPONSE, f"undecodable response from {link.tunnel.upstream_host or link.tunnel.cluster}: {exc}", reset=True)
                 return
             kind = metadata.message_type
-            if kind is MessageType.HEARTBEAT:
+            if kind is _HEARTBEAT:
                 continue  # upstream heartbeats are never forwarded
             if link.streams:
                 request = link.streams.get(metadata.stream_id)
@@ -80,7 +83,7 @@ class ResponseMatching:
         if stats is None:
             stats = self.stats.route(route.name, request.cluster)
         stats.response += 1
-        if metadata.message_type is MessageType.ERROR or metadata.response_status is ResponseStatus.ERROR:
+        if metadata.message_type is _ERROR or metadata.response_status is _STATUS_ERROR:
             stats.response_error += 1
         else:
             stats.response_success += 1

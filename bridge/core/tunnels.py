@@ -45,6 +45,11 @@ class Tunnel(H2Stream):
         return f"Tunnel({self.cluster}#{self.id} {self.state.value} {self.upstream_host})"
 
 
+# Enum members as module constants: on the hot path an Enum class attribute costs about ten
+# times a global's (CPython 3.11).
+_OPEN, _CLOSED = TunnelState.OPEN, TunnelState.CLOSED
+
+
 @dataclass(slots=True)
 class TunnelOpened:
     tunnel: Tunnel
@@ -202,9 +207,9 @@ class Upstream(Http2Connection):
             if end_stream:
                 self.forget(tunnel)
             return
-        if data and tunnel.state is TunnelState.OPEN:
+        if data and tunnel.state is _OPEN:
             self._events.append(TunnelData(tunnel, data))
-        if end_stream and tunnel.state is not TunnelState.CLOSED:
+        if end_stream and tunnel.state is not _CLOSED:
             self._ended(tunnel, "upstream closed the connection", reset=False)
 
     def on_reset(self, tunnel: Tunnel, code: int) -> None:

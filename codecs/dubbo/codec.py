@@ -72,6 +72,7 @@ _MEMO_LIMIT = 4096  # bytes: longer body fields or attachments are parsed every 
 _DONE, _WAIT = DecodeStatus.DONE, DecodeStatus.WAIT_FOR_DATA
 _REQUEST, _ONEWAY, _RESPONSE, _ERROR, _HEARTBEAT = MessageType.REQUEST, MessageType.ONEWAY, MessageType.RESPONSE, MessageType.ERROR, MessageType.HEARTBEAT
 _OK = int(Status.OK)
+_STATUS_OK, _STATUS_ERROR = ResponseStatus.OK, ResponseStatus.ERROR
 # An OK response's result type as Dubbo writes it: one compact Hessian2 int byte (0x90 + type).
 _COMPACT_RESULT_TYPES = range(0x90, 0x90 + len(ResultType))
 
@@ -251,7 +252,7 @@ class DubboCodec(Codec):
     def _decode_response(frame: bytes, flag: int, status: int, metadata: Metadata) -> None:
         if status != _OK:
             metadata.message_type = _ERROR
-            metadata.response_status = ResponseStatus.ERROR
+            metadata.response_status = _STATUS_ERROR
             reader = Reader(frame, HEADER_SIZE)
             error_message = None if reader.at_end() else reader.read_string_or_null()
             metadata.properties = {"flag": flag, "serialization": HESSIAN2, "status": status, "error_message": error_message}
@@ -268,10 +269,10 @@ class DubboCodec(Codec):
         metadata.properties = {"flag": flag, "serialization": HESSIAN2, "status": status, "result_type": result_type, "value_offset": value_offset}
         if result_type in EXCEPTION_RESULTS:
             metadata.message_type = _ERROR
-            metadata.response_status = ResponseStatus.ERROR
+            metadata.response_status = _STATUS_ERROR
         else:
             metadata.message_type = _RESPONSE
-            metadata.response_status = ResponseStatus.OK
+            metadata.response_status = _STATUS_OK
 
     # -- encode --------------------------------------------------------------------------------
 
