@@ -17,18 +17,15 @@ needs valgrind); ``--tree DIR`` counts another checkout (as bench.instructions' 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from hpack import Encoder
 
 from bench import wire
-from bench.instructions import package_links
+from bench.instructions import callgrind
 from bench.inproc import _OPEN_WINDOWS, bench_config
 from metabridge.config.model import parse
 from metabridge.core.runtime import build_runtimes
@@ -36,12 +33,6 @@ from metabridge.transport import http2, inprocess
 from metabridge.wire import UPSTREAM_HOST_HEADER
 
 _HERE = Path(__file__).resolve().parents[1]
-# As bench.instructions runs bench.inproc from another tree.
-_RUNNER = (
-    "import runpy, sys; sys.path[:0] = {paths!r}; "
-    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]; "
-    "sys.argv = ['bench.inproc_module'] + sys.argv[1:]; runpy.run_module('bench.inproc_module', run_name='__main__')"
-)
 
 
 class _Envoy:
@@ -100,17 +91,8 @@ def measure(protocol: str, depth: int, requests: int, payload: int = 100) -> flo
 
 def count_instructions(tree: Path, protocol: str, depth: int, payload: int, requests: int) -> int:
     """Instructions of one whole run of ``requests`` requests under callgrind, from ``tree``."""
-    with tempfile.TemporaryDirectory() as farm:
-        runner = ("-m", "bench.inproc_module") if tree.resolve() == _HERE else ("-c", _RUNNER.format(paths=package_links(tree, Path(farm))))
-        command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *runner,
-            "--protocol", protocol, "--depth", str(depth), "--payload", str(payload), "--requests", str(requests), "--repeat", "1",
-        ]
-        result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
-    found = re.search(r"Collected : (\d+)", result.stderr)
-    if result.returncode != 0 or not found:
-        raise SystemExit(f"callgrind run failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
-    return int(found.group(1))
+    args = ["--protocol", protocol, "--depth", str(depth), "--payload", str(payload), "--requests", str(requests), "--repeat", "1"]
+    return callgrind(tree, "bench.inproc_module", args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,12 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Run bench.inproc from ``tree``: drop the editable install's import hook so that the folders
+# Run a bench module from ``tree``: drop the editable install's import hook so that the folders
 # first on sys.path (the tree, and the package's link farm) are what is imported.
 _RUNNER = (
     "import runpy, sys; sys.path[:0] = {paths!r}; "
     "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f)]; "
-    "sys.argv = ['bench.inproc'] + sys.argv[1:]; runpy.run_module('bench.inproc', run_name='__main__')"
+    "sys.argv = [{module!r}] + sys.argv[1:]; runpy.run_module({module!r}, run_name='__main__')"
 )
 
 
@@ -54,21 +54,22 @@ def package_links(tree: Path, farm: Path) -> list[str]:
     return [str(tree), str(farm)]
 
 
-def count(tree: Path, protocol: str, depth: int, requests: int, extra: list[str]) -> int:
-    """Instructions of one whole bench.inproc run of ``requests`` requests."""
+def callgrind(tree: Path, module: str, args: list[str]) -> int:
+    """Instructions of one whole run of ``python -m module args`` from ``tree``, under callgrind."""
     with tempfile.TemporaryDirectory() as farm:
         # This checkout runs as installed; another one through the path hack.
-        runner = ("-m", "bench.inproc") if tree.resolve() == _HERE else ("-c", _RUNNER.format(paths=package_links(tree, Path(farm))))
-        command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, *runner,
-            "--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1", *extra,
-        ]
+        runner = ("-m", module) if tree.resolve() == _HERE else ("-c", _RUNNER.format(paths=package_links(tree, Path(farm)), module=module))
+        command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, *runner, *args]
         result = subprocess.run(command, cwd=tree, capture_output=True, text=True)
     found = re.search(r"Collected : (\d+)", result.stderr)
     if result.returncode != 0 or not found:
         raise SystemExit(f"callgrind run failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def count(tree: Path, protocol: str, depth: int, requests: int, extra: list[str]) -> int:
+    """Instructions of one whole bench.inproc run of ``requests`` requests."""
+    return callgrind(tree, "bench.inproc", ["--protocol", protocol, "--depth", str(depth), "--requests", str(requests), "--repeat", "1", *extra])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -197,12 +197,7 @@ def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_
             event(log, logging.WARNING, "reload_needs_restart", listener=name, hint="new listener: re-render Envoy's bootstrap and restart")
             continue
         entry = config.codecs[listener.codec]
-        if entry.name not in loaded:
-            try:
-                loaded[entry.name] = load_codec_class(entry.ref, config.base_dir)
-            except CodecLoadError as exc:
-                loaded[entry.name] = exc
-        cls = loaded[entry.name]
+        cls = _load_once(entry, config, loaded)
         try:
             if isinstance(cls, CodecLoadError):
                 raise cls
@@ -222,16 +217,22 @@ def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_
     return True
 
 
-def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> None:
-    """Give the listener's later connections the codec the config names now, if it loads."""
-    entry = config.codecs[runtime.config.codec]
-    file = reference_path(entry.ref, config.base_dir)
+def _load_once(entry, config: Config, loaded: dict):
+    """The codec class ``entry`` names, or the CodecLoadError loading it gave, loaded once per
+    reload (``loaded``: by codec name) however many listeners use it."""
     if entry.name not in loaded:
         try:
             loaded[entry.name] = load_codec_class(entry.ref, config.base_dir)
         except CodecLoadError as exc:
             loaded[entry.name] = exc
-    cls = loaded[entry.name]
+    return loaded[entry.name]
+
+
+def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> None:
+    """Give the listener's later connections the codec the config names now, if it loads."""
+    entry = config.codecs[runtime.config.codec]
+    file = reference_path(entry.ref, config.base_dir)
+    cls = _load_once(entry, config, loaded)
     error = str(cls) if isinstance(cls, CodecLoadError) else None
     if error is None:
         try:
