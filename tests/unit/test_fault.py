@@ -106,7 +106,7 @@ async def test_a_delay_then_an_abort_replies_after_the_delay():
     h.read(frames(1, [1]))
     assert h.client_frames() == [], "not yet: the delay comes first"
     await wait_until(lambda: h.client_frames(), "the abort after the delay")
-    assert loop.time() - started >= 0.08
+    assert loop.time() - started >= 0.08 - 0.001  # uvloop's clock counts whole milliseconds
     assert h.client_frames() == [(1, 1, OVER_LIMIT, b"")] and routed(h) == []
     assert f.stats.snapshot() == {"delays_injected": 1, "aborts_injected": 1, "active_faults": 0}
 
