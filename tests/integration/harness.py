@@ -245,13 +245,14 @@ class Proxy:
 
 
 @contextlib.contextmanager
-def proxy_factory(tmp: Path, *, codec: str, ref: str, example: str, start_backend: Callable[[str, Any], Backend]) -> Iterator[Callable[..., Proxy]]:
+def proxy_factory(tmp: Path, *, codec: str, ref: str, example: str, start_backend: Callable[[str, Any], Backend], stack_cls: type[Stack] = Stack, bridge: dict | None = None) -> Iterator[Callable[..., Proxy]]:
     """The body of a codec's ``proxy`` fixture. Yields make(backends={cluster: spec}, routes=None):
     it starts ``start_backend(cluster, spec)`` for each cluster, then Envoy and the bridge with one
     ``codec`` listener on a free port in front of them: with ``routes``, a codec_config of ``ref``
     (5 s request timeout); without, the example config ``example`` (routes, options, clusters)
-    with its clusters served by the given backends. Every stack, then every backend, is stopped
-    on exit."""
+    with its clusters served by the given backends; ``bridge`` is merged into the config's
+    ``bridge:`` section and the stack is a ``stack_cls``. Every stack, then every backend, is
+    stopped on exit."""
     stacks: list[Stack] = []
     running: list[Backend] = []
 
@@ -267,7 +268,8 @@ def proxy_factory(tmp: Path, *, codec: str, ref: str, example: str, start_backen
             cfg = example_config(example, {codec: port}, ports)
         else:
             cfg = codec_config(codec, ref, port, ports, routes, request_timeout="5s")
-        stack = Stack(tmp, cfg)
+        cfg.setdefault("bridge", {}).update(bridge or {})
+        stack = stack_cls(tmp, cfg)
         stacks.append(stack)
         stack.start()
         return Proxy(port, started, stack)

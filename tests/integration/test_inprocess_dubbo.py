@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
 
-from tests.integration.harness import Proxy, Stack, codec_config, example_config, free_port, read_until_closed
+from tests.integration.harness import Stack, codec_config, free_port, proxy_factory, read_until_closed
 from tests.integration.test_dubbo_proxy import ADMIN, DUBBO_CODEC, GREETER, HOST, SERVICE_NOT_FOUND, methods_seen, route
 from tests.integration.test_inprocess import MODES, InProcessStack
 from tests.peers.dubbo_peers import ConsumerError, ConsumerTimeout, call, call_raw, decode_with_dubbo_py, heartbeats_raw, start_provider
@@ -20,28 +20,14 @@ from tests.peers.dubbo_peers import ConsumerError, ConsumerTimeout, call, call_r
 def proxy(request, tmp_path) -> Iterator:
     """proxy(providers={cluster: (interface, name)}, routes=None) in the parametrized mode;
     without routes, examples/dubbo.yaml with its clusters served by the providers."""
-    stacks: list[Stack] = []
-    providers = []
 
-    def make(backends: dict[str, tuple[str, str]], routes: list[dict] | None = None) -> Proxy:
-        started = {cluster: start_provider(interface, name=name) for cluster, (interface, name) in backends.items()}
-        providers.extend(started.values())
-        port = free_port()
-        ports = {cluster: provider.port for cluster, provider in started.items()}
-        cfg = example_config("examples/dubbo.yaml", {"dubbo": port}, ports) if routes is None else codec_config("dubbo", DUBBO_CODEC, port, ports, routes, request_timeout="5s")
-        cfg.setdefault("bridge", {})["mode"] = request.param
-        stack = (InProcessStack if request.param == "inprocess" else Stack)(tmp_path, cfg)
-        stacks.append(stack)
-        stack.start()
-        return Proxy(port, started, stack)
+    def start_backend(cluster: str, spec: tuple[str, str]):
+        interface, name = spec
+        return start_provider(interface, name=name)
 
-    try:
+    stack_cls = InProcessStack if request.param == "inprocess" else Stack
+    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=start_backend, stack_cls=stack_cls, bridge={"mode": request.param}) as make:
         yield make
-    finally:
-        for stack in stacks:
-            stack.stop()
-        for provider in providers:
-            provider.stop()
 
 
 def test_routes_by_interface_and_method(proxy):
