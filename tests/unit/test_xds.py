@@ -39,6 +39,14 @@ def one_route(route: r.Route, name: str = NAME) -> r.RouteConfiguration:
 # -- translation --------------------------------------------------------------------------------
 
 
+
+def run_then_stop(server, main) -> None:
+    """Run the test's client coroutine (bounded), then stop the xDS server whatever happened."""
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        server.stop()
+
 def test_an_aeraki_route_configuration_becomes_the_routes_a_file_gives():
     config = aeraki_route_config(NAME, [
         aeraki_route("canary", cluster=V2, exact={"x-canary": "true"}, request_mutation={"x-routed-by": "rds"}, response_mutation={"x-served-by": "v2"}),
@@ -308,10 +316,7 @@ def test_client_applies_pushes_nacks_a_bad_one_and_resumes_after_the_server_rest
         finally:
             task.cancel()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    run_then_stop(server, main)
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +339,7 @@ def test_client_over_mtls_presents_its_certificate(certs):
         finally:
             task.cancel()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    run_then_stop(server, main)
 
 
 def test_client_without_a_certificate_is_refused_and_says_so(certs, caplog):
@@ -353,10 +355,7 @@ def test_client_without_a_certificate_is_refused_and_says_so(certs, caplog):
         finally:
             task.cancel()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    run_then_stop(server, main)
     failed = next(rec for rec in caplog.records if rec.getMessage() == "rds_stream_failed")
     assert failed.fields["server"] == server.address and failed.fields["error"].startswith("UNAVAILABLE")
     assert server.received == [] and _route_names(runtime) == []
@@ -442,10 +441,7 @@ def test_client_over_ads():
         finally:
             task.cancel()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    run_then_stop(server, main)
 
 
 def test_client_uses_rds_by_default():
@@ -460,10 +456,7 @@ def test_client_uses_rds_by_default():
         finally:
             task.cancel()
 
-    try:
-        asyncio.run(asyncio.wait_for(main(), 60))
-    finally:
-        server.stop()
+    run_then_stop(server, main)
 
 
 def test_an_unexpected_error_while_applying_is_a_nack_not_a_dead_subscription():
