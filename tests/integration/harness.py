@@ -19,8 +19,15 @@ import yaml
 
 from metabridge.config import bootstrap as envoy_config
 from metabridge.config.model import load
+from metabridge.native import build as native_build
 
 REPO = Path(__file__).resolve().parents[2]
+
+# bridge.mode values: the bridge as its own process behind Envoy's ext_proc filter, and the core
+# inside Envoy through the dynamic module (docs/inprocess.md). Tests that apply to both take a
+# ``mode`` parameter (``@pytest.mark.parametrize("mode", MODES)``); the ``mode`` fixture in
+# conftest.py is "ext_proc" for the others.
+MODES = ("ext_proc", "inprocess")
 
 
 def free_port() -> int:
@@ -169,6 +176,46 @@ class Stack:
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace") if name in self.logs else ""
+
+
+class InProcessStack(Stack):
+    """A Stack whose Envoy runs the core itself (bridge.mode inprocess): no bridge process; the
+    core logs into Envoy's output, so ``log("bridge")`` is Envoy's log."""
+
+    concurrency = 1
+
+    def __init__(self, tmp: Path, config: dict, *args, **kwargs) -> None:
+        config.setdefault("bridge", {})["mode"] = "inprocess"
+        super().__init__(tmp, config, *args, **kwargs)
+        assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+
+    def start_bridge(self) -> None:
+        pass
+
+    def envoy_command(self) -> tuple[list[str], dict[str, str]]:
+        bootstrap = self.tmp / "bootstrap.yaml"
+        bootstrap.write_text(envoy_config.render_inprocess_yaml(load(self.config_path)))
+        env = envoy_config.inprocess_environment()
+        env["METABRIDGE_LOG_LEVEL"] = "debug"
+        return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info", "--use-dynamic-base-id", *self.envoy_args], env
+
+    def start_envoy(self) -> None:
+        args, env = self.envoy_command()
+        log_path = self.tmp / "envoy.log"
+        self.logs["envoy"] = self.logs["bridge"] = log_path
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs["envoy"] = proc
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 30, "envoy", proc)
+        for listener in self.config["listeners"]:
+            wait_until(lambda: port_open(listener["port"]), 10, f"envoy listener {listener['name']}", proc)
+
+
+def stack_class(mode: str) -> type[Stack]:
+    """The Stack for a bridge.mode: ``Stack`` for ext_proc, ``InProcessStack`` for inprocess."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    return InProcessStack if mode == "inprocess" else Stack
 
 
 def multi_endpoint_cluster(name: str, ports: list[int], **options) -> dict:

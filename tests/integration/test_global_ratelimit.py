@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from metabridge.config import bootstrap as envoy_config
-from metabridge.native import build as native_build
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import Stack, awesomerpc_config, cmd_route, example_config, free_port, port_open, run_async, wait_until
+from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, example_config, free_port, port_open, run_async, stack_class, wait_until
 from tests.peers.ratelimit_service import ThreadedServer, limit
 
 OVER_LIMIT = ERROR_CODES[ErrorType.OVER_LIMIT]
@@ -39,7 +38,7 @@ def rls():
         server.stop()
 
 
-@pytest.fixture(params=("ext_proc", "inprocess"))
+@pytest.fixture(params=MODES)
 def proxy(request, tmp_path):
     """make(filter_config, closed=None) -> Stack with an awesomerpc listener (cmd 1 -> v1, cmd 2 -> v2)
     whose chain is the ratelimit filter; with ``closed``, a second listener ``closed`` whose filter
@@ -47,11 +46,7 @@ def proxy(request, tmp_path):
     the calls run on a loop in a thread inside Envoy, their answers applied on the worker."""
     stacks = []
     mode = request.param
-    cls = Stack
-    if mode == "inprocess":
-        from tests.integration.test_inprocess import InProcessStack as cls  # noqa: N813
-
-        assert native_build.main() == 0, "the dynamic module must build here"
+    cls = stack_class(mode)
 
     def make(filter_config: dict, closed: dict | None = None) -> Stack:
         v1, v2, listen = free_port(), free_port(), free_port()

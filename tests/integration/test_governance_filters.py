@@ -14,11 +14,10 @@ from collections import Counter
 
 import pytest
 
-from metabridge.native import build as native_build
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import REPO, Stack, example_config, free_port, run_async
+from tests.integration.harness import MODES, REPO, Stack, example_config, free_port, run_async, stack_class
 
 OVER_LIMIT = ERROR_CODES[ErrorType.OVER_LIMIT]
 TIMEOUT = ERROR_CODES[ErrorType.TIMEOUT]
@@ -38,11 +37,7 @@ def governance_stack(tmp, filters: list[dict] | None = None, workers: int | None
     if workers is not None:
         config["bridge"]["workers"] = workers
     config["bridge"]["mode"] = mode
-    cls = Stack
-    if mode == "inprocess":
-        from tests.integration.test_inprocess import InProcessStack as cls  # noqa: N813
-
-        assert native_build.main() == 0, "the dynamic module must build here"
+    cls = stack_class(mode)
     s = cls(tmp, config, {"v1": ports["awesomerpc-v1"], "v2": ports["awesomerpc-v2"]})
     s.listen_port = listen
     return s
@@ -205,7 +200,7 @@ def test_a_100_per_second_limit_admits_100_per_second_in_total_with_four_workers
 # ---- fault injection -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=("ext_proc", "inprocess"))
+@pytest.fixture(scope="module", params=MODES)
 def fault_stack(request, tmp_path_factory):
     """Both modes: the delay is a timer of the connection's clock (the event loop's, or the
     in-process module's timer thread inside Envoy)."""

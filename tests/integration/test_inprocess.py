@@ -29,38 +29,10 @@ from metabridge.native import build as native_build
 from metabridge.sdk.codec import ErrorType
 from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD
 from tests.integration.broken_codec import DECODE_BUG_CMD
-from tests.integration.harness import REPO, Stack, awesomerpc_config, cmd_route, free_port, port_open, read_until_closed, run_async, wait_until
+from tests.integration.harness import MODES, REPO, InProcessStack, Stack, stack_class, awesomerpc_config, cmd_route, free_port, port_open, read_until_closed, run_async, wait_until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
-MODES = ("ext_proc", "inprocess")
 ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(CMD_SLOW, "v1"), cmd_route(DECODE_BUG_CMD, "v1"), cmd_route(BLOCKING_CMD, "v1")]
-
-
-class InProcessStack(Stack):
-    """A Stack whose Envoy runs the core itself: no bridge process."""
-
-    concurrency = 1
-
-    def start_bridge(self) -> None:
-        pass
-
-    def envoy_command(self) -> tuple[list[str], dict[str, str]]:
-        bootstrap = self.tmp / "bootstrap.yaml"
-        bootstrap.write_text(envoy_config.render_inprocess_yaml(load(self.config_path)))
-        env = envoy_config.inprocess_environment()
-        env["METABRIDGE_LOG_LEVEL"] = "debug"
-        return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info", "--use-dynamic-base-id"], env
-
-    def start_envoy(self) -> None:
-        args, env = self.envoy_command()
-        log_path = self.tmp / "envoy.log"
-        self.logs["envoy"] = self.logs["bridge"] = log_path  # the core logs into Envoy's output
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs["envoy"] = proc
-        url = f"http://127.0.0.1:{self.admin_port}/ready"
-        wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 30, "envoy", proc)
-        for listener in self.config["listeners"]:
-            wait_until(lambda: port_open(listener["port"]), 10, f"envoy listener {listener['name']}", proc)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,9 +51,8 @@ def make(tmp_path):
         if codec_ref:
             cfg["codecs"]["awesomerpc"]["ref"] = codec_ref
         cfg.setdefault("bridge", {})["mode"] = mode
-        cls = InProcessStack if mode == "inprocess" else Stack
         (tmp_path / mode).mkdir(exist_ok=True)
-        s = cls(tmp_path / mode, cfg, ports)
+        s = stack_class(mode)(tmp_path / mode, cfg, ports)
         s.listen_port = cfg["listeners"][0]["port"]
         started.append(s)
         return s.start()

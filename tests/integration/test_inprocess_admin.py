@@ -15,8 +15,8 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
-from tests.integration.harness import REPO, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
-from tests.integration.test_inprocess import InProcessStack, _stats
+from tests.integration.harness import REPO, InProcessStack, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
+from tests.integration.test_inprocess import _stats
 from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
 
 NO_ROUTE_CMD = 7

@@ -10,9 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
 
-from tests.integration.harness import Stack, codec_config, free_port, proxy_factory, read_until_closed
+from tests.integration.harness import MODES, codec_config, free_port, proxy_factory, read_until_closed, stack_class
 from tests.integration.test_dubbo_proxy import ADMIN, DUBBO_CODEC, GREETER, HOST, SERVICE_NOT_FOUND, methods_seen, route
-from tests.integration.test_inprocess import MODES, InProcessStack
 from tests.peers.dubbo_peers import ConsumerError, ConsumerTimeout, call, call_raw, decode_with_dubbo_py, heartbeats_raw, start_provider
 
 
@@ -25,7 +24,7 @@ def proxy(request, tmp_path) -> Iterator:
         interface, name = spec
         return start_provider(interface, name=name)
 
-    stack_cls = InProcessStack if request.param == "inprocess" else Stack
+    stack_cls = stack_class(request.param)
     with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=start_backend, stack_cls=stack_cls, bridge={"mode": request.param}) as make:
         yield make
 
@@ -87,7 +86,7 @@ def test_tracing_span_reaches_the_collector(tmp_path, mode):
         filters = [{"name": "tracing", "config": {"collector": {"address": collector.address}, "service_name": "metabridge-test", "flush_interval": "100ms"}}]
         cfg = codec_config("dubbo", DUBBO_CODEC, port, {"greeter": provider.port}, [route("greeter", interface=GREETER)], request_timeout="5s", filters=filters)
         cfg.setdefault("bridge", {})["mode"] = mode
-        stack = (InProcessStack if mode == "inprocess" else Stack)(tmp_path, cfg).start()
+        stack = stack_class(mode)(tmp_path, cfg).start()
         try:
             seen = call(HOST, port, GREETER, "attachments", attachments={"traceparent": f"00-{trace_id}-{consumer_span}-01"})
             [span] = collector.wait_for(1)
