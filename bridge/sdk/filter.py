@@ -19,6 +19,12 @@ per-request state on ``request.state`` (a dict), not on the filter.
         for the client (a response or a local reply) or when it ended without one (oneway,
         connection closed). Access logs and latency stats read ``request`` here.
 
+A filter that returned STOP and finishes the request later from a timer schedules it with
+``call_later(request, delay, callback, *args)``: the timer runs on the request's connection's
+clock, which is the event loop's in the bridge process (ext_proc mode) and the connection's Envoy
+worker in bridge.mode inprocess, where no asyncio loop runs (``asyncio.get_running_loop()``
+raises there).
+
 An exception from any of these is contained: it is logged once as ``filter_error`` and counted;
 in ``on_request`` the request gets an UNSPECIFIED error reply. See docs/writing-a-filter.md.
 """
@@ -26,10 +32,12 @@ in ``on_request`` the request gets an UNSPECIFIED error reply. See docs/writing-
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from metabridge.core.clock import Timer
     from metabridge.core.request import ActiveRequest
     from metabridge.sdk.codec import Metadata
 
@@ -59,3 +67,12 @@ class Filter:
 
 
 FILTER_HOOKS = ("on_request", "on_response", "on_complete")
+
+
+def call_later(request: ActiveRequest, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
+    """Run ``callback(*args)`` ``delay`` seconds from now on the clock of ``request``'s connection,
+    in either bridge mode (the bridge process's event loop, or the connection's Envoy worker
+    in-process); what the callback does to the request (``local_reply``, ``resume``) is sent as
+    from any other hook. The returned timer's ``cancel()`` stops it."""
+    clock = request.connection.clock
+    return clock.call_at(clock.now() + delay, functools.partial(callback, *args) if args else callback)
