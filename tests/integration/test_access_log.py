@@ -1,6 +1,13 @@
 """The access_log filter through a real Envoy and the bridge: the lines' fields for answered
 requests and a local reply, a format string on standard output, and rotation (rename, SIGUSR1,
-the new file gets the new lines) with two worker processes sharing one file."""
+the new file gets the new lines) with two worker processes sharing one file.
+
+The lines' fields and the format string run in both bridge modes (ext_proc and inprocess, where
+the writer's thread runs inside Envoy and standard output is Envoy's). What does not apply
+in-process:
+- rotation with two workers: it needs bridge worker processes (bridge.workers) and SIGUSR1 to the bridge process.
+- SIGUSR1 to a bridge without an access log file: a signal to the bridge process (Envoy owns its signals in-process).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +17,10 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
+
 from examples.awesomerpc.client import AwesomeRpcClient, encode_frame
-from tests.integration.harness import Stack, awesomerpc_config, cmd_route, free_port, run_async, wait_until
+from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, run_async, wait_until
 
 ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2")]  # cmd 7 has no route
 
@@ -30,6 +39,7 @@ async def calls(port: int, plan: list[tuple[int, bytes]]) -> list:
         return [await client.call(cmd, body) for cmd, body in plan]
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_each_request_gets_a_line_with_its_route_cluster_host_outcome_and_sizes(stack, tmp_path):
     path = tmp_path / "access.log"
     s = stack(ROUTES, filters=access_log(path=str(path), headers=["cmd"]))
@@ -55,12 +65,13 @@ def test_each_request_gets_a_line_with_its_route_cluster_host_outcome_and_sizes(
             assert entry["upstream_host"] == f"127.0.0.1:{s.backends[cluster]}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_format_string_on_standard_output(stack):
     fmt = "ACCESS %LISTENER% %REQUEST_ID% %OPERATION% %ROUTE% %CLUSTER% %RESPONSE_STATUS% %ATTEMPTS% %REQ(cmd)%"
     s = stack(ROUTES, filters=access_log(format=fmt))
     replies = run_async(calls(s.listen_port, [(2, b"x"), (7, b"y")]))
     wanted = [f"ACCESS awesomerpc {replies[0].flow} cmd2 cmd2 v2 ok 1 2", f"ACCESS awesomerpc {replies[1].flow} cmd7 - - route_not_found 0 7"]
-    found = wait_until(lambda: all(w in s.log("bridge").splitlines() for w in wanted), 10, "the lines on the bridge's standard output")
+    found = wait_until(lambda: all(w in s.log("bridge").splitlines() for w in wanted), 10, "the lines on the bridge's (in-process: Envoy's) standard output")
     assert found
 
 

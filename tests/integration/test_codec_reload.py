@@ -1,6 +1,10 @@
 """Codec reload through Envoy: on SIGHUP a rewritten codec file serves new connections while
 open ones keep the codec they started with, and a broken rewrite is refused (logged) while the
-last good codec goes on serving. Two bridge workers: the supervisor passes SIGHUP on to each."""
+last good codec goes on serving. Two bridge workers: the supervisor passes SIGHUP on to each.
+
+What does not apply in-process (so this file runs in ext_proc only):
+- the codec reload on SIGHUP with two workers: SIGHUP to the bridge process and bridge worker processes; in-process the same codec reload is POST /reload (test_inprocess_admin.py: new connections get the changed codec, open ones keep theirs, a broken one is refused).
+"""
 
 from __future__ import annotations
 

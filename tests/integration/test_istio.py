@@ -7,7 +7,11 @@ sidecar already has, as istiod sends them) and on the inbound side (the port's c
 Without iptables nothing redirects connections to Istio's unbound listeners, so the listener
 under test is bound on 127.0.0.1 at the config's port: the outbound chain matches that
 destination address, the inbound chain that destination port, as they would for a redirected
-connection."""
+connection.
+
+What does not apply in-process (so this file runs in ext_proc only):
+- the patched sidecar: `render --istio` gives the sidecar the ext_proc chain toward a bridge container beside it (the bridge as a separate process); it renders that chain for a bridge.mode inprocess config too, and an istio-proxy with the module inside is not a deployment it renders.
+"""
 
 from __future__ import annotations
 

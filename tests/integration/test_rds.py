@@ -1,7 +1,11 @@
 """Routes from an xDS server through a real Envoy: a grpcio xDS server pushes Aeraki-shaped
 RouteConfigurations to the bridge (two workers, a stream each), requests follow each accepted
 push, a push naming an unknown cluster is NACKed with the error and the routes stay; and the
-same over mTLS with a client certificate."""
+same over mTLS with a client certificate.
+
+What does not apply in-process (so this file runs in ext_proc only):
+- every test here: routes over RDS are the bridge process's xDS stream, and a listener with rds is refused in-process when the bootstrap is rendered (test_inprocess.py).
+"""
 
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """The tracing filter through a real Envoy and the bridge, between real Dubbo peers: a
 consumer's traceparent (a Dubbo attachment) makes the proxy's span its child, the span reaches
 a test OTLP collector with its name and attributes, and the provider receives a traceparent
-whose parent is the proxy's span."""
+whose parent is the proxy's span. Both tests run in both bridge modes (ext_proc and inprocess:
+the exporter's thread runs inside Envoy)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.integration.harness import Stack, codec_config, free_port
+from tests.integration.harness import MODES, codec_config, free_port, stack_class
 from tests.otlp_receiver import SERVER, STATUS_ERROR, OtlpReceiver
 from tests.peers.dubbo_peers import ConsumerError, call, start_provider
 
@@ -17,15 +18,15 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CONSUMER_SPAN = "b7ad6b7169203331"
 
 
-@pytest.fixture
-def traced(tmp_path):
+@pytest.fixture(params=MODES)
+def traced(tmp_path, request):
     """A dubbo listener with the tracing filter in front of one provider, and the collector."""
     with OtlpReceiver() as collector, start_provider(GREETER, name="greeter") as provider:
         port = free_port()
         routes = [{"name": "greeter", "match": {"headers": [{"name": "interface", "exact": GREETER}]}, "route": {"cluster": "greeter"}}]
         filters = [{"name": "tracing", "config": {"collector": {"address": collector.address}, "service_name": "metabridge-test", "flush_interval": "100ms"}}]
         cfg = codec_config("dubbo", "codecs/dubbo:DubboCodec", port, {"greeter": provider.port}, routes, request_timeout="5s", filters=filters)
-        stack = Stack(tmp_path, cfg).start()
+        stack = stack_class(request.param)(tmp_path, cfg).start()
         try:
             yield port, collector, provider
         finally:
