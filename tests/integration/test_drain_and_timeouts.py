@@ -2,6 +2,9 @@
 
 The example backend's cmd 98 sleeps <body> ms before answering; a request_mutation lets a second
 route reach the same slow command.
+
+Every test runs in both bridge modes (ext_proc and inprocess): the drain reaches the core through
+HCM's GOAWAY on its tunnels in either.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ import asyncio
 import time
 import urllib.request
 
+import pytest
 
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import cmd_route, run_async, Stack, wait_until
+from tests.integration.harness import MODES, Stack, cmd_route, run_async, wait_until
 
 CMD_FAST = 2
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
@@ -61,6 +65,7 @@ async def timed(call) -> tuple[Reply, float]:
 # ---- per-route timeout ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_route_timeout_overrides_listener_timeout(stack):
     routes = [
         cmd_route(CMD_SLOW, "v1", timeout="200ms"),
@@ -136,6 +141,7 @@ def assert_all_answered(clients: list[RecordingClient], replies) -> None:
         assert not errors, f"connection {i} got error replies: {errors}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_graceful_drain_closes_connections_after_their_in_flight_requests(stack):
     """The drain as a client sees it: requests in flight on open tunnels, then
     /drain_listeners?graceful, and nothing else. Every request gets its response, then every
@@ -171,6 +177,7 @@ def test_graceful_drain_closes_connections_after_their_in_flight_requests(stack)
     assert drains_seen == CONNECTIONS
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_graceful_drain_goaway_reaching_the_bridge(stack):
     """As above, but each connection opens one new tunnel (to v2) after the drain began; HCM
     puts its first GOAWAY (NO_ERROR, last stream 2^31-1) before that tunnel's response headers.

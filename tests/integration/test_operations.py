@@ -1,4 +1,10 @@
-"""Running the bridge in production: metrics, route reload without disconnects, worker processes."""
+"""Running the bridge in production: metrics, route reload without disconnects, worker processes.
+
+The metrics test runs in both bridge modes (ext_proc and inprocess, where bridge.metrics_port is
+served from inside Envoy). What does not apply in-process:
+- route reload by SIGHUP: a signal to the bridge process; in-process reload is POST /reload (test_inprocess_admin.py).
+- worker processes sharing the connections: bridge.workers, their gRPC health checks and a killed worker's restart.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +17,19 @@ import sys
 import time
 import urllib.request
 
+import pytest
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.config.model import load
-from tests.integration.harness import awesomerpc_config, cmd_route, free_port, Stack, wait_until
+from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, port_open, stack_class, wait_until
 
 
-def make_stack(tmp_path, routes, **bridge) -> Stack:
+def make_stack(tmp_path, routes, mode: str = "ext_proc", **bridge) -> Stack:
     ports = {"v1": free_port(), "v2": free_port()}
     cfg = awesomerpc_config(free_port(), ports, routes)
     cfg["bridge"] = bridge
-    stack = Stack(tmp_path, cfg, ports)
+    stack = stack_class(mode)(tmp_path, cfg, ports)
     stack.listen_port = cfg["listeners"][0]["port"]
     return stack
 
@@ -39,9 +46,10 @@ def scrape(port: int) -> dict[str, float]:
     return found
 
 
-def test_metrics_count_requests_and_local_replies(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_metrics_count_requests_and_local_replies(tmp_path, mode):
     metrics_port = free_port()
-    stack = make_stack(tmp_path, [cmd_route(1, "v1")], metrics_port=metrics_port)
+    stack = make_stack(tmp_path, [cmd_route(1, "v1")], mode, metrics_port=metrics_port)
     try:
         stack.start()
 
@@ -52,6 +60,7 @@ def test_metrics_count_requests_and_local_replies(tmp_path):
                 await c.call(9, b"no route")
 
         asyncio.run(main())
+        wait_until(lambda: port_open(metrics_port), 10, "the admin endpoint")  # in-process: a thread inside Envoy
         metrics = scrape(metrics_port)
         assert metrics['metabridge_request_total{listener="awesomerpc"}'] == 6
         assert metrics['metabridge_response_success_total{listener="awesomerpc"}'] == 5

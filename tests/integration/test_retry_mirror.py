@@ -4,12 +4,14 @@ Retries: a cluster of two hosts, one of them bad (refuses connections, resets ev
 answers too late), the other a healthy example backend; every request gets its real answer.
 Mirroring: a copy of each request goes to a mirror cluster whose answers are read and dropped;
 a mirror that is missing or slow never changes or delays the primary's reply.
+
+Every test runs in both bridge modes (ext_proc and inprocess); the one that adds a mirror by a
+reload reloads with SIGHUP, in-process with POST /reload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import threading
 import time
@@ -18,7 +20,8 @@ import pytest
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
-from tests.integration.harness import Stack, awesomerpc_config, free_port, multi_endpoint_cluster, run_async, wait_until
+from tests.integration.both_modes import in_process, reload
+from tests.integration.harness import MODES, Stack, awesomerpc_config, free_port, multi_endpoint_cluster, port_open, run_async, stack_class, wait_until
 
 CMD = 1
 
@@ -49,7 +52,7 @@ class ResettingBackend:
 
 
 @pytest.fixture
-def stacks(tmp_path):
+def stacks(tmp_path, mode):
     started: list[Stack] = []
     extras = []
 
@@ -63,7 +66,9 @@ def stacks(tmp_path):
             route["request_mirror_policies"] = mirrors
         cfg = awesomerpc_config(free_port(), {name: port for name, port in backends.items() if name != "good"}, [route], **listener_options)
         cfg["clusters"].append(multi_endpoint_cluster("pool", pool))
-        s = Stack(tmp_path, cfg, backends, backend_args=backend_args or {})
+        cfg["bridge"] = {"metrics_port": free_port()}  # where an in-process reload is asked for
+        s = stack_class(mode)(tmp_path, cfg, backends, backend_args=backend_args or {})
+        s.metrics_port = cfg["bridge"]["metrics_port"]
         s.listen_port = cfg["listeners"][0]["port"]
         started.append(s)
         return s.start()
@@ -87,6 +92,7 @@ def all_from_good(replies) -> bool:
     return all(r.rsp_code == 0 and r.body.startswith(b"good|") for r in replies)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_host_that_refuses_connections(stacks):
     make, _ = stacks
     s = make(free_port(), retry_policy={"num_retries": 1, "retry_on": ["connect_failure"]})
@@ -94,6 +100,7 @@ def test_a_host_that_refuses_connections(stacks):
     assert len(replies) == 60 and all_from_good(replies)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_host_that_resets_mid_request(stacks):
     make, extras = stacks
     bad = ResettingBackend()
@@ -105,6 +112,7 @@ def test_a_host_that_resets_mid_request(stacks):
     assert s.log("bridge").count('"request_retry"') >= bad.resets
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_without_a_retry_policy_the_reset_requests_get_error_replies(stacks):
     make, extras = stacks
     bad = ResettingBackend()
@@ -114,6 +122,7 @@ def test_without_a_retry_policy_the_reset_requests_get_error_replies(stacks):
     assert len(replies) == 40 and any(r.rsp_code != 0 for r in replies) and not all_from_good(replies)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_host_that_answers_too_late(stacks):
     make, _ = stacks
     slow = free_port()
@@ -131,6 +140,7 @@ def test_a_host_that_answers_too_late(stacks):
     assert took < 2 * 2.0, f"each slow try gives up after 200 ms, far below the 2 s delay ({took:.1f}s for 2 rounds of 10)"
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_mirror_gets_copies_and_its_answers_are_dropped(stacks):
     make, _ = stacks
     s = make(None, backends={"good": free_port(), "shadow": free_port()}, mirrors=[{"cluster": "shadow", "runtime_fraction": 100}])
@@ -140,6 +150,7 @@ def test_a_mirror_gets_copies_and_its_answers_are_dropped(stacks):
     assert s.envoy_stat("cluster.shadow.upstream_cx_rx_bytes_total") >= 40 * 13
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_missing_or_slow_mirror_never_delays_the_primary(stacks):
     make, _ = stacks
     s = make(
@@ -155,8 +166,12 @@ def test_a_missing_or_slow_mirror_never_delays_the_primary(stacks):
     raw["clusters"].append({"name": "nowhere", "endpoints": [{"address": "127.0.0.1", "port": free_port()}]})
     raw["listeners"][0]["routes"][0]["request_mirror_policies"].append({"cluster": "nowhere", "runtime_fraction": 100})
     s.config_path.write_text(yaml.safe_dump(raw))
-    s.procs["bridge"].send_signal(signal.SIGHUP)
-    wait_until(lambda: '"routes_reloaded"' in s.log("bridge"), 10, "route reload")
+    if in_process(s):
+        wait_until(lambda: port_open(s.metrics_port), 10, "the in-process admin endpoint")
+        assert reload(s, s.metrics_port)[0] == 200
+    else:
+        reload(s)
+        wait_until(lambda: '"routes_reloaded"' in s.log("bridge"), 10, "route reload")
     started = time.monotonic()
     replies = run_async(calls(s, 40))
     took = time.monotonic() - started
