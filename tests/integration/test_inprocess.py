@@ -1,18 +1,29 @@
 """The in-process mode (bridge.mode: inprocess): the core runs inside Envoy through the dynamic
-module. The same awesomerpc scenarios run in both modes (``mode`` is a parameter); what only
-one mode has is tested on its own.
+module. What is only this mode's is tested here: the start-up failures (a config or codec that
+does not load, the module missing from Envoy's search path, the module not built), render and
+validate, ``metabridge run --with-envoy``, two Envoy workers on one interpreter, the refused
+configs (RDS listeners), and a blocking codec (in both modes: what it costs the connections
+beside it differs in kind, a bridge loop or an Envoy worker).
 
-Not parametrized, because they do not apply in-process (docs/inprocess.md): the bridge being
-killed or restarted, Envoy's message_timeout on a stalled bridge, bridge workers (there is no
-bridge process); SIGHUP reloads, live config and RDS (the bridge process's; RDS listeners are
-refused). In-process elsewhere: the admin endpoint and POST /reload (test_inprocess_admin), fault
-(test_governance_filters) and the global rate limit (test_global_ratelimit).
+The scenarios both modes share run in both modes in the files that have them (their ``mode``
+parameter): awesomerpc's routing, pipelining, local replies, heartbeats, dead and closing
+backends, timeouts, malformed frames, clients leaving mid-request and the tunnel window in
+test_awesomerpc_proxy; Dubbo in test_dubbo_proxy and test_dubbo_mutation, Thrift in
+test_thrift_proxy, streams in test_streaming, the codec guide's and new-codec's projects in
+test_codec_guide and test_new_codec; a codec that raises in test_faults_and_limits, the access
+log in test_access_log, tracing in test_tracing. In-process elsewhere too: the admin endpoint and
+POST /reload (test_inprocess_admin), fault (test_governance_filters) and the global rate limit
+(test_global_ratelimit).
+
+Not in-process, because they are about the bridge as a separate process (docs/inprocess.md):
+the bridge being killed or restarted, Envoy's message_timeout on a stalled bridge, bridge
+workers; SIGHUP to the bridge, live config and RDS (the bridge process's; RDS listeners are
+refused, below). Each file lists its own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import time
 import urllib.request
@@ -21,18 +32,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from examples.awesomerpc.client import AwesomeRpcClient, encode_frame
-from examples.awesomerpc.protocol import ERROR_CODES
+from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.config import bootstrap as envoy_config
 from metabridge.config.model import load
 from metabridge.native import build as native_build
-from metabridge.sdk.codec import ErrorType
 from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD
-from tests.integration.broken_codec import DECODE_BUG_CMD
-from tests.integration.harness import MODES, REPO, InProcessStack, Stack, stack_class, awesomerpc_config, cmd_route, free_port, port_open, read_until_closed, run_async, wait_until
+from tests.integration.harness import MODES, REPO, InProcessStack, Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, stack_class, wait_until
 
-CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
-ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(CMD_SLOW, "v1"), cmd_route(DECODE_BUG_CMD, "v1"), cmd_route(BLOCKING_CMD, "v1")]
+ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(BLOCKING_CMD, "v1")]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,17 +49,15 @@ def native_module():
 
 @pytest.fixture
 def make(tmp_path):
-    """make(mode, routes=ROUTES, codec_ref=None, backends=("v1", "v2"), **listener_options) -> a started stack."""
+    """make(mode, codec_ref) -> a started stack in ``mode`` of backends v1 and v2 behind an
+    awesomerpc listener (ROUTES) whose codec is ``codec_ref``."""
     started: list[Stack] = []
 
-    def factory(mode, routes=ROUTES, codec_ref=None, backends=("v1", "v2"), extra_clusters=None, **listener_options):
-        ports = {name: free_port() for name in backends}
-        cfg = awesomerpc_config(free_port(), {**ports, **(extra_clusters or {})}, routes, **listener_options)
-        if codec_ref:
-            cfg["codecs"]["awesomerpc"]["ref"] = codec_ref
-        cfg.setdefault("bridge", {})["mode"] = mode
-        (tmp_path / mode).mkdir(exist_ok=True)
-        s = stack_class(mode)(tmp_path / mode, cfg, ports)
+    def factory(mode, codec_ref):
+        ports = {name: free_port() for name in ("v1", "v2")}
+        cfg = awesomerpc_config(free_port(), ports, ROUTES)
+        cfg["codecs"]["awesomerpc"]["ref"] = codec_ref
+        s = stack_class(mode)(tmp_path, cfg, ports)
         s.listen_port = cfg["listeners"][0]["port"]
         started.append(s)
         return s.start()
@@ -68,102 +73,6 @@ def run(coro):
 
 async def connect(s: Stack) -> AwesomeRpcClient:
     return await AwesomeRpcClient.connect("127.0.0.1", s.listen_port)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_routes_and_pipelined_requests(make, mode):
-    s = make(mode)
-
-    async def main():
-        async with await connect(s) as c:
-            first = [await c.call(1, b"a"), await c.call(2, b"b")]
-            many = await asyncio.gather(*(c.call(1 + i % 2, f"m{i}".encode()) for i in range(50)))
-            return first, many
-
-    first, many = run(main())
-    assert [(r.rsp_code, r.body) for r in first] == [(0, b"v1|a"), (0, b"v2|b")]
-    assert [r.body for r in many] == [f"v{1 + i % 2}|m{i}".encode() for i in range(50)]
-    if mode == "inprocess":  # the module's counter of contained failures exists, and none happened
-        errors = [line for line in _stats(s).splitlines() if line.split(":")[0].endswith("metabridge_inprocess_errors")]
-        assert errors and all(line.endswith(": 0") for line in errors), errors
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_local_replies_no_route_and_heartbeat(make, mode):
-    s = make(mode)
-
-    async def main():
-        async with await connect(s) as c:
-            return await c.call(7, b"?"), await c.heartbeat(), await c.call(1, b"after")
-
-    bad, beat, good = run(main())
-    assert bad.rsp_code == ERROR_CODES[ErrorType.ROUTE_NOT_FOUND] and bad.cmd == 7
-    assert beat.cmd == 0 and beat.rsp_code == 0
-    assert good.body == b"v1|after"
-    assert s.envoy_stat("cluster.v2.upstream_cx_total") == 0  # the heartbeat never left
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_dead_backend_gets_error_reply(make, mode):
-    s = make(mode, routes=[cmd_route(1, "dead")], backends=(), extra_clusters={"dead": free_port()})
-
-    async def main():
-        async with await connect(s) as c:
-            return await c.call(1, b"x")
-
-    assert run(main()).rsp_code == ERROR_CODES[ErrorType.UNSPECIFIED]
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_request_timeout_fires_from_the_core_timer(make, mode):
-    s = make(mode, request_timeout="300ms")
-
-    async def main():
-        async with await connect(s) as c:
-            started = time.monotonic()
-            slow = await c.call(CMD_SLOW, b"1500")
-            elapsed = time.monotonic() - started
-            return slow, elapsed, await c.call(1, b"ok")
-
-    slow, elapsed, fast = run(main())
-    assert slow.rsp_code == ERROR_CODES[ErrorType.TIMEOUT]
-    assert 0.25 < elapsed < 1.4  # the core's timer, not the backend's late reply
-    assert fast.body == b"v1|ok"
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_idle_timeout_closes_the_connection(make, mode):
-    s = make(mode, idle_timeout="500ms")
-    import socket
-
-    with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as sock:
-        sock.sendall(encode_frame(1, 1, b"x"))
-        started = time.monotonic()
-        data = read_until_closed(sock)
-        elapsed = time.monotonic() - started
-    assert b"v1|x" in data
-    assert 0.4 < elapsed < 4.0
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_codec_exception_closes_only_that_connection(make, mode):
-    import socket
-
-    s = make(mode, codec_ref=f"{REPO / 'tests' / 'integration' / 'broken_codec.py'}:BrokenAwesomeRpcCodec")
-
-    async def main():
-        async with await connect(s) as healthy:
-            before = await healthy.call(1, b"before")
-            with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as bad:
-                bad.sendall(encode_frame(1, 1, b"ok") + encode_frame(2, DECODE_BUG_CMD, b"boom"))
-                data = await asyncio.get_running_loop().run_in_executor(None, read_until_closed, bad)
-            after = await healthy.call(2, b"after")
-            return before, data, after
-
-    before, data, after = run(main())
-    assert before.body == b"v1|before" and after.body == b"v2|after"
-    assert b"v1|ok" in data  # the request before the bug was answered, then the connection closed
-    assert "RuntimeError" in s.log("bridge")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -294,25 +203,6 @@ def _stats(s: Stack) -> str:
         return r.read().decode()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_clients_leaving_mid_request_leave_the_proxy_healthy(make, mode):
-    """Connections closed with requests in flight, timers armed and tunnels opening: their
-    state is freed and Envoy (with the module) keeps serving."""
-    import socket
-
-    s = make(mode, request_timeout="200ms")
-    for i in range(100):
-        with socket.create_connection(("127.0.0.1", s.listen_port), timeout=5) as sock:
-            sock.sendall(encode_frame(i + 1, CMD_SLOW if i % 2 else 1, b"300" if i % 2 else b"x"))
-
-    async def main():
-        async with await connect(s) as c:
-            return await c.call(2, b"still")
-
-    assert run(main()).body == b"v2|still"
-    wait_until(lambda: s.envoy_stat("listener.127.0.0.1_%d.downstream_cx_active" % s.listen_port) == 0, 10, "connections freed")
-
-
 def test_render_and_validate_in_process(tmp_path):
     """`metabridge render --check` and `metabridge validate` take the in-process bootstrap
     for bridge.mode inprocess, and Envoy validates it with the module loaded."""
@@ -344,26 +234,6 @@ def test_envoy_without_the_module_refuses_to_start(tmp_path):
     assert "Failed to load dynamic module" in result.stdout + result.stderr and "libmetabridge.so" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_access_log_lines(make, mode, tmp_path):
-    """The access log filter (its writer thread) works inside Envoy as in the bridge."""
-    import json
-
-    path = tmp_path / f"access-{mode}.log"
-    s = make(mode, filters=[{"name": "access_log", "config": {"path": str(path)}}])
-
-    async def main():
-        async with await connect(s) as c:
-            return await c.call(1, b"logged"), await c.call(7, b"?")
-
-    ok, bad = run(main())
-    assert ok.body == b"v1|logged" and bad.rsp_code == ERROR_CODES[ErrorType.ROUTE_NOT_FOUND]
-    wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 2, 10, "two access log lines")
-    first, second = (json.loads(line) for line in path.read_text().splitlines())
-    assert (first["listener"], first["cluster"], first["upstream_host"]) == ("awesomerpc", "v1", f"127.0.0.1:{s.backends['v1']}")
-    assert second["cluster"] in ("", None) and second["outcome"] != first["outcome"]  # the local reply
-
-
 def test_rds_listeners_are_refused(tmp_path):
     cfg = awesomerpc_config(free_port(), {"v1": free_port()}, [])
     cfg["listeners"][0]["rds"] = {"server": "127.0.0.1:18000", "route_config_name": "rc"}
@@ -371,18 +241,3 @@ def test_rds_listeners_are_refused(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(envoy_config.EnvoyConfigError, match="routes over RDS need the bridge process"):
         envoy_config.build_inprocess_bootstrap(load(path))
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_responses_past_the_tunnel_window(make, mode):
-    """24 MiB of responses on one tunnel, more than its 16 MiB window: the window must be given
-    back to HCM (in-process: bytes for HCM made during HCM's write, sent from a scheduled event)."""
-    s = make(mode, max_frame_size="2MiB")
-    body = b"x" * (1024 * 1024)
-
-    async def main():
-        async with await connect(s) as c:
-            return [await c.call(1, body, timeout=20) for _ in range(24)]
-
-    replies = run(main())
-    assert len(replies) == 24 and all(r.body == b"v1|" + body for r in replies)
