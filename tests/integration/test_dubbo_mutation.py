@@ -17,7 +17,11 @@ that end to end, with independent Hessian2 code on both sides:
 - a dubbo-py provider behind another route serves healthy calls on other connections meanwhile.
 
 On a failure, the assertion message holds the bytes sent, the bytes that arrived and the
-bridge's log lines about the codec.
+bridge's log lines about the codec (in-process: the core's lines in Envoy's log).
+
+Every test runs in both modes (the ``proxy`` fixture's parameter): the bridge process behind
+ext_proc, and the core inside Envoy (bridge.mode inprocess, docs/inprocess.md). Nothing here is
+about the bridge as a separate process.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.integration.harness import Proxy, proxy_factory
+from tests.integration.harness import MODES, Proxy, proxy_factory, stack_class
 from tests.peers.dubbo_peers import (
     ConsumerError,
     JavaObject,
@@ -163,8 +167,8 @@ def kv(mutation: dict[str, str]) -> list[dict[str, str]]:
     return [{"key": key, "value": value} for key, value in mutation.items()]
 
 
-@pytest.fixture
-def proxy(tmp_path) -> Iterator[Proxy]:
+@pytest.fixture(params=MODES)
+def proxy(request, tmp_path) -> Iterator[Proxy]:
     """One dubbo listener with three routes: RECORDER (request_mutation) and PROFILES
     (response_mutation) to scripted providers, GREETER (no mutation) to a dubbo-py provider."""
     backends = {
@@ -177,7 +181,8 @@ def proxy(tmp_path) -> Iterator[Proxy]:
         route("profiles", PROFILES, response_mutation=kv(RESPONSE_MUTATION)),
         route("greeter", GREETER),
     ]
-    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=lambda cluster, start: start()) as make:
+    mode = request.param
+    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=lambda cluster, start: start(), stack_cls=stack_class(mode), bridge={"mode": mode}) as make:
         yield make({cluster: backends[cluster] for cluster in backends}, routes)
 
 

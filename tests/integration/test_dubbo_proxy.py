@@ -4,6 +4,10 @@ The consumer is dubbo-ssl-python (``call``) or dubbo-py's consumer side (``call_
 are built from dubbo-py's codec and run on threads of the test process, so tests can see what
 they received. dubbo-ssl-python keeps one connection per host:port for the whole process, so
 every call of a test to its listener shares one downstream connection.
+
+Every proxy test runs in both modes (the ``proxy`` fixture's parameter): the bridge process
+behind ext_proc, and the core inside Envoy (bridge.mode inprocess, docs/inprocess.md). Nothing
+here is about the bridge as a separate process.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dubbo.codec.hessian2 import DubboHeartBeatResponse
 
-from tests.integration.harness import REPO, proxy_factory, read_until_closed
+from tests.integration.harness import MODES, REPO, proxy_factory, read_until_closed, stack_class
 from tests.peers.dubbo_peers import (
     ConsumerError,
     ConsumerTimeout,
@@ -37,9 +41,9 @@ DUBBO_CODEC = "codecs/dubbo:DubboCodec"
 SERVICE_NOT_FOUND = 60
 
 
-@pytest.fixture
-def proxy(tmp_path) -> Iterator:
-    """Factory: proxy(providers={cluster: (interface, name)}, routes=[...]) runs one provider per
+@pytest.fixture(params=MODES)
+def proxy(request, tmp_path) -> Iterator:
+    """Factory, in each mode: proxy(providers={cluster: (interface, name)}, routes=[...]) runs one provider per
     cluster behind a dubbo listener; without routes, examples/dubbo.yaml (routes, options,
     clusters dubbo-v1/dubbo-v2) is used with its clusters served by the given providers.
     ``.backends`` of what it returns are the providers, by cluster."""
@@ -48,7 +52,8 @@ def proxy(tmp_path) -> Iterator:
         interface, name = spec
         return start_provider(interface, name=name)
 
-    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=start_backend) as make:
+    mode = request.param
+    with proxy_factory(tmp_path, codec="dubbo", ref=DUBBO_CODEC, example="examples/dubbo.yaml", start_backend=start_backend, stack_cls=stack_class(mode), bridge={"mode": mode}) as make:
         yield make
 
 
@@ -69,7 +74,7 @@ def test_routes_by_interface_and_method(proxy):
     assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
     assert call(HOST, p.port, GREETER, "echo", ["héllo €"]) == "héllo €"
     assert call(HOST, p.port, ADMIN, "whoami") == "admin"
-    large = "ü€" * 15_000  # about 75 KB each way: arrives in several reads
+    large = "ü€" * 15_000  # about 75 KB each way: several reads, several HTTP/2 DATA frames
     assert call(HOST, p.port, GREETER, "echo", [large]) == large
     assert call(HOST, p.port, GREETER, "whoami") == "greeter-v1"
     assert methods_seen(p.backends["greeter-v1"]) == ["whoami", "whoami"]
@@ -117,7 +122,7 @@ def test_example_config_routes_mutates_and_answers_no_route(proxy):
     assert all(r.interface == GREETER for r in v1.received + v2.received)
 
 
-def test_heartbeats_answered_by_bridge_and_garbage_closes_only_that_connection(proxy):
+def test_heartbeats_answered_by_the_proxy_and_garbage_closes_only_that_connection(proxy):
     p = proxy({"v1": (GREETER, "greeter-v1")}, [route("v1", interface=GREETER)])
     provider = p.backends["v1"]
 
@@ -126,7 +131,7 @@ def test_heartbeats_answered_by_bridge_and_garbage_closes_only_that_connection(p
         decoded = decode_with_dubbo_py(reply)
         assert isinstance(decoded, DubboHeartBeatResponse) and decoded.id == request_id
         assert decode_with_dubbo_ssl(reply) == (1, None)  # a heartbeat response with a null body
-    # Answered by the bridge: no upstream connection was made, the provider saw nothing.
+    # Answered by the proxy: no upstream connection was made, the provider saw nothing.
     assert p.stack.envoy_stat("cluster.v1.upstream_cx_total") == 0
     assert provider.heartbeats == 0 and provider.received == []
 
