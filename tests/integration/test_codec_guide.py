@@ -1,6 +1,10 @@
 """docs/writing-a-codec.md's starter works as written: its codec, config and shell commands, taken
 from the page (only the ports changed to free ones), route a request through Envoy to the echo
-backend and print what the page says; a request no route matches gets the ROUTE_NOT_FOUND reply."""
+backend and print what the page says; a request no route matches gets the ROUTE_NOT_FOUND reply.
+
+In both modes: as written (the bridge process behind ext_proc), and with ``mode: inprocess``
+added to the config's ``bridge:`` section (the core inside Envoy, docs/inprocess.md).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from metabridge.native import build as native_build
 from tests.integration.commands import BIN, Processes
-from tests.integration.harness import REPO, free_port, port_open
+from tests.integration.harness import MODES, REPO, free_port, port_open
 
 GUIDE = REPO / "docs" / "writing-a-codec.md"
 PORTS = ("9000", "9001", "9902")  # the page's listener, backend and admin ports
@@ -34,8 +41,13 @@ def _argv(line: str, ports: dict[str, str]) -> list[str]:
     return [{"python": sys.executable, "metabridge": str(BIN / "metabridge")}.get(argv[0], argv[0]), *argv[1:]]
 
 
-def test_the_starter_routes_a_request_through_envoy(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_the_starter_routes_a_request_through_envoy(tmp_path, mode):
     codec, config, commands, promised = _starter()
+    if mode == "inprocess":
+        assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+        assert config.startswith("bridge:\n")
+        config = config.replace("bridge:\n", "bridge:\n  mode: inprocess\n", 1)
     ports = {old: str(free_port()) for old in PORTS}
     (tmp_path / "tinyrpc.py").write_text(codec)
     text = config.replace("/tmp/metabridge-tinyrpc.sock", str(tmp_path / "bridge.sock"))

@@ -1,6 +1,8 @@
 """``metabridge new-codec``'s project works as generated: its own tests pass, and ``metabridge run
 -c NAME.yaml --with-envoy`` routes the generated client's requests through Envoy to the generated
-backend, as its README says."""
+backend, as its README says; in both modes: as generated (the bridge process behind ext_proc), and
+with ``mode: inprocess`` added to the config's ``bridge:`` section (the core inside Envoy,
+docs/inprocess.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import urllib.request
 
 import pytest
 
+from metabridge.native import build as native_build
 from tests.integration.commands import BIN, Processes
-from tests.integration.harness import free_port, port_open
+from tests.integration.harness import MODES, free_port, port_open
 
 NAME = "greetrpc"
 
@@ -53,13 +56,21 @@ def test_generated_tests_and_conformance_check_pass(project):
     assert checked.returncode == 0 and "result: OK" in checked.stdout, checked.stdout + checked.stderr
 
 
-def test_run_with_envoy_routes_the_client_to_the_backend(project):
+@pytest.mark.parametrize("mode", MODES)
+def test_run_with_envoy_routes_the_client_to_the_backend(project, mode):
     folder, port = project
+    config = f"{NAME}.yaml"
+    if mode == "inprocess":
+        assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+        generated = (folder / config).read_text()
+        assert "\nbridge:\n" in generated
+        config = f"{NAME}-inprocess.yaml"  # beside the generated one, so its codec ref resolves the same
+        (folder / config).write_text(generated.replace("\nbridge:\n", "\nbridge:\n  mode: inprocess\n", 1))
     procs = Processes(folder)
     try:
         backend = procs.start("backend", [sys.executable, "backend.py"])
         procs.wait(lambda: port_open(port + 1), 15, "the generated backend", backend)
-        bridge = procs.start("run", [str(BIN / "metabridge"), "run", "-c", f"{NAME}.yaml", "--with-envoy"])
+        bridge = procs.start("run", [str(BIN / "metabridge"), "run", "-c", config, "--with-envoy"])
         ready = f"http://127.0.0.1:{port + 2}/ready"
         procs.wait(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, 30, "Envoy started by metabridge run", bridge)
         procs.wait(lambda: port_open(port), 10, "Envoy's listener", bridge)

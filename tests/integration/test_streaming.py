@@ -2,13 +2,18 @@
 
 Semantics under test: a stream's INIT is routed once and binds the stream to one upstream tunnel;
 its DATA follow it; HALF_CLOSE (STREAM_CLOSE_ONE_WAY) ends one side, CLOSE (STREAM_CLOSE_TWO_WAY)
-both; a stream counts as one request in flight (the bridge's request_active gauge, read from its
-Prometheus endpoint).
+both; a stream counts as one request in flight (the request_active gauge, read from the admin
+endpoint's /metrics: the bridge's, or in-process the one served inside Envoy).
 
 examples/streamrpc/streamrpc.yaml routes sum and count to streamrpc-v1, echo to streamrpc-v2 (with
 the request_mutation x-routed-by=metabridge on its INIT) and whoami to streamrpc-v1. One stack
-serves the whole module (starting Envoy and the bridge takes seconds); every test uses its own
-client connections, and the backends are in-process servers the tests can stop and restart.
+serves the whole module in each mode (starting Envoy and the bridge takes seconds); every test
+uses its own client connections, and the backends are servers in the test process the tests can
+stop and restart.
+
+Every test runs in both modes (the module's stack is parametrized): the bridge process behind
+ext_proc, and the core inside Envoy (bridge.mode inprocess, docs/inprocess.md). Nothing here is
+about the bridge as a separate process.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import pytest
 from examples.streamrpc.client import StreamRpcClient
 from examples.streamrpc.protocol import FrameType
 from examples.streamrpc.server import StreamRpcServer, serve
-from tests.integration.harness import REPO, Stack, example_config, free_port, port_open, wait_until
+from tests.integration.harness import MODES, REPO, Stack, example_config, free_port, port_open, stack_class, wait_until
 
 LISTENER = "streamrpc"
 PAIR_LISTENER = "streamrpc-pair"
@@ -40,7 +45,7 @@ class StreamProxy:
         return StreamRpcClient("127.0.0.1", port or self.port, timeout=timeout)
 
     def metric(self, name: str) -> float:
-        """metabridge_<name>{listener="streamrpc"} from the bridge's /metrics."""
+        """metabridge_<name>{listener="streamrpc"} from the admin endpoint's /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
             text = r.read().decode()
         m = re.search(rf'^metabridge_{name}{{listener="{LISTENER}"}} ([0-9.e+-]+)$', text, re.M)
@@ -61,21 +66,22 @@ class StreamProxy:
             self.stopped.discard(name)
 
 
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
+@pytest.fixture(scope="module", params=MODES)
+def proxy(request, tmp_path_factory):
+    mode = request.param
     servers = {name: serve("127.0.0.1", 0, name) for name in ("v1", "v2", "a", "b")}
     port, pair_port, metrics_port = free_port(), free_port(), free_port()
     cfg = example_config("examples/streamrpc/streamrpc.yaml", {LISTENER: port}, {"streamrpc-v1": servers["v1"].port, "streamrpc-v2": servers["v2"].port})
     # The example's ref is ".:StreamRpcCodec" (its own folder); Stack writes the config elsewhere.
     cfg["codecs"]["streamrpc"]["ref"] = f"{REPO / 'examples' / 'streamrpc'}:StreamRpcCodec"
-    cfg["bridge"]["metrics_port"] = metrics_port
+    cfg["bridge"].update(mode=mode, metrics_port=metrics_port)
     # Beside the example: a listener whose one cluster has two hosts, balanced per request.
     cfg["listeners"].append({**cfg["listeners"][0], "name": PAIR_LISTENER, "port": pair_port, "routes": [{"route": {"cluster": "streamrpc-pair"}}]})
     cfg["clusters"].append({"name": "streamrpc-pair", "connect_timeout": "1s", "lb_policy": "ROUND_ROBIN", "endpoints": [{"address": "127.0.0.1", "port": servers[n].port} for n in ("a", "b")]})
-    stack = Stack(tmp_path_factory.mktemp("streaming"), cfg)
+    stack = stack_class(mode)(tmp_path_factory.mktemp(f"streaming-{mode}"), cfg)
     try:
         stack.start()
-        wait_until(lambda: port_open(metrics_port), 10, "bridge metrics", stack.procs["bridge"])
+        wait_until(lambda: port_open(metrics_port), 10, "the admin endpoint", stack.procs["bridge" if mode == "ext_proc" else "envoy"])
         yield StreamProxy(stack, port, pair_port, metrics_port, servers)
     finally:
         stack.stop()

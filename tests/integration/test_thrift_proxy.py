@@ -3,6 +3,10 @@
 Every proxy test runs in two wire variants: framed transport + binary protocol, and buffered
 (unframed) transport + compact protocol; the codec detects the variant per connection. Servers
 run on threads of the test process, so tests can see what they received.
+
+Every proxy test also runs in both modes (the ``proxy`` fixture's parameter): the bridge process
+behind ext_proc, and the core inside Envoy (bridge.mode inprocess, docs/inprocess.md). Nothing
+here is about the bridge as a separate process.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from tests.integration.harness import REPO, proxy_factory, read_until_closed
+from tests.integration.harness import MODES, REPO, proxy_factory, read_until_closed, stack_class
 from tests.peers.thrift_peers import BUFFERED_COMPACT, FRAMED_BINARY, EchoServer, Variant, client_for, sample_payload
 
 HOST = "127.0.0.1"
@@ -32,9 +36,9 @@ def variant(request) -> Variant:
     return request.param
 
 
-@pytest.fixture
-def proxy(tmp_path) -> Iterator:
-    """Factory: proxy(servers={cluster: variant}, routes=[...]) runs one EchoServer per cluster
+@pytest.fixture(params=MODES)
+def proxy(request, tmp_path) -> Iterator:
+    """Factory, in each mode: proxy(servers={cluster: variant}, routes=[...]) runs one EchoServer per cluster
     (named after it) behind a thrift listener; without routes, examples/thrift.yaml's routes and
     options are used with its clusters thrift-v1/thrift-v2 served by the given servers.
     ``.backends`` of what it returns are the servers, by cluster."""
@@ -42,7 +46,8 @@ def proxy(tmp_path) -> Iterator:
     def start_backend(cluster: str, variant: Variant) -> EchoServer:
         return EchoServer(cluster, variant).start()
 
-    with proxy_factory(tmp_path, codec="thrift", ref=THRIFT_CODEC, example="examples/thrift.yaml", start_backend=start_backend) as make:
+    mode = request.param
+    with proxy_factory(tmp_path, codec="thrift", ref=THRIFT_CODEC, example="examples/thrift.yaml", start_backend=start_backend, stack_cls=stack_class(mode), bridge={"mode": mode}) as make:
         yield make
 
 
