@@ -189,6 +189,12 @@ def _render_dynamic(config, args) -> int:
     from metabridge.config import bootstrap as envoy_config
     from metabridge.config.live import XdsDirectory
 
+    if config.mode == "inprocess":
+        raise envoy_config.EnvoyConfigError(
+            f"{config.source}: bridge.mode inprocess: `render --dynamic` does not apply: the core inside Envoy takes each config"
+            " from the snapshots of the `metabridge run --with-envoy` that starts it (which renders its own dynamic bootstrap);"
+            " run that, or render the static bootstrap without --dynamic"
+        )
     directory = args.dynamic.resolve()
     bootstrap, files = envoy_config.build_dynamic(config, directory, **_render_kwargs(args))
     xds = XdsDirectory(directory)

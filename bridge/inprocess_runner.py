@@ -1,26 +1,34 @@
 """``metabridge run --with-envoy`` for bridge.mode inprocess: there is no bridge process, only
 Envoy, started with the dynamic module's bootstrap and environment and restarted if it dies.
-Stops cleanly on SIGINT/SIGTERM. SIGHUP reloads routes, filters and codecs through the module's
-``POST /reload`` on bridge.metrics_port (Envoy keeps its own signals, so none reaches the module)."""
+Stops cleanly on SIGINT/SIGTERM.
+
+By default the config is live (metabridge.config.live, docs/live-config.md): Envoy's listeners
+and clusters come from LDS/CDS/RDS files, and the interpreter inside Envoy takes each config
+from the runner's snapshots, acking them as a bridge worker does (``InsideEnvoy``); SIGHUP
+applies the config at once. With ``--no-watch`` Envoy gets the static in-process bootstrap and
+SIGHUP reloads routes, filters and codecs through the module's ``POST /reload`` on
+bridge.metrics_port (Envoy keeps its own signals, so none reaches the module)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import logging
 import signal
-import subprocess
 import tempfile
-import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from metabridge.admin import ask_worker, worker_socket
 from metabridge.config import bootstrap as envoy_config
+from metabridge.config import live
 from metabridge.config.model import Config
 from metabridge.logs import event
 
 log = logging.getLogger("metabridge.runner")
 
-_STOP_GRACE = 10.0
 _RELOAD_TIMEOUT = 30.0
 
 
@@ -43,49 +51,76 @@ def reload_inside_envoy(config: Config) -> bool:
     return False
 
 
-def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = None, envoy_log_level: str = "warning") -> int:
+class InsideEnvoy:
+    """Live config's applier in-process: the interpreter inside Envoy. It starts from the
+    snapshot in force (``publish`` before Envoy starts, and again after every change, so a
+    restarted Envoy starts from the config in force) and applies each new one when told over its
+    control socket in the snapshot folder; it acks as a bridge worker does (live.Snapshots)."""
+
+    def __init__(self, directory: Path, envoy_running) -> None:
+        self.snapshots = live.Snapshots(directory)
+        self._socket = worker_socket(str(directory), live.INTERPRETER)
+        self._running = envoy_running
+
+    async def _notify(self) -> None:
+        reply = await asyncio.to_thread(ask_worker, self._socket, "apply", live.WORKER_APPLY_TIMEOUT)
+        if reply is not None and "error" in reply:
+            event(log, logging.ERROR, "inprocess_apply_failed", error=reply["error"], hint="Envoy's log has the traceback; the listeners keep what they had")
+
+    async def apply(self, config: Config) -> None:
+        """LiveConfig's worker step: Envoy's interpreter applies ``config`` (or, not running,
+        starts from it)."""
+        await self.snapshots.apply(config, [live.Applier(live.INTERPRETER, self._notify, self._running)])
+
+
+def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = None, envoy_log_level: str = "warning", source: live.ConfigSource | None = None, xds_dir: Path | None = None, render_options: dict | None = None) -> int:
+    """``source``: live config (docs/live-config.md): Envoy's listeners and clusters from files
+    in ``xds_dir`` (a private folder by default), and the interpreter inside Envoy fed the
+    runner's snapshots; None: the static in-process bootstrap, SIGHUP reloads through POST /reload."""
     if not with_envoy:
         event(log, logging.ERROR, "inprocess_needs_envoy", hint="bridge.mode inprocess runs inside Envoy: run with --with-envoy")
         return 2
-    from metabridge.runner import _RestartBudget
-
-    binary = envoy_bin or envoy_config.find_envoy()
     env = envoy_config.inprocess_environment()
-    env["METABRIDGE_LOG_LEVEL"] = config.log_level
-    stop = threading.Event()
+    # The level `metabridge --log-level` set (else the config's), for the core inside Envoy too.
+    env["METABRIDGE_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    return asyncio.run(_main(config, env, envoy_bin, envoy_log_level, source, xds_dir, render_options))
+
+
+async def _main(config: Config, env: dict[str, str], envoy_bin: str | None, envoy_log_level: str, source: live.ConfigSource | None, xds_dir: Path | None, render_options: dict | None) -> int:
+    from metabridge.runner import EnvoySupervisor, until_stopped
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    # Off the signal handler: the reload may take a while, and Envoy is watched meanwhile.
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload_inside_envoy, args=(config,), name="metabridge-reload", daemon=True).start())
-    budget = _RestartBudget("Envoy")
-    with tempfile.TemporaryDirectory(prefix="metabridge-envoy-") as tmp:
-        bootstrap = Path(tmp) / "bootstrap.yaml"
-        bootstrap.write_text(envoy_config.render_inprocess_yaml(config))
-        args = [binary, "-c", str(bootstrap), "--concurrency", str(config.envoy_concurrency), "--log-level", envoy_log_level, "--use-dynamic-base-id"]
-        proc = subprocess.Popen(args, env=env)
-        event(log, logging.INFO, "envoy_started", pid=proc.pid, bootstrap=str(bootstrap), mode="inprocess")
+        loop.add_signal_handler(sig, stop.set)
+    watchers: list[asyncio.Future] = []
+    envoy = None
+    with contextlib.ExitStack() as cleanup:
         try:
-            while not stop.wait(0.2):
-                if proc.poll() is None:
-                    continue
-                try:
-                    delay = budget.spend(proc.returncode)
-                except RuntimeError as exc:
-                    event(log, logging.ERROR, "giving_up", error=str(exc))
-                    return 1
-                event(log, logging.ERROR, "envoy_exited_restarting", exit_code=proc.returncode, restart_in_seconds=delay)
-                if stop.wait(delay):
-                    break
-                proc = subprocess.Popen(args, env=env)
-                event(log, logging.INFO, "envoy_started", pid=proc.pid, bootstrap=str(bootstrap), mode="inprocess")
+            if source is None:
+                envoy = EnvoySupervisor(config, [], envoy_bin, envoy_log_level, envoy_config.render_inprocess_yaml(config), dynamic=False, env=env)
+                # Off the loop: the reload may take a while, and Envoy is watched meanwhile.
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(asyncio.to_thread(reload_inside_envoy, config)))
+            else:
+                snapshots = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="metabridge-live-")))
+                if xds_dir is None:
+                    xds_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="metabridge-xds-")))
+                inside = InsideEnvoy(snapshots, lambda: envoy is not None and envoy.running())
+                render = functools.partial(envoy_config.build_inprocess_dynamic, live_dir=snapshots)
+                live_config = live.LiveConfig(source, config, xds_dir.resolve(), inside.apply, render_options=render_options, render=render)
+                inside.snapshots.publish(config)  # what Envoy's interpreter starts from
+                envoy = EnvoySupervisor(config, [], envoy_bin, envoy_log_level, live_config.bootstrap_yaml(), dynamic=True, env=env)
+                # SIGHUP applies the config at once, as a detected change does.
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(live_config.reload(force=True)))
+                watchers.append(asyncio.ensure_future(live_config.run()))
+                event(log, logging.INFO, "live_config_watching", files=[str(p) for p in source.files()][:20], xds_dir=str(xds_dir), mode="inprocess")
+            envoy.start()
+            watchers.append(asyncio.ensure_future(envoy.watch()))
+            return await until_stopped(stop, watchers)
         finally:
             event(log, logging.INFO, "shutting_down")
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=_STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            for watcher in watchers:
+                watcher.cancel()
+            if envoy is not None:
+                envoy.stop()
             event(log, logging.INFO, "stopped")
-    return 0

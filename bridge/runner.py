@@ -9,6 +9,7 @@ Everything stops cleanly on SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -65,9 +66,11 @@ class _RestartBudget:
 class EnvoySupervisor:
     """Starts Envoy with the rendered bootstrap and restarts it if it dies unexpectedly."""
 
-    def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str, bootstrap: str | None = None) -> None:
-        """``bootstrap``: the text to start Envoy with (live config's dynamic bootstrap);
-        default: the static rendering of ``config``."""
+    def __init__(self, config: Config, bridge_addresses: list[str], envoy_bin: str | None, log_level: str, bootstrap: str | None = None, *, dynamic: bool | None = None, env: dict[str, str] | None = None) -> None:
+        """``bootstrap``: the text to start Envoy with (live config's dynamic bootstrap, the
+        in-process one); default: the static rendering of ``config``. ``dynamic``: its listeners
+        come from live config's files (default: when ``bootstrap`` is given). ``env``: Envoy's
+        environment (in-process: inprocess_environment()); default: this process's."""
         from metabridge.config import bootstrap as envoy_config
 
         self._bin = envoy_bin or envoy_config.find_envoy()
@@ -75,7 +78,11 @@ class EnvoySupervisor:
         self.bootstrap = Path(self._dir.name) / "bootstrap.yaml"
         self.bootstrap.write_text(bootstrap or envoy_config.render_yaml(config, bridge_addresses=bridge_addresses))
         self._args = [self._bin, "-c", str(self.bootstrap), "--concurrency", str(config.envoy_concurrency), "--log-level", log_level, "--use-dynamic-base-id"]
-        if bootstrap is not None:
+        self._env = env
+        self._mode = config.mode
+        if dynamic is None:
+            dynamic = bootstrap is not None
+        if dynamic:
             # A changed or removed listener drains: with Envoy's default (gradual) strategy its HCM
             # sends the GOAWAY that makes the bridge finish and close a connection only with a
             # probability that grows over the drain time, so a connection could still be open when
@@ -86,8 +93,11 @@ class EnvoySupervisor:
         self._stopping = False
 
     def start(self) -> None:
-        self._proc = subprocess.Popen(self._args)
-        event(log, logging.INFO, "envoy_started", pid=self._proc.pid, bootstrap=str(self.bootstrap))
+        self._proc = subprocess.Popen(self._args, env=self._env)
+        event(log, logging.INFO, "envoy_started", pid=self._proc.pid, bootstrap=str(self.bootstrap), mode=self._mode)
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
     async def watch(self) -> None:
         """Restart Envoy when it exits on its own; raise when it keeps crashing."""
@@ -198,7 +208,7 @@ class WorkerSupervisor:
         self.admin_sockets = [worker_socket(self._admin_dir.name, i) for i in range(len(addresses))] if self._admin_dir else []
         # Live config: where the supervisor leaves the config for the workers to apply.
         self._live_dir = tempfile.TemporaryDirectory(prefix="metabridge-live-") if live_config else None
-        self._version = 0
+        self._snapshots = live.Snapshots(Path(self._live_dir.name)) if self._live_dir else None
 
     def _start(self, address: str) -> None:
         index = self._addresses.index(address)
@@ -249,25 +259,10 @@ class WorkerSupervisor:
     async def apply(self, config: Config) -> None:
         """Live config: every live worker applies ``config``; returns once each has said so (a
         worker started from now on starts from it)."""
-        assert self._live_dir is not None
+        assert self._snapshots is not None
         self._config = config
-        self._version += 1
-        version = f"{os.getpid()}-{self._version}"
-        directory = Path(self._live_dir.name)
-        live.write_snapshot(directory, config, version)
-        waiting = {}
-        for address, proc in self._procs.items():
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGHUP)
-                waiting[self._addresses.index(address)] = proc
-        deadline = time.monotonic() + live.WORKER_APPLY_TIMEOUT
-        while waiting and time.monotonic() < deadline:
-            for index, proc in list(waiting.items()):
-                if live.read_ack(directory, index) == version or not proc.is_alive():
-                    del waiting[index]  # applied, or died: a restart starts from ``config``
-            await asyncio.sleep(0.01)
-        if waiting:
-            event(log, logging.WARNING, "workers_slow_to_apply_config", workers=sorted(waiting), seconds=live.WORKER_APPLY_TIMEOUT)
+        appliers = [live.Applier(self._addresses.index(address), _signaller(proc), proc.is_alive) for address, proc in self._procs.items()]
+        await self._snapshots.apply(config, appliers)
 
     def forward(self, sig: int) -> None:
         """Pass a signal on to every live worker (SIGUSR1: access logs reopen their files)."""
@@ -332,13 +327,7 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
             envoy = EnvoySupervisor(config, addresses, envoy_bin, envoy_log_level, bootstrap)
             envoy.start()
             watchers.append(asyncio.ensure_future(envoy.watch()))
-        waiter = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([waiter, *watchers], return_when=asyncio.FIRST_COMPLETED)
-        for watcher in watchers:
-            if watcher in done and watcher.exception():
-                event(log, logging.ERROR, "giving_up", error=str(watcher.exception()))
-                exit_code = 1
-        waiter.cancel()
+        exit_code = await until_stopped(stop, watchers)
     finally:
         event(log, logging.INFO, "shutting_down")
         for watcher in watchers:
@@ -352,6 +341,29 @@ async def _main(config: Config, listen: str | None, with_envoy: bool, envoy_bin:
         if xds_tmp:
             xds_tmp.cleanup()
         event(log, logging.INFO, "stopped")
+    return exit_code
+
+
+def _signaller(proc: multiprocessing.Process):
+    """A worker's live.Applier.notify: SIGHUP makes it apply the snapshot (apply_snapshot)."""
+
+    async def notify() -> None:
+        with contextlib.suppress(ProcessLookupError):  # it died meanwhile: its restart reads the snapshot
+            os.kill(proc.pid, signal.SIGHUP)
+
+    return notify
+
+
+async def until_stopped(stop: asyncio.Event, watchers: list[asyncio.Future]) -> int:
+    """Until ``stop`` is set (0) or a watcher fails (logged, 1)."""
+    waiter = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([waiter, *watchers], return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    exit_code = 0
+    for watcher in watchers:
+        if watcher in done and watcher.exception():
+            event(log, logging.ERROR, "giving_up", error=str(watcher.exception()))
+            exit_code = 1
     return exit_code
 
 
@@ -371,6 +383,6 @@ def run(config: Config, *, listen: str | None = None, with_envoy: bool = False, 
     if config.mode == "inprocess":  # no bridge process: Envoy runs the core (docs/inprocess.md)
         from metabridge.inprocess_runner import run_inprocess
 
-        return run_inprocess(config, with_envoy=with_envoy, envoy_bin=envoy_bin, envoy_log_level=envoy_log_level)
+        return run_inprocess(config, with_envoy=with_envoy, envoy_bin=envoy_bin, envoy_log_level=envoy_log_level, source=source, xds_dir=xds_dir, render_options=render_options)
     install_event_loop()
     return asyncio.run(_main(config, listen, with_envoy, envoy_bin, envoy_log_level, source, xds_dir, render_options))

@@ -728,8 +728,10 @@ INPROCESS_MODULE = "metabridge"  # Envoy loads lib<name>.so from ENVOY_DYNAMIC_M
 _DYNAMIC_MODULE_FILTER = "envoy.filters.network.dynamic_modules"
 
 
-def _dynamic_module_filter(config_path: str, listener: str) -> dict[str, Any]:
-    settings = json.dumps({"config": config_path, "listener": listener}, sort_keys=True)
+def _dynamic_module_filter(config_path: str, listener: str, live_dir: str | None = None) -> dict[str, Any]:
+    # With ``live_dir`` (live config) the in-process side takes the config from the runner's
+    # snapshots there, not from the file (see metabridge.transport.inprocess.new_filter_config).
+    settings = json.dumps({"config": config_path, "listener": listener, **({"live": live_dir} if live_dir else {})}, sort_keys=True)
     return {
         "name": _DYNAMIC_MODULE_FILTER,
         "typed_config": {
@@ -743,27 +745,48 @@ def _dynamic_module_filter(config_path: str, listener: str) -> dict[str, Any]:
     }
 
 
-def build_inprocess_bootstrap(config: Config, config_path: str | None = None, **options: Any) -> dict[str, Any]:
-    """The bootstrap for bridge.mode inprocess: build_bootstrap's, each listener's ext_proc
-    filter replaced by the dynamic module (which reads ``config_path``, default the config's own
-    file, absolute), and no bridge cluster. ``options``: build_bootstrap's, but bridge_addresses."""
+def _refuse_rds_inprocess(config: Config) -> None:
     for listener in config.listeners:
         if listener.rds is not None:  # the RDS client is a bridge process's (asyncio) stream
             raise EnvoyConfigError(
                 f"{config.source}: listener {listener.name!r}: routes over RDS need the bridge process"
                 " and do not work in bridge.mode inprocess; use bridge.mode ext_proc"
             )
+
+
+def _to_inprocess(listeners: list[dict[str, Any]], config_path: str, live_dir: str | None = None) -> None:
+    """Each rendered listener's ext_proc filter replaced by the dynamic module, in place."""
+    for listener in listeners:
+        for chain in listener["filter_chains"]:
+            chain["filters"] = [
+                _dynamic_module_filter(config_path, listener["name"], live_dir) if f["name"] == "envoy.filters.network.ext_proc" else f
+                for f in chain["filters"]
+            ]
+
+
+def build_inprocess_bootstrap(config: Config, config_path: str | None = None, **options: Any) -> dict[str, Any]:
+    """The bootstrap for bridge.mode inprocess: build_bootstrap's, each listener's ext_proc
+    filter replaced by the dynamic module (which reads ``config_path``, default the config's own
+    file, absolute), and no bridge cluster. ``options``: build_bootstrap's, but bridge_addresses."""
+    _refuse_rds_inprocess(config)
     path = str(Path(config_path or config.source).resolve())
     bootstrap = build_bootstrap(config, bridge_addresses=["unix:/unused"], **options)
     resources = bootstrap["static_resources"]
     resources["clusters"] = [c for c in resources["clusters"] if c["name"] != BRIDGE_CLUSTER]
-    for listener in resources["listeners"]:
-        for chain in listener["filter_chains"]:
-            chain["filters"] = [
-                _dynamic_module_filter(path, listener["name"]) if f["name"] == "envoy.filters.network.ext_proc" else f
-                for f in chain["filters"]
-            ]
+    _to_inprocess(resources["listeners"], path)
     return bootstrap
+
+
+def build_inprocess_dynamic(config: Config, directory: str | Path, *, live_dir: str | Path, **options: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """build_dynamic's bootstrap and files for bridge.mode inprocess (live config): each
+    listener carries the dynamic module, whose in-process side takes the config from the
+    runner's snapshots in ``live_dir``; no bridge cluster. ``options``: build_dynamic's, but
+    bridge_addresses."""
+    _refuse_rds_inprocess(config)
+    bootstrap, files = build_dynamic(config, directory, bridge_addresses=["unix:/unused"], **options)
+    del bootstrap["static_resources"]  # it held only the bridge cluster
+    _to_inprocess(files[LDS_FILE]["resources"], config.source, str(live_dir))
+    return bootstrap, files
 
 
 def render_inprocess_yaml(config: Config, config_path: str | None = None, **options: Any) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -56,6 +57,7 @@ ENVOY_APPLY_TIMEOUT = 5.0  # how long a step waits for Envoy's admin to report t
 ADMIN_UNANSWERED = 1.0  # an admin silent this long is taken as unreachable, not waited for
 WORKER_APPLY_TIMEOUT = 10.0
 _SNAPSHOT = "config.pickle"
+INTERPRETER = 0  # the applier index of the interpreter inside Envoy (bridge.mode inprocess)
 # Config fields read only at start (the bridge's processes and servers, Envoy's command line).
 _RESTART_ONLY = ("bridge_listen", "workers", "metrics_port", "metrics_address", "log_level", "max_buffered_bytes", "grpc_limits", "envoy_admin_address", "envoy_admin_port", "envoy_concurrency", "mode")
 
@@ -256,24 +258,83 @@ def write_snapshot(directory: Path, config: Config, version: str) -> None:
     os.rename(tmp, directory / _SNAPSHOT)
 
 
-def apply_snapshot(directory: Path, runtimes: dict, index: int) -> None:
-    """A worker's SIGHUP in live mode: apply the supervisor's snapshot, then say so."""
-    from metabridge.core.runtime import apply_config
+def read_snapshot(directory: Path) -> tuple[str, Config]:
+    """(version, config) of the snapshot in force in ``directory``."""
+    with open(Path(directory) / _SNAPSHOT, "rb") as source:
+        return pickle.load(source)  # written by our own supervisor, in its private directory
 
-    with open(directory / _SNAPSHOT, "rb") as source:
-        version, config = pickle.load(source)  # written by our own supervisor, in its private directory
-    apply_config(runtimes, config, envoy_follows=True)
-    ack = directory / f"ack-{index}"
+
+def write_ack(directory: Path, index: int, version: str) -> None:
+    """Applier ``index`` (a worker; 0 for the interpreter inside Envoy) has applied ``version``."""
+    directory = Path(directory)
     tmp = directory / f".ack-{index}"
     tmp.write_text(version)
-    os.rename(tmp, ack)
+    os.rename(tmp, directory / f"ack-{index}")
+
+
+def apply_snapshot(directory: Path, runtimes: dict, index: int) -> str:
+    """An applier's side (a worker's SIGHUP in live mode, the in-process side's ``apply``):
+    apply the supervisor's snapshot, then say so; returns its version."""
+    from metabridge.core.runtime import apply_config
+
+    version, config = read_snapshot(directory)
+    apply_config(runtimes, config, envoy_follows=True)
+    write_ack(directory, index, version)
+    return version
 
 
 def read_ack(directory: Path, index: int) -> str | None:
     try:
-        return (directory / f"ack-{index}").read_text()
+        return (Path(directory) / f"ack-{index}").read_text()
     except OSError:
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Applier:
+    """One process that applies the supervisor's snapshots: a bridge worker (told by SIGHUP),
+    or the interpreter inside Envoy (told over its control socket). ``notify`` tells it a new
+    snapshot is there; ``alive`` says whether it runs (one that does not starts from the
+    snapshot in force when it starts again)."""
+
+    index: int
+    notify: Callable[[], Awaitable[None]]
+    alive: Callable[[], bool]
+
+
+class Snapshots:
+    """The supervisor's side of apply_snapshot / read_ack, in its private ``directory``: each
+    config it publishes gets a version of its own, and ``apply`` returns once every live applier
+    has acked that version."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._count = 0
+
+    def publish(self, config: Config) -> str:
+        """Leave ``config`` as the snapshot in force (what an applier starts from); its version."""
+        self._count += 1
+        version = f"{os.getpid()}-{self._count}"
+        write_snapshot(self.directory, config, version)
+        return version
+
+    async def apply(self, config: Config, appliers: list[Applier], timeout: float = WORKER_APPLY_TIMEOUT) -> list[int]:
+        """Publish ``config``, tell every live applier, and wait until each has acked it or
+        stopped; the indexes still waiting after ``timeout`` (logged)."""
+        version = self.publish(config)
+        waiting = {a.index: a for a in appliers if a.alive()}
+        await asyncio.gather(*(a.notify() for a in waiting.values()))
+        deadline = time.monotonic() + timeout
+        while waiting:
+            for index, applier in list(waiting.items()):
+                if read_ack(self.directory, index) == version or not applier.alive():
+                    del waiting[index]  # applied, or stopped: a restart starts from ``config``
+            if not waiting or time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        if waiting:
+            event(log, logging.WARNING, "workers_slow_to_apply_config", workers=sorted(waiting), seconds=timeout, version=version)
+        return sorted(waiting)
 
 
 def _summary(old: Config, new: Config) -> dict[str, list[str]]:
@@ -302,14 +363,19 @@ class LiveConfig:
         *,
         bridge_addresses: list[str] | None = None,
         render_options: dict[str, Any] | None = None,
+        render: Callable[..., tuple[dict[str, Any], dict[str, dict[str, Any]]]] | None = None,
     ) -> None:
         """``render_options``: build_dynamic's listener_address and endpoint_overrides, applied
-        to every rendering (as `render --dynamic` was given them)."""
+        to every rendering (as `render --dynamic` was given them). ``render(config, directory,
+        **render_options)``: the bootstrap and files (default: build_dynamic's, with the bridge
+        cluster at ``bridge_addresses``; in-process: build_inprocess_dynamic's)."""
         self.source = source
         self.config = config
         self.xds = XdsDirectory(xds_dir)
         self._apply_workers = apply_workers
-        self._bridge_addresses = bridge_addresses
+        if render is None:
+            render = functools.partial(envoy_config.build_dynamic, bridge_addresses=bridge_addresses)
+        self._renderer = render
         self._render_options = dict(render_options or {})
         self.watch = ConfigWatch(source)
         self.admin = EnvoyAdmin(config.envoy_admin_address, config.envoy_admin_port)
@@ -319,7 +385,7 @@ class LiveConfig:
             self.xds.write(name, response)
 
     def _render(self, config: Config) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        return envoy_config.build_dynamic(config, self.xds.path, bridge_addresses=self._bridge_addresses, **self._render_options)
+        return self._renderer(config, self.xds.path, **self._render_options)
 
     def bootstrap_yaml(self) -> str:
         header = f"# Generated by `metabridge run` from {Path(self.config.source).name}: listeners and clusters come from {self.xds.path}; do not edit by hand.\n"
@@ -424,10 +490,14 @@ __all__ = [
     "ConfigWatch",
     "EnvoyAdmin",
     "LiveConfig",
+    "Applier",
     "LiveConfigError",
+    "Snapshots",
     "XdsDirectory",
     "apply_snapshot",
     "check",
     "read_ack",
+    "read_snapshot",
+    "write_ack",
     "write_snapshot",
 ]

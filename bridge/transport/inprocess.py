@@ -24,8 +24,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
-from metabridge.admin import LocalAdmin, serve_admin
+from metabridge.admin import LocalAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.config import live
 from metabridge.config.model import ConfigError, load
 from metabridge.core.connection import Connection
@@ -307,17 +308,23 @@ class _InsideEnvoy:
 class InprocessAdmin(LocalAdmin):
     """bridge.metrics_port inside Envoy: the bridge process's endpoints over the runtimes every
     Envoy worker shares (one set of counters, so nothing to sum), plus ``POST /reload``: Envoy
-    owns the signals, so SIGHUP cannot reach the module."""
+    owns the signals, so SIGHUP cannot reach the module. Under live config (``live_dir``) it
+    also answers the runner on a Unix socket there: ``apply`` applies the runner's snapshot."""
 
-    def __init__(self, config, runtimes) -> None:
+    def __init__(self, config, runtimes, live_dir: str | None = None) -> None:
         super().__init__(config, runtimes, _InsideEnvoy())
         self._reloading = threading.Lock()
+        self._live_dir = live_dir
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply its routes, filters and codecs (runtime.apply_config):
         connections opened afterwards on any worker use them. A config that does not load (its
-        codecs and filters included) is refused and the old one stays."""
+        codecs and filters included) is refused and the old one stays. Under live config the
+        runner applies every change (and knows which one is in force): refused here."""
         path = self._config.source
+        if self._live_dir is not None:
+            event(log, logging.WARNING, "reload_refused_live_config", config=path, hint="metabridge run watches the config and applies each saved change; send it SIGHUP to apply at once")
+            return False, f"{path} is live config: `metabridge run` applies each saved change itself; send it SIGHUP to apply at once"
         with self._reloading:
             try:
                 config = load(path)
@@ -329,30 +336,67 @@ class InprocessAdmin(LocalAdmin):
                 return False, "the config's filters did not load (see the log); the old routes stay"
         return True, path
 
+    def answer(self, command: str) -> dict:
+        """The runner's commands on the control socket (live config), and LocalAdmin's."""
+        if command == "apply" and self._live_dir is not None:
+            try:
+                with self._reloading:
+                    # The runner checked this config (live.check) before it published it.
+                    version = live.apply_snapshot(self._live_dir, self._runtimes, live.INTERPRETER)
+            except Exception as exc:  # noqa: BLE001 - the runner waits for the ack, and logs its absence
+                failure(log, "live_config_apply_failed", exc, directory=self._live_dir)
+                return {"error": f"{type(exc).__name__}: {exc}"}
+            event(log, logging.INFO, "live_config_snapshot_applied", version=version, listeners=sorted(self._runtimes))
+            return {"applied": version}
+        return super().answer(command)
 
-_RUNTIMES: dict[str, dict[str, ListenerRuntime]] = {}  # config path -> its listeners' runtimes
-_ADMINS: dict[str, InprocessAdmin] = {}  # config path -> its admin endpoint (bridge.metrics_port)
+
+_RUNTIMES: dict[str, dict[str, ListenerRuntime]] = {}  # config path (live: snapshot folder) -> its listeners' runtimes
+_ADMINS: dict[str, InprocessAdmin] = {}  # the same key -> its admin (bridge.metrics_port, live config's control socket)
 _LOCK = threading.Lock()
 
 
-def new_filter_config(name: bytes, config: bytes) -> FilterFactory:
-    """Envoy's filter config: ``config`` is JSON ``{"config": PATH, "listener": NAME}``. Raises
-    (and Envoy then refuses the listener) when the config or its codecs do not load."""
-    settings = json.loads(config or b"{}")
-    path, listener = settings["config"], settings["listener"]
-    with _LOCK:
-        runtimes = _RUNTIMES.get(path)
-        if runtimes is None:
-            from metabridge import logs
+def _start(key: str, path: str, live_dir: str | None) -> dict[str, ListenerRuntime]:
+    """The first filter config of ``key``: load the config (live: the runner's snapshot in
+    force, which a restarted Envoy starts from too) and build every listener's runtime."""
+    from metabridge import logs
 
-            logs.setup(os.environ.get("METABRIDGE_LOG_LEVEL", "info"))
-            config = load(path)
-            runtimes = _RUNTIMES[path] = build_runtimes(config)
-            event(log, logging.INFO, "inprocess_ready", config=path, listeners=sorted(runtimes))
-            if config.metrics_port is not None:
-                # A daemon thread; it runs whenever Envoy's workers are outside Python.
-                admin = _ADMINS[path] = InprocessAdmin(config, runtimes)
-                serve_admin(admin, config.metrics_address, config.metrics_port)
-    if listener not in runtimes:
+    logs.setup(os.environ.get("METABRIDGE_LOG_LEVEL", "info"))
+    if live_dir is None:
+        version, config = None, load(path)
+    else:
+        try:
+            version, config = live.read_snapshot(Path(live_dir))
+        except OSError as exc:
+            raise RuntimeError(f"{path}: live config's snapshot in {live_dir} cannot be read ({exc}): this bootstrap is for an Envoy that `metabridge run --with-envoy` starts and feeds") from exc
+    runtimes = _RUNTIMES[key] = build_runtimes(config)
+    admin = None
+    if live_dir is not None or config.metrics_port is not None:
+        admin = _ADMINS[key] = InprocessAdmin(config, runtimes, live_dir)
+    if live_dir is not None:
+        serve_worker_socket(admin, worker_socket(live_dir, live.INTERPRETER))  # the runner's commands
+        live.write_ack(Path(live_dir), live.INTERPRETER, version)
+    event(log, logging.INFO, "inprocess_ready", config=path, listeners=sorted(runtimes), **({"live_version": version} if version else {}))
+    if config.metrics_port is not None:
+        # A daemon thread; it runs whenever Envoy's workers are outside Python.
+        serve_admin(admin, config.metrics_address, config.metrics_port)
+    return runtimes
+
+
+def new_filter_config(name: bytes, config: bytes) -> FilterFactory:
+    """Envoy's filter config: ``config`` is JSON ``{"config": PATH, "listener": NAME}``, with
+    ``"live": DIR`` under live config. Raises (and Envoy then refuses the listener) when the
+    config or its codecs do not load, or when the listener is not one the core knows: under live
+    config the runner gives the in-process side a new listener's runtime before Envoy gets the
+    listener, so no connection finds a listener the core does not know."""
+    settings = json.loads(config or b"{}")
+    path, listener, live_dir = settings["config"], settings["listener"], settings.get("live")
+    key = live_dir or path
+    with _LOCK:
+        runtimes = _RUNTIMES.get(key)
+        if runtimes is None:
+            runtimes = _start(key, path, live_dir)
+    runtime = runtimes.get(listener)
+    if runtime is None:
         raise KeyError(f"{path}: no listener {listener!r} (known: {', '.join(sorted(runtimes))})")
-    return FilterFactory(runtimes[listener])
+    return FilterFactory(runtime)

@@ -3,7 +3,20 @@ and applies each change without a restart, under continuous traffic from several
 connections: a new listener, a new endpoint, a shifted weighted split and a removed cluster each
 take effect within 2 s, with every request answered (no lost reply, no error reply, no closed
 connection). A config that does not load, or that Envoy refuses, is refused and logged, and the
-running one goes on serving."""
+running one goes on serving.
+
+Every scenario runs in both modes (``mode``: the bridge as its own process behind ext_proc, and
+the core inside Envoy), but one that does not apply in-process:
+
+- `render --dynamic` for an Envoy run by hand (ext_proc only): in-process, the interpreter inside
+  Envoy takes each config from the snapshots of the `metabridge run --with-envoy` that starts it,
+  so there is no hand-run Envoy to feed; `render --dynamic` refuses such a config
+  (tests/unit/test_live_config.py).
+
+What only the in-process mode has: a restarted Envoy starts from the config in force (the
+runner's snapshot), not from the file as it is, and POST /reload on its admin endpoint is
+refused while the runner watches the config.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +30,16 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 
+import pytest
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient, call_sync
-from tests.integration.harness import Stack, awesomerpc_config, cmd_route, free_port, port_open, wait_until
+from metabridge.native import build as native_build
+from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, port_open, wait_until
 
 VISIBLE_WITHIN = 2.0  # seconds from saving the config to the change being seen
 
@@ -31,9 +47,16 @@ VISIBLE_WITHIN = 2.0  # seconds from saving the config to the change being seen
 class LiveStack(Stack):
     """The bridge started as a user would, supervising Envoy and watching its config file."""
 
-    def __init__(self, *args, workers: int = 1, **kwargs) -> None:
+    def __init__(self, *args, mode: str = "ext_proc", workers: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.config["bridge"]["workers"] = workers
+        self.mode = mode
+        if mode == "inprocess":
+            assert native_build.main() == 0, "the dynamic module must build here (scripts/setup.sh builds it)"
+            self.config["bridge"]["mode"] = "inprocess"
+            # In-process there are no bridge workers: Envoy's workers share the interpreter.
+            self.config["envoy"]["concurrency"] = workers
+        else:
+            self.config["bridge"]["workers"] = workers
         self.save(self.config)
 
     def save(self, config: dict) -> float:
@@ -162,12 +185,13 @@ def envoy_clusters(stack: LiveStack) -> set[str]:
     return {line.split("::")[0] for line in stack.admin("/clusters").splitlines() if "::" in line}
 
 
-def test_listener_endpoint_weight_and_cluster_changes_apply_live_under_traffic(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_listener_endpoint_weight_and_cluster_changes_apply_live_under_traffic(tmp_path, mode):
     ports = {name: free_port() for name in ("v1", "v1b", "v2", "v3")}
     front, back = free_port(), free_port()
     routes = [cmd_route(1, "c1"), {"name": "split", "match": {"headers": [{"name": "cmd", "exact": "2"}]}, "route": {"weighted_clusters": [{"name": "c2", "weight": 100}, {"name": "c3", "weight": 0}]}}]
     cfg = awesomerpc_config(front, {"c1": ports["v1"], "c2": ports["v2"], "c3": ports["v3"]}, routes)
-    stack = LiveStack(tmp_path, cfg, ports, workers=2)
+    stack = LiveStack(tmp_path, cfg, ports, mode=mode, workers=2)
     traffic = None
     try:
         stack.start()
@@ -230,11 +254,12 @@ def test_listener_endpoint_weight_and_cluster_changes_apply_live_under_traffic(t
         stack.stop()
 
 
-def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_old_one_serves(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_old_one_serves(tmp_path, mode):
     ports = {"v1": free_port(), "v2": free_port()}
     front = free_port()
     cfg = awesomerpc_config(front, ports, [cmd_route(1, "v1")])
-    stack = LiveStack(tmp_path, cfg, ports)
+    stack = LiveStack(tmp_path, cfg, ports, mode=mode)
     traffic = None
     try:
         stack.start()
@@ -280,7 +305,8 @@ def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_ol
         stack.stop()
 
 
-def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(tmp_path, mode):
     """A listener's port changes and another is removed: the new port serves and the removed
     one stops accepting within 2 s; the connections open on the old listeners are answered until
     Envoy's drain reaches them, then closed with nothing in flight."""
@@ -288,7 +314,7 @@ def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(t
     moved, gone, new_port = free_port(), free_port(), free_port()
     cfg = awesomerpc_config(moved, ports, [cmd_route(1, "v1")], drain_probe_interval="500ms")
     cfg["listeners"].append({**cfg["listeners"][0], "name": "gone", "port": gone, "routes": [cmd_route(1, "v2")]})
-    stack = LiveStack(tmp_path, cfg, ports)
+    stack = LiveStack(tmp_path, cfg, ports, mode=mode)
     traffic = None
     try:
         stack.start()
@@ -335,7 +361,8 @@ def awesomerpc_manifests(port: int, backends: dict[str, int], weights: dict[str,
     ]
 
 
-def test_a_manifests_folder_changes_live(tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_a_manifests_folder_changes_live(tmp_path, mode):
     """`run --manifests DIR --with-envoy`: a MetaRouter's split shifted in the folder reaches the
     running connections within 2 s; a manifest that does not translate is refused."""
     backends = {"v1": free_port(), "v2": free_port()}
@@ -343,7 +370,7 @@ def test_a_manifests_folder_changes_live(tmp_path):
     folder = tmp_path / "manifests"
     folder.mkdir()
     (folder / "awesome.yaml").write_text(yaml.safe_dump_all(awesomerpc_manifests(port, backends, {"v1": 100, "v2": 0}), sort_keys=False))
-    stack = LiveStack(tmp_path, {}, backends)
+    stack = LiveStack(tmp_path, {}, backends, mode=mode)
     stack.config["listeners"] = [{"name": "awesome", "port": port}]  # for start_envoy's wait only
     command = [sys.executable, "-m", "metabridge.cli", "--log-level", "debug", "run", "--manifests", str(folder), "-c", str(stack.config_path), "--with-envoy", "--envoy-log-level", "info"]
     stack.start_bridge = lambda: stack._spawn("bridge", command)
