@@ -12,6 +12,11 @@ takes seconds), with one listener per fault:
              everything and never answers
 
 Counters come from the bridge's Prometheus endpoint (bridge.metrics_port), events from its JSON log.
+
+Every test runs in both bridge modes (ext_proc and inprocess), one stack per mode: the bounds are
+the core's. In-process the core's process is Envoy's, so the memory measured is Envoy's (its own
+buffers included), a fresh start for a memory test restarts Envoy, and the admin endpoint and the
+JSON log are Envoy's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import pytest
 
 from examples.awesomerpc.client import encode_frame
 from tests.integration.broken_codec import DECODE_BUG_CMD, ON_ERROR_BUG_CMD
-from tests.integration.harness import REPO, Stack, free_port, port_open, read_until_closed, wait_until
+from tests.integration.both_modes import core_process, in_process
+from tests.integration.harness import MODES, REPO, Stack, free_port, port_open, read_until_closed, stack_class, wait_until
 
 HEADER = struct.Struct("!BIIhh")  # version, flow, len, cmd, rsp_code
 CMD_OK = 1  # -> v1 (every listener)
@@ -205,11 +211,19 @@ class FaultProxy:
         self.metrics_port = metrics_port
 
     def restart_bridge(self) -> None:
-        """A fresh bridge process (Envoy stays): memory measured from a clean start, not on top
-        of what earlier tests left allocated but free inside the process."""
-        self.stack.stop_process("bridge")
-        self.stack.start_bridge()
-        wait_until(lambda: port_open(self.metrics_port), 10, "bridge metrics", self.stack.procs["bridge"])
+        """A fresh bridge process (Envoy stays; in-process a fresh Envoy): memory measured from a
+        clean start, not on top of what earlier tests left allocated but free inside the process."""
+        if in_process(self.stack):
+            self.stack.stop_process("envoy")
+            self.stack.start_envoy()
+        else:
+            self.stack.stop_process("bridge")
+            self.stack.start_bridge()
+        wait_until(lambda: port_open(self.metrics_port), 10, "bridge metrics", core_process(self.stack))
+
+    def pid(self, name: str) -> int:
+        """The process of ``name`` ("bridge" or "envoy"); in-process the bridge is Envoy."""
+        return (core_process(self.stack) if name == "bridge" else self.stack.procs[name]).pid
 
     def metric(self, name: str, listener: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
@@ -234,20 +248,20 @@ class FaultProxy:
 
     def memory(self, name: str = "bridge") -> dict[str, int]:
         """VmRSS and VmHWM (peak) of the bridge (or Envoy) process, in bytes."""
-        status = Path(f"/proc/{self.stack.procs[name].pid}/status").read_text()
+        status = Path(f"/proc/{self.pid(name)}/status").read_text()
         return {key: int(value.split()[0]) * 1024 for key, value in re.findall(r"^(VmRSS|VmHWM):\s+(.*)$", status, re.M)}
 
     def reset_peak_memory(self, name: str = "bridge") -> bool:
         """Reset the bridge's (or Envoy's) VmHWM to its current RSS (Linux >= 4.0); False if not permitted."""
         try:
-            Path(f"/proc/{self.stack.procs[name].pid}/clear_refs").write_text("5")
+            Path(f"/proc/{self.pid(name)}/clear_refs").write_text("5")
         except OSError:
             return False
         return True
 
 
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory):
+@pytest.fixture(scope="module", params=MODES)
+def proxy(tmp_path_factory, request):
     blackhole, sink = SilentBackend(read=False), SilentBackend(read=True)
     v1_port, metrics_port = free_port(), free_port()
     ports = {name: free_port() for name in ("broken", "slow", "big")}
@@ -272,10 +286,10 @@ def proxy(tmp_path_factory):
             {"name": "sink", "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": sink.port}]},
         ],
     }
-    stack = Stack(tmp_path_factory.mktemp("faults"), cfg, {"v1": v1_port})
+    stack = stack_class(request.param)(tmp_path_factory.mktemp("faults"), cfg, {"v1": v1_port})
     try:
         stack.start()
-        wait_until(lambda: port_open(metrics_port), 10, "bridge metrics", stack.procs["bridge"])
+        wait_until(lambda: port_open(metrics_port), 10, "bridge metrics", core_process(stack))
         yield FaultProxy(stack, ports, metrics_port, sink)
     finally:
         stack.stop()

@@ -3,6 +3,11 @@
 Every test runs example awesomerpc backends h0, h1 and h2 as the endpoints of one cluster
 ("pool"); a reply's body starts with the name of the backend that answered ("h1|..."), so the
 client can count where its requests went.
+
+Every test runs in both bridge modes (ext_proc and inprocess). Consistent hashing spreads its
+connections over two bridge worker processes in the ext_proc mode and over two Envoy workers
+in-process (one interpreter); the check that both carried connections reads Envoy's bridge
+cluster in the one mode, its listener's per-worker counts in the other.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import pytest
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.protocol import ERROR_CODES
-from tests.integration.harness import awesomerpc_config, free_port, multi_endpoint_cluster, run_async, Stack, wait_until
+from tests.integration.harness import MODES, Stack, awesomerpc_config, free_port, multi_endpoint_cluster, run_async, stack_class, wait_until
 
 HOSTS = ("h0", "h1", "h2")
 CMD = 1
@@ -27,29 +32,29 @@ TOLERANCE = 0.05  # each host's share within 1/3 +- 5 percentage points
 ERROR_RSP_CODES = frozenset(ERROR_CODES.values())
 
 
-def start_pool_stack(tmp, lb_policy: str, backend_args: dict[str, list[str]] | None = None, **listener_options) -> Stack:
+def start_pool_stack(tmp, lb_policy: str, backend_args: dict[str, list[str]] | None = None, mode: str = "ext_proc", **listener_options) -> Stack:
     ports = {name: free_port() for name in HOSTS}
     cfg = awesomerpc_config(free_port(), {}, ROUTES, request_timeout="5s", **listener_options)
     cfg["clusters"] = [multi_endpoint_cluster("pool", [ports[h] for h in HOSTS], lb_policy=lb_policy)]
-    stack = Stack(tmp, cfg, ports, backend_args=backend_args)
+    stack = stack_class(mode)(tmp, cfg, ports, backend_args=backend_args)
     stack.listen_port = cfg["listeners"][0]["port"]
     return stack.start()
 
 
-@pytest.fixture(scope="module")
-def round_robin(tmp_path_factory):
-    """One ROUND_ROBIN stack shared by the tests that only read distributions from it."""
-    stack = start_pool_stack(tmp_path_factory.mktemp("rr"), "ROUND_ROBIN")
+@pytest.fixture(scope="module", params=MODES)
+def round_robin(tmp_path_factory, request):
+    """One ROUND_ROBIN stack (per mode) shared by the tests that only read distributions from it."""
+    stack = start_pool_stack(tmp_path_factory.mktemp("rr"), "ROUND_ROBIN", mode=request.param)
     yield stack
     stack.stop()
 
 
 @pytest.fixture
-def pool_stack(tmp_path):
+def pool_stack(tmp_path, mode):
     started: list[Stack] = []
 
     def make(lb_policy: str, **kwargs) -> Stack:
-        stack = start_pool_stack(tmp_path, lb_policy, **kwargs)
+        stack = start_pool_stack(tmp_path, lb_policy, mode=mode, **kwargs)
         started.append(stack)
         return stack
 
@@ -161,6 +166,7 @@ def test_each_tunnel_slot_reaches_its_own_host(round_robin):
         assert sorted(hosts) == sorted(HOSTS), f"connection {i}'s three round-robin requests reached {hosts} (all: {seen})"
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_least_request_avoids_the_slow_host(pool_stack):
     stack = pool_stack("LEAST_REQUEST", backend_args={"h2": ["--delay-ms", "200"]})
     workers, per_worker = 8, 75  # 600 requests, 8 in flight at a time on one connection
@@ -182,6 +188,7 @@ def test_least_request_avoids_the_slow_host(pool_stack):
     assert seen["h0"] > 0.3 * n and seen["h1"] > 0.3 * n, f"{dict(seen)}; tunnels per host (Envoy): {tunnels_per_host(stack)}"
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_killed_host_leaves_traffic_to_the_others(pool_stack):
     """Eight callers keep one connection busy; nine slow requests (three per host) are in flight
     when h2 is stopped. Every request gets exactly one reply: the slow ones on h2 an error reply,
@@ -271,19 +278,22 @@ def test_killed_host_leaves_traffic_to_the_others(pool_stack):
 # ---- consistent hashing ---------------------------------------------------------------------------------
 
 KEYS = range(1000, 2000)  # awesomerpc's one routable header is cmd: 1000 cmds are 1000 hash keys
-KEY_CONNECTIONS = 8  # Envoy spreads them over the bridge workers (4 each with 2 workers)
+KEY_CONNECTIONS = 8  # Envoy spreads them over the bridge workers (4 each with 2 workers), in-process over its own
 
 
-def start_hashed_stack(tmp, lb_policy: str, workers: int) -> Stack:
+def start_hashed_stack(tmp, lb_policy: str, workers: int, mode: str = "ext_proc") -> Stack:
+    """``workers`` bridge worker processes, in-process that many Envoy workers."""
     ports = {name: free_port() for name in HOSTS}
     cfg = awesomerpc_config(free_port(), {}, [{"route": {"cluster": "ring"}, "hash_policy": ["cmd"]}], request_timeout="5s")
-    cfg["bridge"] = {"workers": workers}
+    if mode == "ext_proc":
+        cfg["bridge"] = {"workers": workers}
     # Every key a connection has not seen yet costs a tunnel (an upstream connection) until its
     # host is known: 8 connections learning 375 keys each need more than Envoy's default 1024.
     breakers = {"max_connections": 20000, "max_pending_requests": 20000}
     health = {"interval": "200ms", "timeout": "200ms", "unhealthy_threshold": 1}
     cfg["clusters"] = [multi_endpoint_cluster("ring", [ports[h] for h in HOSTS], lb_policy=lb_policy, circuit_breakers=breakers, health_check=health)]
-    stack = Stack(tmp, cfg, ports)
+    stack = stack_class(mode)(tmp, cfg, ports)
+    stack.concurrency = workers  # Envoy's workers (InProcessStack only)
     stack.listen_port = cfg["listeners"][0]["port"]
     return stack.start()
 
@@ -323,24 +333,27 @@ def one_host_per_key(seen: dict[int, set[str]], what: str) -> dict[int, str]:
     return {k: next(iter(h)) for k, h in seen.items()}
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("lb_policy", ["RING_HASH", "MAGLEV"])
-def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts_keys_move(tmp_path, lb_policy):
+def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts_keys_move(tmp_path, lb_policy, mode):
     """1000 keys, each sent on 3 of 8 connections spread over 2 bridge workers: one host per key,
     keys spread over the 3 hosts. Then h2 is stopped and Envoy's health check marks it down: every
     key of h0 and h1 stays where it was; h2's keys go to h0 and h1, one host per key again. Once h2
     is back and healthy, every key is on its first host again."""
-    stack = start_hashed_stack(tmp_path, lb_policy, workers=2)
+    stack = start_hashed_stack(tmp_path, lb_policy, workers=2, mode=mode)
     try:
         placement = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "all hosts up")
         shares = {h: sum(1 for p in placement.values() if p == h) / len(placement) for h in HOSTS}
         assert all(0.20 <= share <= 0.47 for share in shares.values()), shares
-        # Both bridge workers carried connections (Envoy's cx_total per worker address).
+        # Both bridge workers carried connections (Envoy's cx_total per worker address); in-process
+        # there is no bridge cluster.
         workers = {}
         for line in envoy_clusters(stack).splitlines():
             parts = line.split("::")
             if len(parts) == 4 and parts[0] == "metabridge_bridge" and parts[2] == "cx_total":
                 workers[parts[1]] = int(parts[3])
-        assert len(workers) == 2 and min(workers.values()) >= KEY_CONNECTIONS // 2 - 1, f"connections per bridge worker: {workers}"
+        if mode == "ext_proc":
+            assert len(workers) == 2 and min(workers.values()) >= KEY_CONNECTIONS // 2 - 1, f"connections per bridge worker: {workers}"
 
         stack.stop_process("backend-h2")
         down = f"ring::127.0.0.1:{stack.backends['h2']}::health_flags::/failed_active_hc"
@@ -359,6 +372,9 @@ def test_consistent_hashing_across_connections_and_workers_and_only_a_lost_hosts
         back = one_host_per_key(run(hosts_of_keys(stack, KEYS)), "h2 back")
         returned = {k: (placement[k], back[k]) for k in KEYS if back[k] != placement[k]}
         assert not returned, f"{len(returned)} keys not on their first host once h2 is back (first, now), e.g. {list(returned.items())[:5]}"
+        if mode == "inprocess":  # both Envoy workers carried some of the 24 connections (and the harness's one probe)
+            workers = {n: stack.envoy_stat(f"listener.127.0.0.1_{stack.listen_port}.worker_{n}.downstream_cx_total") for n in range(2)}
+            assert min(workers.values()) > 0 and sum(workers.values()) == 3 * KEY_CONNECTIONS + 1, f"connections per Envoy worker: {workers}"
         print(f"{lb_policy}: shares {shares}; h2's {len(lost)} keys went to {dict(landed)}; bridge workers' connections {workers}")
     finally:
         stack.stop()

@@ -8,6 +8,9 @@ decoded and answered, here with the codec's no-route error reply) while a health
 own connection keeps calling a real backend. Every healthy call must succeed within its timeout,
 some of them while the attack is under way, and the healthy connection must still be the same
 open one at the end.
+
+Every test runs in both bridge modes (ext_proc and inprocess, where the decode work runs on
+Envoy's worker, so a capped decode is what keeps the healthy connection served there too).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from thriftpy2.transport import TSocket
 from bench import worstcase
 from metabridge.sdk.codec import DEFAULT_MAX_FRAME_SIZE
 from examples.awesomerpc.client import encode_frame
-from tests.integration.harness import Stack, awesomerpc_config, free_port, proxy_factory
+from tests.integration.harness import MODES, Stack, awesomerpc_config, free_port, proxy_factory, stack_class
 from tests.peers.dubbo_peers import _recv_exactly as recv_exactly  # raises ConnectionError if the proxy closes
 from tests.peers.dubbo_peers import decode_with_dubbo_py, start_provider
 from tests.peers.thrift_peers import EchoServer, Variant, client_for
@@ -107,16 +110,17 @@ def send_worst_messages(name: str, port: int, read_reply: Callable[[socket.socke
 
 
 @pytest.fixture
-def awesomerpc_stack(tmp_path) -> Iterator[Stack]:
+def awesomerpc_stack(tmp_path, mode) -> Iterator[Stack]:
     backend = free_port()
     route = {"name": "cmd2", "match": {"headers": [{"name": "cmd", "exact": "2"}]}, "route": {"cluster": "v1"}}
-    stack = Stack(tmp_path, awesomerpc_config(free_port(), {"v1": backend}, [route], request_timeout="5s"), {"v1": backend})
+    stack = stack_class(mode)(tmp_path, awesomerpc_config(free_port(), {"v1": backend}, [route], request_timeout="5s"), {"v1": backend})
     try:
         yield stack.start()
     finally:
         stack.stop()
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_awesomerpc(awesomerpc_stack):
     port = awesomerpc_stack.config["listeners"][0]["port"]
     with socket.create_connection((HOST, port), timeout=HEALTHY_TIMEOUT) as sock:
@@ -141,14 +145,15 @@ def test_awesomerpc(awesomerpc_stack):
 
 
 @pytest.fixture
-def dubbo_proxy(tmp_path) -> Iterator:
+def dubbo_proxy(tmp_path, mode) -> Iterator:
     def start_backend(cluster: str, name: str):
         return start_provider(GREETER, name=name)
 
-    with proxy_factory(tmp_path, codec="dubbo", ref="codecs/dubbo:DubboCodec", example="examples/dubbo.yaml", start_backend=start_backend) as make:
+    with proxy_factory(tmp_path, codec="dubbo", ref="codecs/dubbo:DubboCodec", example="examples/dubbo.yaml", start_backend=start_backend, stack_cls=stack_class(mode)) as make:
         yield make({"greeter": "greeter"}, [{"match": {"headers": [{"name": "interface", "exact": GREETER}]}, "route": {"cluster": "greeter"}}])
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_dubbo(dubbo_proxy):
     with socket.create_connection((HOST, dubbo_proxy.port), timeout=HEALTHY_TIMEOUT) as sock:
 
@@ -176,15 +181,17 @@ THRIFT_VARIANTS = [Variant(transport, protocol) for protocol in ("binary", "comp
 
 
 @pytest.fixture(params=THRIFT_VARIANTS, ids=lambda v: v.name)
-def thrift_proxy(request, tmp_path) -> Iterator:
+def thrift_proxy(request, tmp_path, mode) -> Iterator:
     variant = request.param
     route = {"match": {"headers": [{"name": "method", "exact": "echo"}]}, "route": {"cluster": "v1"}}
     with proxy_factory(
-        tmp_path, codec="thrift", ref="codecs/thrift:ThriftCodec", example="examples/thrift.yaml", start_backend=lambda cluster, v: EchoServer(cluster, v).start()
+        tmp_path, codec="thrift", ref="codecs/thrift:ThriftCodec", example="examples/thrift.yaml", start_backend=lambda cluster, v: EchoServer(cluster, v).start(),
+        stack_cls=stack_class(mode),
     ) as make:
         yield variant, make({"v1": variant}, [route])
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_thrift(thrift_proxy):
     variant, proxy = thrift_proxy
     target = f"thrift {variant.protocol} {variant.transport}"
