@@ -1,6 +1,11 @@
 """The package as a user gets it: a wheel built from a clean clone, installed with its
 dependencies into a fresh virtual environment outside the repository, runs validate, render and
-a routed request through Envoy with a built-in codec named in the config (``ref: awesomerpc``)."""
+a routed request through Envoy with a built-in codec named in the config (``ref: awesomerpc``).
+
+The routed request runs in both bridge modes: in-process the installed package builds its
+dynamic module from the C source it ships (``python -m metabridge.native.build``) and
+``metabridge run --with-envoy`` starts Envoy alone with the module loaded.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import yaml
 
 import metabridge
 from examples.awesomerpc.client import call_sync
-from tests.integration.harness import REPO, free_port, port_open, wait_until
+from tests.integration.harness import MODES, REPO, free_port, port_open, wait_until
 
 def _run(args: list, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([str(a) for a in args], cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout)
@@ -74,10 +79,11 @@ def test_the_wheel_holds_generated_code_codecs_license_and_entry_points(installe
     assert lines[2] == f"{metabridge.CODEC_API_VERSION} metabridge.sdk.codec"
 
 
-def test_validate_render_and_a_routed_request_from_the_installed_wheel(installed, tmp_path):
+@pytest.mark.parametrize("mode", MODES)
+def test_validate_render_and_a_routed_request_from_the_installed_wheel(installed, tmp_path, mode):
     backend_port, listener_port, admin_port = free_port(), free_port(), free_port()
     config = {
-        "bridge": {"listen": f"unix:{tmp_path}/bridge.sock"},
+        "bridge": {"listen": f"unix:{tmp_path}/bridge.sock", "mode": mode},
         "envoy": {"admin_port": admin_port},
         "codecs": {"awesomerpc": {"ref": "awesomerpc"}},  # the built-in codec, by entry-point name
         "listeners": [
@@ -94,10 +100,16 @@ def test_validate_render_and_a_routed_request_from_the_installed_wheel(installed
     config_path = tmp_path / "metabridge.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     metabridge = installed / "metabridge"
+    if mode == "inprocess":  # the module, built where the package is installed, against its Python
+        _run([installed / "python", "-m", "metabridge.native.build"], tmp_path)
+        built = _run([installed / "python", "-c", "from metabridge.native import build; print(build.LIBRARY, build.LIBRARY.exists())"], tmp_path).stdout.split()
+        assert built[1] == "True" and not built[0].startswith(str(REPO)), built
 
     _run([metabridge, "validate", "-c", config_path], tmp_path)  # includes `envoy --mode validate` with the wheel's Envoy
     rendered = yaml.safe_load(_run([metabridge, "render", "-c", config_path], tmp_path).stdout)
     assert [listener["name"] for listener in rendered["static_resources"]["listeners"]][:1] == ["awesomerpc"]
+    filters = [f["name"] for f in rendered["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]]
+    assert filters[0] == ("envoy.filters.network.dynamic_modules" if mode == "inprocess" else "envoy.filters.network.ext_proc"), filters
 
     procs = []
     try:
