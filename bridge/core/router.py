@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from metabridge.config.model import HeaderMatch, RouteConfig
-from metabridge.sdk.codec import ErrorType
+from metabridge.sdk.codec import ErrorType, Headers
 
 Predicate = Callable[[Mapping[str, str]], bool]
 
@@ -139,16 +139,24 @@ class Router:
 
     def match(self, headers: Mapping[str, str]) -> Route | None:
         """The first route whose matchers all hold, or None."""
-        candidate_lists = [self._unindexed] if self._unindexed else []
+        if type(headers) is Headers:
+            # Its entries, keyed lower-cased as every key here is: a plain dict's get is a C
+            # call, Headers.get a Python one (and the matchers make one or two per route).
+            headers = headers._items
+        first = self._unindexed or None  # the one candidate list, while there is only one
+        more = None
         for key, by_value in self._index.items():
-            value = headers.get(key)
-            if value is not None:
-                hits = by_value.get(value)
-                if hits:
-                    candidate_lists.append(hits)
-        if not candidate_lists:
+            hits = by_value.get(headers.get(key))
+            if hits:
+                if first is None:
+                    first = hits
+                elif more is None:
+                    more = [first, hits]
+                else:
+                    more.append(hits)
+        if first is None:
             return None
-        candidates = candidate_lists[0] if len(candidate_lists) == 1 else heapq.merge(*candidate_lists)
+        candidates = first if more is None else heapq.merge(*more)
         predicates = self._predicates
         for i in candidates:
             for predicate in predicates[i]:

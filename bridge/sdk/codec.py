@@ -127,7 +127,7 @@ def take_frame(buffer: bytearray, length: int) -> bytes:
 class Headers(MutableMapping[str, str]):
     """Routable string headers with case-insensitive keys (stored lower-cased)."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items",)  # a plain dict, keys lower-cased: the router reads it directly
 
     def __init__(self, items: Mapping[str, str] | None = None) -> None:
         self._items: dict[str, str] = {}
