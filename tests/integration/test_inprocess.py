@@ -12,13 +12,13 @@ test_awesomerpc_proxy; Dubbo in test_dubbo_proxy and test_dubbo_mutation, Thrift
 test_thrift_proxy, streams in test_streaming, the codec guide's and new-codec's projects in
 test_codec_guide and test_new_codec; a codec that raises in test_faults_and_limits, the access
 log in test_access_log, tracing in test_tracing. In-process elsewhere too: the admin endpoint and
-POST /reload (test_inprocess_admin), fault (test_governance_filters) and the global rate limit
-(test_global_ratelimit).
+POST /reload (test_inprocess_admin), live config (test_live_config), fault
+(test_governance_filters) and the global rate limit (test_global_ratelimit).
 
 Not in-process, because they are about the bridge as a separate process (docs/inprocess.md):
 the bridge being killed or restarted, Envoy's message_timeout on a stalled bridge, bridge
-workers; SIGHUP to the bridge, live config and RDS (the bridge process's; RDS listeners are
-refused, below). Each file lists its own.
+workers, SIGHUP to the bridge (in-process: POST /reload, or SIGHUP to ``metabridge run``); RDS
+listeners are refused (below). Each file lists its own.
 """
 
 from __future__ import annotations
