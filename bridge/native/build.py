@@ -21,11 +21,19 @@ LIBRARY = HERE / f"lib{MODULE_NAME}.so"
 
 
 def libpython() -> Path | None:
-    """The shared libpython this interpreter runs on, or None (a static build cannot be embedded twice)."""
+    """The shared libpython this interpreter runs on, or None (a static build cannot be embedded twice).
+
+    Its versioned file (INSTSONAME, e.g. libpython3.11.so.1.0) where there is one: the module
+    re-opens this path at run time, and a system without the development files has only that
+    one (Debian's libpython3.11; the unversioned libpython3.11.so link is in libpython3.11-dev).
+    """
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         return None
-    path = Path(sysconfig.get_config_var("LIBDIR")) / sysconfig.get_config_var("LDLIBRARY")
-    return path if path.exists() else None
+    libdir = Path(sysconfig.get_config_var("LIBDIR"))
+    for name in (sysconfig.get_config_var("INSTSONAME"), sysconfig.get_config_var("LDLIBRARY")):
+        if name and (libdir / name).exists():
+            return libdir / name
+    return None
 
 
 def up_to_date() -> bool:
