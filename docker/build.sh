@@ -3,6 +3,9 @@
 # the build:
 #   1. base image ($BASE_IMAGE): a Debian bookworm root filesystem made with mmdebstrap and
 #      imported with `docker import`; built only when missing (or when its recipe changed);
+#      build base image ($BUILD_BASE_IMAGE): the same plus the C compiler and Python's headers,
+#      for the Dockerfile's stage that compiles the in-process mode's Envoy module (the image
+#      itself has no compiler); made, labelled and reused the same way;
 #   2. wheelhouse (docker/.cache/wheels): the project's runtime dependencies (pyproject.toml,
 #      pinned by requirements.txt) and the build tools (docker/build-requirements.txt), fetched on
 #      this machine for the base image's Python and platform; refreshed only when those change;
@@ -16,7 +19,8 @@
 #   docker/build.sh [--rebuild-base]
 #
 # Environment: METABRIDGE_IMAGE (default metabridge:latest), METABRIDGE_BASE_IMAGE (default
-# metabridge-base:bookworm), METABRIDGE_PROMETHEUS_IMAGE (default metabridge-prometheus:bookworm),
+# metabridge-base:bookworm), METABRIDGE_BUILD_BASE_IMAGE (default metabridge-build-base:bookworm),
+# METABRIDGE_PROMETHEUS_IMAGE (default metabridge-prometheus:bookworm),
 # METABRIDGE_DEBIAN_MIRROR (a Debian mirror URL for mmdebstrap; its
 # default when unset), PYTHON (the Python whose pip downloads the wheels; default: the project's
 # .venv, else python3).
@@ -25,12 +29,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 IMAGE=${METABRIDGE_IMAGE:-metabridge:latest}
 BASE_IMAGE=${METABRIDGE_BASE_IMAGE:-metabridge-base:bookworm}
+BUILD_BASE_IMAGE=${METABRIDGE_BUILD_BASE_IMAGE:-metabridge-build-base:bookworm}
 PROMETHEUS_IMAGE=${METABRIDGE_PROMETHEUS_IMAGE:-metabridge-prometheus:bookworm}
 [[ "${IMAGE##*/}" == *:* ]] || IMAGE=$IMAGE:latest
 STAGE_IMAGE=${IMAGE%:*}-build-stage:${IMAGE##*:}
+NATIVE_STAGE_IMAGE=${IMAGE%:*}-native-stage:${IMAGE##*:}
 CACHE=docker/.cache
 SUITE=bookworm
-BASE_PACKAGES=python3,python3-venv,ca-certificates
+# libpython3.11 (bookworm's python3 is 3.11): the shared libpython the in-process mode's Envoy
+# module embeds; python3 itself does not need it.
+BASE_PACKAGES=python3,python3-venv,ca-certificates,libpython3.11
+# The compiler and Python's headers, for the module (bridge/native, built with
+# `metabridge.native.build`'s flags) only: the stage that uses them is not part of the image.
+BUILD_BASE_PACKAGES=$BASE_PACKAGES,gcc,libc6-dev,python3-dev
 PROMETHEUS_PACKAGES=prometheus
 # Documentation, manuals, translations and recommended packages (prometheus recommends a node
 # exporter) are dead weight in a container.
@@ -46,8 +57,10 @@ BASE_DPKG_OPTS=(
 IMAGE_EXTRAS=(envoy fast examples)
 # The project files the image needs: the source tree minus docs, local state and the tests,
 # except tests/peers, the Dubbo and Thrift peers the compose stack runs as example backends.
+# (A libmetabridge.so built in the checkout is left out: the image compiles its own.)
 SOURCES=(bridge codecs examples proto scripts tests/__init__.py tests/peers pyproject.toml README.md LICENSE)
 
+image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'docker/build.sh: %s\n' "$*" >&2; exit 1; }
 
@@ -80,7 +93,7 @@ rootfs_image() {
   shift 3
   recipe=$(printf '%s\n' "$SUITE" "$packages" "${BASE_DPKG_OPTS[@]}" "$@" | sha256sum | cut -c1-16)
   current=$(docker image inspect --format '{{ index .Config.Labels "org.metabridge.base-recipe" }}' "$image" 2>/dev/null || true)
-  if [ "$rebuild_base" = 0 ] && [ "$current" = "$recipe" ]; then
+  if [ "$rebuild_base" = 0 ] && [ "${force_rootfs:-0}" = 0 ] && [ "$current" = "$recipe" ]; then
     log "$what $image is up to date; reusing it"
     return
   fi
@@ -97,6 +110,7 @@ rootfs_image() {
   for change in "$@"; do changes+=(--change "$change"); done
   docker import "${changes[@]}" --change "LABEL org.metabridge.base-recipe=$recipe" "$tmp/rootfs.tar" "$image" >/dev/null
   rm -rf "$tmp"
+  built_rootfs=1
   trap - EXIT
 }
 
@@ -104,6 +118,31 @@ build_base() {
   rootfs_image "$BASE_IMAGE" "base image" "$BASE_PACKAGES" \
     'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     'CMD ["/bin/bash"]'
+}
+
+build_build_base() {
+  # Its recipe names the base image it goes with, so a rebuilt base rebuilds it too.
+  rootfs_image "$BUILD_BASE_IMAGE" "build base image" "$BUILD_BASE_PACKAGES" \
+    'ENV LANG=C.UTF-8 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    "LABEL org.metabridge.for-base=$(image_id "$BASE_IMAGE")" \
+    'CMD ["/bin/bash"]'
+}
+
+python_package() { docker run --rm "$1" dpkg-query --showformat '${Version}' --show "libpython3.11"; }
+
+ensure_same_python() {
+  # The module is compiled in the build base and run in the base image: both must have the same
+  # Python. They differ only when one was made after the mirror had a newer Python (the build
+  # base alone was rebuilt); then both are made again, now. Checked when either was just made.
+  local base build
+  [ "${built_rootfs:-0}" = 1 ] || return 0
+  base=$(python_package "$BASE_IMAGE") build=$(python_package "$BUILD_BASE_IMAGE")
+  [ "$base" = "$build" ] && return
+  log "the base image has libpython3.11 $base, the build base $build: rebuilding both"
+  force_rootfs=1 build_base
+  force_rootfs=1 build_build_base
+  base=$(python_package "$BASE_IMAGE") build=$(python_package "$BUILD_BASE_IMAGE")
+  [ "$base" = "$build" ] || die "the base image has libpython3.11 $base and the build base $build, also when both were made now"
 }
 
 build_prometheus() {
@@ -197,33 +236,37 @@ stage_context() {
   cp -r docker/bin "$context/bin"
   cp docker/Dockerfile "$context/Dockerfile"
   for item in "${SOURCES[@]}"; do [ -e "$item" ] && present+=("$item"); done
-  tar -c --exclude=__pycache__ --exclude='*.pyc' "${present[@]}" \
+  tar -c --exclude=__pycache__ --exclude='*.pyc' --exclude='libmetabridge.so*' "${present[@]}" \
     | tar -x -C "$context/src"
 }
 
-image_id() { docker image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
-
 started=$(date +%s)
 build_base
+build_build_base
+ensure_same_python
 build_prometheus
 build_wheelhouse
 stage_context
 log "building image $IMAGE"
-# The build stage is tagged too ($STAGE_IMAGE): it is the cache of the next build, and tagging it
-# lets the previous one be removed instead of piling up as untagged images.
-previous=$(image_id "$IMAGE") previous_stage=$(image_id "$STAGE_IMAGE")
-docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --target build --tag "$STAGE_IMAGE" "$CACHE/context" \
-  && docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --tag "$IMAGE" "$CACHE/context" \
+# The build stages are tagged too ($NATIVE_STAGE_IMAGE, the module's; $STAGE_IMAGE): they are the
+# cache of the next build, and tagging them lets the previous ones be removed instead of piling
+# up as untagged images.
+previous=$(image_id "$IMAGE") previous_stage=$(image_id "$STAGE_IMAGE") previous_native=$(image_id "$NATIVE_STAGE_IMAGE")
+build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "BUILD_BASE_IMAGE=$BUILD_BASE_IMAGE")
+docker build "${build_args[@]}" --target native --tag "$NATIVE_STAGE_IMAGE" "$CACHE/context" \
+  && docker build "${build_args[@]}" --target build --tag "$STAGE_IMAGE" "$CACHE/context" \
+  && docker build "${build_args[@]}" --tag "$IMAGE" "$CACHE/context" \
   || die "docker build of $IMAGE failed at the step shown above"
 rm -rf "$CACHE/context"
 # The replaced images are only wasted disk now (kept while a container still uses one).
-for old in "$previous" "$previous_stage"; do
-  if [ -n "$old" ] && [ "$old" != "$(image_id "$IMAGE")" ] && [ "$old" != "$(image_id "$STAGE_IMAGE")" ]; then
+current=" $(image_id "$IMAGE") $(image_id "$STAGE_IMAGE") $(image_id "$NATIVE_STAGE_IMAGE") "
+for old in "$previous" "$previous_stage" "$previous_native"; do
+  if [ -n "$old" ] && [[ "$current" != *" $old "* ]]; then
     docker image rm "$old" >/dev/null 2>&1 || true
   fi
 done
 
 log "done in $(($(date +%s) - started)) s"
-for image in "$IMAGE" "$BASE_IMAGE" "$PROMETHEUS_IMAGE"; do
+for image in "$IMAGE" "$BASE_IMAGE" "$BUILD_BASE_IMAGE" "$PROMETHEUS_IMAGE"; do
   printf '%-40s %5d MB\n' "$image" $(($(docker image inspect --format '{{.Size}}' "$image") / 1000000))
 done
