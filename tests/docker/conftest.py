@@ -2,6 +2,11 @@
 repository's docker-compose.yml under a project name of its own, wait until Envoy serves, and
 always take the stack down again (containers, networks, volumes), also when starting it failed.
 
+The ``stack`` fixture runs each test in both modes: ``ext_proc`` (the default services: Envoy and
+the bridge container) and ``inprocess`` (the compose file's "inprocess" profile: one Envoy with the
+core inside, started in the same project once the first in-process test needs it, in front of the
+same backend containers). ``ext_proc_stack`` and ``inprocess_stack`` are the two on their own.
+
 Without a reachable Docker engine the tests fail with a message saying so, unless
 METABRIDGE_SKIP_DOCKER=1, which skips them.
 """
@@ -18,6 +23,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,10 +48,36 @@ PROMETHEUS_PORT_ENV = "METABRIDGE_PROMETHEUS_PORT"
 # The tests' Prometheus config: the compose stack's, scraping every second.
 PROMETHEUS_CONFIG_ENV = "METABRIDGE_PROMETHEUS_CONFIG"
 TEST_PROMETHEUS_CONFIG = REPO_ROOT / "tests" / "docker" / "prometheus.yml"
+# The in-process services' host ports and Prometheus config (same ports inside the containers).
+INPROCESS_PORT_ENVS = tuple(
+    f"METABRIDGE_INPROCESS_{what}_PORT" for what in ("LISTENER", "DUBBO", "THRIFT", "ADMIN", "METRICS", "PROMETHEUS")
+)
+INPROCESS_PROMETHEUS_CONFIG_ENV = "METABRIDGE_INPROCESS_PROMETHEUS_CONFIG"
+TEST_INPROCESS_PROMETHEUS_CONFIG = REPO_ROOT / "tests" / "docker" / "prometheus-inprocess.yml"
 ENVOY_LISTENER_PORT = 10000  # awesomerpc
 ENVOY_DUBBO_PORT = 10200
 ENVOY_THRIFT_PORT = 10100
 ENVOY_ADMIN_PORT = 9901
+METRICS_PORT = 9102  # the admin endpoint: the bridge's, or in-process the one inside Envoy
+PROMETHEUS_PORT = 9090
+INPROCESS_PROFILE = "inprocess"
+MODES = ("ext_proc", "inprocess")
+
+
+@dataclass(frozen=True)
+class ModeServices:
+    """The compose services of one mode."""
+
+    envoy: str
+    demo: str
+    prometheus: str
+    metrics: str  # the service serving the admin endpoint on METRICS_PORT
+
+
+SERVICES = {
+    "ext_proc": ModeServices(envoy="envoy", demo="demo", prometheus="prometheus", metrics="bridge"),
+    "inprocess": ModeServices(envoy="envoy-inprocess", demo="demo-inprocess", prometheus="prometheus-inprocess", metrics="envoy-inprocess"),
+}
 GREETER = "com.example.Greeter"  # the interface the Dubbo providers serve
 
 BUILD_TIMEOUT_S = 1200  # a first build makes the base image and downloads every wheel
@@ -140,9 +172,10 @@ def _free_ports(count: int) -> list[int]:
 def published_ports() -> Iterator[None]:
     """Free host ports for Envoy, the bridge's admin and Prometheus, so the tests never collide with a
     running demo on the defaults; and the tests' Prometheus config."""
-    names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV, METRICS_PORT_ENV, PROMETHEUS_PORT_ENV)
+    names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV, METRICS_PORT_ENV, PROMETHEUS_PORT_ENV, *INPROCESS_PORT_ENVS)
     wanted = {name: str(port) for name, port in zip(names, _free_ports(len(names)))}
     wanted[PROMETHEUS_CONFIG_ENV] = str(TEST_PROMETHEUS_CONFIG)
+    wanted[INPROCESS_PROMETHEUS_CONFIG_ENV] = str(TEST_INPROCESS_PROMETHEUS_CONFIG)
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     yield
@@ -164,9 +197,11 @@ def docker_services(
     published_ports: None,
 ) -> Iterator[Services]:
     # pytest-docker runs the set-up before the block that guarantees the clean-up, so a failed
-    # `up` would leave containers behind: run the set-up inside it instead.
+    # `up` would leave containers behind: run the set-up inside it instead. The set-up starts the
+    # default (ext_proc) services; the clean-up, and the services' port look-ups, see the
+    # in-process profile's services too.
     compose = DockerComposeExecutor(docker_compose_command, docker_compose_file, docker_compose_project_name)
-    with get_docker_services(docker_compose_command, docker_compose_file, docker_compose_project_name, [], docker_cleanup) as services:
+    with get_docker_services(_with_profile(docker_compose_command), docker_compose_file, docker_compose_project_name, [], docker_cleanup) as services:
         for command in docker_setup:
             try:
                 compose.execute(command)
@@ -178,17 +213,33 @@ def docker_services(
         yield services
 
 
-class Stack:
-    """The running compose stack as the tests see it from the host."""
+def _with_profile(docker_compose_command: str) -> str:
+    """The compose command with the in-process profile's services enabled (compose's global
+    --profile option, in v2 and in v1 from 1.28)."""
+    return f"{docker_compose_command} --profile {INPROCESS_PROFILE}"
 
-    def __init__(self, compose: DockerComposeExecutor, project: str, listener_port: int, dubbo_port: int, thrift_port: int, admin_port: int) -> None:
+
+class Stack:
+    """The running compose stack of one mode as the tests see it from the host."""
+
+    def __init__(self, compose: DockerComposeExecutor, project: str, mode: str, services: Services) -> None:
         self.compose = compose
         self.project = project
+        self.mode = mode
+        self.services = SERVICES[mode]
         self.host = "127.0.0.1"
-        self.listener_port = listener_port  # awesomerpc
-        self.dubbo_port = dubbo_port
-        self.thrift_port = thrift_port
-        self.admin_port = admin_port
+        envoy = self.services.envoy
+        self.listener_port = services.port_for(envoy, ENVOY_LISTENER_PORT)  # awesomerpc
+        self.dubbo_port = services.port_for(envoy, ENVOY_DUBBO_PORT)
+        self.thrift_port = services.port_for(envoy, ENVOY_THRIFT_PORT)
+        self.admin_port = services.port_for(envoy, ENVOY_ADMIN_PORT)  # Envoy's admin
+        self.metrics_port = services.port_for(self.services.metrics, METRICS_PORT)  # the admin endpoint
+        self.prometheus_port = services.port_for(self.services.prometheus, PROMETHEUS_PORT)
+
+    def metrics_text(self) -> str:
+        """The admin endpoint's /metrics now (the bridge's, or in-process the one inside Envoy)."""
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
 
     def stop(self, service: str) -> None:
         self.compose.execute(f"stop --timeout 5 {service}")
@@ -285,15 +336,34 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(docker_services: Services, docker_compose_command: str, docker_compose_file: str, docker_compose_project_name: str) -> Stack:
+def ext_proc_stack(docker_services: Services, docker_compose_command: str, docker_compose_file: str, docker_compose_project_name: str) -> Stack:
+    """The default services: Envoy with network ext_proc, and the bridge container."""
     compose = DockerComposeExecutor(docker_compose_command, docker_compose_file, docker_compose_project_name)
-    running = Stack(
-        compose,
-        docker_compose_project_name,
-        listener_port=docker_services.port_for("envoy", ENVOY_LISTENER_PORT),
-        dubbo_port=docker_services.port_for("envoy", ENVOY_DUBBO_PORT),
-        thrift_port=docker_services.port_for("envoy", ENVOY_THRIFT_PORT),
-        admin_port=docker_services.port_for("envoy", ENVOY_ADMIN_PORT),
-    )
+    running = Stack(compose, docker_compose_project_name, "ext_proc", docker_services)
     running.wait_until_serving()
     return running
+
+
+@pytest.fixture(scope="session")
+def inprocess_stack(docker_services: Services, docker_compose_command: str, docker_compose_file: str, docker_compose_project_name: str) -> Stack:
+    """The in-process profile's Envoy (with its demo job and Prometheus), started in the same
+    project as the default services: it reuses their backend containers, which are running."""
+    compose = DockerComposeExecutor(_with_profile(docker_compose_command), docker_compose_file, docker_compose_project_name)
+    names = SERVICES["inprocess"]
+    command = f"up -d {names.envoy} {names.demo} {names.prometheus}"
+    try:
+        compose.execute(command)
+        failure = None
+    except Exception as exc:  # pytest-docker raises a bare Exception carrying compose's output
+        failure = f"`{command}` failed: {exc}"
+    if failure is not None:
+        pytest.fail(f"{failure}\n{Stack.describe_with(compose)}", pytrace=False)
+    running = Stack(compose, docker_compose_project_name, "inprocess", docker_services)
+    running.wait_until_serving()
+    return running
+
+
+@pytest.fixture(scope="session", params=MODES)
+def stack(request: pytest.FixtureRequest) -> Stack:
+    """The stack of each mode in turn (pytest runs every ext_proc test before the in-process ones)."""
+    return request.getfixturevalue(f"{request.param}_stack")

@@ -1,6 +1,7 @@
 """The compose stack end to end: real awesomerpc traffic from the host through the containerized
-Envoy and bridge to the two backend containers, the demo job, and what happens when the bridge
-container stops and starts again."""
+Envoy and bridge (in-process: the Envoy with the core inside) to the two backend containers, the
+demo job, and, for the ext_proc mode, what happens when the bridge container stops and starts
+again."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def _bytes_until_closed(sock: socket.socket, frame: bytes) -> bytes:
 
 
 def test_demo_job_checks_every_route_and_exits_zero(stack: Stack) -> None:
-    exit_code = stack.wait_for_exit("demo")
-    logs = stack.logs("demo")
+    exit_code = stack.wait_for_exit(stack.services.demo)
+    logs = stack.logs(stack.services.demo)
     assert exit_code == 0, f"the demo job exited with {exit_code}:\n{logs}"
     assert "every answer was as configured" in logs, logs
 
@@ -103,7 +104,8 @@ def test_cmd1_is_split_80_20_between_v1_and_v2(stack: Stack) -> None:
 
 
 # Last in this module: it stops and restarts the bridge (and leaves the stack serving again).
-def test_stopped_bridge_fails_closed_and_restarted_bridge_serves(stack: Stack) -> None:
+def test_stopped_bridge_fails_closed_and_restarted_bridge_serves(ext_proc_stack: Stack) -> None:
+    stack = ext_proc_stack
     with socket.create_connection((stack.host, stack.listener_port), timeout=CLOSE_WAIT_S) as ongoing:
         ongoing.sendall(encode_frame(1, 2, b"before"))
         assert _read_reply_body(ongoing) == b"v2|before"

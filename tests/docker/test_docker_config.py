@@ -75,3 +75,61 @@ def test_every_listener_is_published_on_loopback_only(combined: dict[str, Any], 
         assert match["default"] == match["container"], mapping
         published.add(int(match["container"]))
     assert published == {listener["port"] for listener in combined["listeners"]} | {combined["envoy"]["admin_port"]}
+
+
+# The in-process profile: examples/docker-inprocess.yaml and the envoy-inprocess service.
+INPROCESS_CONFIG = "examples/docker-inprocess.yaml"
+INPROCESS_SERVICES = ("envoy-inprocess", "demo-inprocess", "prometheus-inprocess")
+INPROCESS_PORT_MAPPING = re.compile(r"127\.0\.0\.1:\$\{METABRIDGE_INPROCESS_[A-Z]+_PORT:-(?P<default>\d+)\}:(?P<container>\d+)")
+
+
+@pytest.fixture(scope="module")
+def inprocess() -> dict[str, Any]:
+    return _load(INPROCESS_CONFIG)
+
+
+def test_inprocess_config_is_the_docker_config_with_the_containers_addresses(combined: dict[str, Any], inprocess: dict[str, Any], services: dict[str, Any]) -> None:
+    assert inprocess["bridge"] == {"mode": "inprocess", "metrics_port": 9102, "metrics_address": "0.0.0.0"}
+    assert inprocess["envoy"] == {"admin_port": combined["envoy"]["admin_port"], "admin_address": "0.0.0.0"}
+    assert inprocess["codecs"] == combined["codecs"]
+    # Listeners: the same but bound to every address of the container.
+    assert inprocess["listeners"] == [{**listener, "address": "0.0.0.0"} for listener in combined["listeners"]]
+    # Clusters: the same, with each endpoint the compose service the ext_proc stack's Envoy rewrites it to.
+    rewrites = dict(option.removeprefix("--endpoint=").split("=") for option in _envoy_render_options(services) if option.startswith("--endpoint="))
+    expected = []
+    for cluster in combined["clusters"]:
+        endpoints = []
+        for endpoint in cluster["endpoints"]:
+            host, port = rewrites[f"{endpoint['address']}:{endpoint['port']}"].split(":")
+            endpoints.append({"address": host, "port": int(port)})
+        expected.append({**cluster, "endpoints": endpoints})
+    assert inprocess["clusters"] == expected
+    loaded = config_module.load(REPO_ROOT / INPROCESS_CONFIG)
+    assert loaded.mode == "inprocess" and [listener.name for listener in loaded.listeners] == ["awesomerpc", "dubbo", "thrift"]
+
+
+def test_inprocess_services_are_a_profile_of_their_own(services: dict[str, Any]) -> None:
+    # `docker compose up` (no profile) starts the ext_proc stack only.
+    assert {name for name, service in services.items() if service.get("profiles")} == set(INPROCESS_SERVICES)
+    assert all(services[name]["profiles"] == ["inprocess"] for name in INPROCESS_SERVICES)
+    envoy = services["envoy-inprocess"]
+    assert envoy["command"][:3] == ["metabridge", "run", "--config"]
+    assert envoy["command"][3] == "${METABRIDGE_INPROCESS_CONFIG:-examples/docker-inprocess.yaml}"
+    assert "--with-envoy" in envoy["command"]
+    # The same backends as the ext_proc stack's Envoy, and no bridge.
+    assert set(envoy["depends_on"]) == set(services["envoy"]["depends_on"]) - {"bridge"}
+    assert services["demo-inprocess"]["command"][-4:] == ["--host", "envoy-inprocess", "--port", "10000"]
+    assert set(services["prometheus-inprocess"]["depends_on"]) == {"envoy-inprocess"}
+
+
+def test_inprocess_listeners_are_published_on_loopback_only_on_ports_of_their_own(inprocess: dict[str, Any], services: dict[str, Any]) -> None:
+    published, defaults = set(), set()
+    for mapping in services["envoy-inprocess"]["ports"]:
+        match = INPROCESS_PORT_MAPPING.fullmatch(mapping)
+        assert match, f"{mapping!r}: expected 127.0.0.1:${{METABRIDGE_INPROCESS_..._PORT:-N}}:M"
+        published.add(int(match["container"]))
+        defaults.add(int(match["default"]))
+    assert published == {listener["port"] for listener in inprocess["listeners"]} | {inprocess["envoy"]["admin_port"], inprocess["bridge"]["metrics_port"]}
+    # Both modes can run side by side: none of the in-process defaults is a host port of the ext_proc stack.
+    ext_proc_defaults = {int(PORT_MAPPING.fullmatch(m)["default"]) for name in ("envoy", "bridge", "prometheus") for m in services[name]["ports"]}
+    assert not defaults & ext_proc_defaults, defaults & ext_proc_defaults

@@ -1,8 +1,8 @@
-"""The compose stack's Prometheus: it scrapes the bridge's admin endpoint and Envoy's
-/stats/prometheus; real awesomerpc traffic shows up in its HTTP API (/api/v1/query) as the
-request counter and the request_time_ms histogram (histogram_quantile over _bucket), and every
-PromQL expression of the Grafana dashboard (docker/grafana/metabridge-dashboard.json) returns
-series from it."""
+"""The compose stack's Prometheus: it scrapes the bridge's admin endpoint (in-process: the one
+inside Envoy, for the in-process profile's Prometheus) and Envoy's /stats/prometheus; real
+awesomerpc traffic shows up in its HTTP API (/api/v1/query) as the request counter and the
+request_time_ms histogram (histogram_quantile over _bucket), and every PromQL expression of the
+Grafana dashboard (docker/grafana/metabridge-dashboard.json) returns series from it."""
 
 from __future__ import annotations
 
@@ -19,18 +19,16 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_docker.plugin import Services
 
 from examples.awesomerpc.client import AwesomeRpcClient
-from tests.docker.conftest import REPO_ROOT, TEST_PROMETHEUS_CONFIG
+from tests.docker.conftest import REPO_ROOT, TEST_INPROCESS_PROMETHEUS_CONFIG, TEST_PROMETHEUS_CONFIG
 
 if TYPE_CHECKING:
     from tests.docker.conftest import Stack
 
 DASHBOARD = REPO_ROOT / "docker" / "grafana" / "metabridge-dashboard.json"
 STACK_PROMETHEUS_CONFIG = REPO_ROOT / "docker" / "prometheus" / "prometheus.yml"
-PROMETHEUS_PORT = 9090  # inside its container
-BRIDGE_ADMIN_PORT = 9102
+STACK_INPROCESS_PROMETHEUS_CONFIG = REPO_ROOT / "docker" / "prometheus" / "prometheus-inprocess.yml"
 SCRAPE_WAIT_S = 60
 ROUTE, CLUSTER = "cmd-2-to-v2", "awesomerpc-v2"  # examples/docker.yaml: cmd 2 goes to v2
 # Grafana's variables, as Grafana would expand them for this test's queries.
@@ -71,17 +69,17 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def prometheus(stack: Stack, docker_services: Services) -> Prometheus:
-    running = Prometheus(docker_services.port_for("prometheus", PROMETHEUS_PORT))
+def prometheus(stack: Stack) -> Prometheus:
+    running = Prometheus(stack.prometheus_port)
     for job in ("metabridge", "envoy"):
         running.wait_for(f'up{{job="{job}"}}', lambda up: up == 1, f"the {job} target up")
     return running
 
 
-def bridge_metrics(port: int) -> dict[tuple[str, tuple], float]:
-    """The bridge's own /metrics now, by (sample name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+def bridge_metrics(stack: Stack) -> dict[tuple[str, tuple], float]:
+    """The admin endpoint's own /metrics now (the bridge's, or the one inside Envoy), by (sample
+    name, sorted labels)."""
+    text = stack.metrics_text()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
@@ -95,21 +93,33 @@ async def _traffic(stack: Stack, requests: int, connections: int = 4) -> None:
     await asyncio.wait_for(asyncio.gather(*(one_connection(requests // connections) for _ in range(connections))), 60)
 
 
-def test_the_test_config_is_the_stacks_with_a_short_interval() -> None:
-    stack_config, test_config = (yaml.safe_load(path.read_text()) for path in (STACK_PROMETHEUS_CONFIG, TEST_PROMETHEUS_CONFIG))
+@pytest.mark.parametrize(
+    ("stack_path", "test_path"),
+    [(STACK_PROMETHEUS_CONFIG, TEST_PROMETHEUS_CONFIG), (STACK_INPROCESS_PROMETHEUS_CONFIG, TEST_INPROCESS_PROMETHEUS_CONFIG)],
+    ids=["ext_proc", "inprocess"],
+)
+def test_the_test_config_is_the_stacks_with_a_short_interval(stack_path, test_path) -> None:
+    stack_config, test_config = (yaml.safe_load(path.read_text()) for path in (stack_path, test_path))
     assert test_config["scrape_configs"] == stack_config["scrape_configs"]
     assert test_config["global"]["scrape_interval"] == "1s"
 
 
-def test_prometheus_sees_the_request_counter_and_latency_histogram_of_real_traffic(stack: Stack, prometheus: Prometheus, docker_services: Services) -> None:
-    admin = docker_services.port_for("bridge", BRIDGE_ADMIN_PORT)
+def test_the_inprocess_config_scrapes_the_inprocess_envoy_under_the_same_jobs() -> None:
+    # The same job names and paths (the dashboard's queries need nothing else), other targets.
+    ext_proc, inprocess = (yaml.safe_load(path.read_text())["scrape_configs"] for path in (STACK_PROMETHEUS_CONFIG, STACK_INPROCESS_PROMETHEUS_CONFIG))
+    strip = lambda jobs: [{key: value for key, value in job.items() if key != "static_configs"} for job in jobs]  # noqa: E731
+    assert strip(inprocess) == strip(ext_proc)
+    assert [job["static_configs"] for job in inprocess] == [[{"targets": ["envoy-inprocess:9102"]}], [{"targets": ["envoy-inprocess:9901"]}]]
+
+
+def test_prometheus_sees_the_request_counter_and_latency_histogram_of_real_traffic(stack: Stack, prometheus: Prometheus) -> None:
     count_expr = f'metabridge_request_time_ms_count{{listener="awesomerpc", route="{ROUTE}", cluster="{CLUSTER}"}}'
     # A first request makes the series; once Prometheus has a sample of it, the traffic that
     # follows is an increase inside the rate window.
     asyncio.run(_traffic(stack, 1, connections=1))
     prometheus.wait_for(count_expr, lambda value: value >= 1, "the route's first request")
     asyncio.run(_traffic(stack, 200))
-    own = bridge_metrics(admin)
+    own = bridge_metrics(stack)
     expected = own[("metabridge_request_time_ms_count", (("cluster", CLUSTER), ("listener", "awesomerpc"), ("route", ROUTE)))]
     requests = own[("metabridge_request_total", (("listener", "awesomerpc"),))]
     assert expected >= 201
