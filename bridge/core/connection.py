@@ -172,9 +172,11 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             to_client.clear()
         else:
             client = _EMPTY
-        close, self._close = self._close, False
-        end, self._end_client = self._end_client, False
-        return self.upstream.output(), client, close, end
+        if self._close or self._end_client:
+            close, end = self._close, self._end_client
+            self._close = self._end_client = False
+            return self.upstream.output(), client, close, end
+        return self.upstream.output(), client, False, False
 
     def close(self) -> None:
         """The transport is gone (the client connection closed): free everything."""
@@ -486,10 +488,10 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self.stats.request_active -= 1
         # Settled requests leave the deadline queue from its head at once, and from behind a
         # slow one within a few requests, so none is kept for up to a whole timeout.
-        fifo = self._deadline_fifo
+        fifo, heap = self._deadline_fifo, self._deadline_heap
         while fifo and fifo[0].done:
             fifo.popleft()
-        if len(fifo) + len(self._deadline_heap) > 2 * active + 8:
+        if (fifo or heap) and len(fifo) + len(heap) > 2 * active + 8:
             self._compact_deadlines()
         if active == 0 and (self._half_closed or self._stopped_reading or self.upstream.draining):
             self._finish_if_drained()

@@ -130,6 +130,7 @@ class UpstreamPool:
         # The codec the connection started with (made with it): a reload changes the listener's
         # codec for later connections only, so every tunnel of this one decodes with this.
         self._codecs = connection.listener.codecs
+        self._plans = connection.listener.plans  # emptied (never replaced) by a reload
         self._clusters: dict[str, ClusterSlots] = {}
         self._hashed: dict[str, HashedHosts] = {}
         self._orphans: set[Link] = set()  # tunnels to hosts a reload took out of their cluster
@@ -186,14 +187,9 @@ class UpstreamPool:
         another host's than ``avoid``'s when the cluster has one; None when no tunnel can carry
         it (the HTTP/2 connection to HCM is draining or lost)."""
         slots = self._clusters.get(cluster)
-        hosts, policy = self._connection.listener.cluster_plan(cluster)
-        if slots is None:
-            slots = self._clusters[cluster] = ClusterSlots(hosts, policy)
-        elif slots.hosts is not hosts:  # a reload made a new plan: the same, or other hosts
-            if slots.hosts == hosts and slots.policy == policy:
-                slots.hosts = hosts
-            else:
-                slots = self._clusters[cluster] = self._replan(cluster, slots, hosts, policy)
+        plan = self._plans.get(cluster)  # the listener's cached plan (cluster_plan, inline)
+        if slots is None or plan is None or slots.hosts is not plan[0]:
+            slots = self._slots(cluster, slots)
         members = slots.slots
         if len(members) == 1 and avoid is None and members[0].link is not None:
             return members[0].link
@@ -231,6 +227,19 @@ class UpstreamPool:
             if can_open:
                 return self._open(cluster, avoided)
         return None
+
+    def _slots(self, cluster: str, slots: ClusterSlots | None) -> ClusterSlots:
+        """The cluster's slots for the listener's plan: made on first use, made again when a
+        reload changed its hosts."""
+        hosts, policy = self._connection.listener.cluster_plan(cluster)
+        if slots is None:
+            slots = self._clusters[cluster] = ClusterSlots(hosts, policy)
+        elif slots.hosts is not hosts:  # a reload made a new plan: the same, or other hosts
+            if slots.hosts == hosts and slots.policy == policy:
+                slots.hosts = hosts
+            else:
+                slots = self._clusters[cluster] = self._replan(cluster, slots, hosts, policy)
+        return slots
 
     def _open(self, cluster: str, slot: Slot) -> Link:
         connection = self._connection

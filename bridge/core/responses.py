@@ -24,6 +24,7 @@ class ResponseMatching:
         buffer += data
         codec = link.codec
         stats = self.stats
+        by_id = self._by_id
         while buffer:
             metadata = Metadata()
             try:
@@ -52,7 +53,8 @@ class ResponseMatching:
                 if request is not None:
                     self._on_stream_response(request, metadata)
                     continue
-            request = self._take(link, metadata.request_id)
+            # _take, with its by-id case inline
+            request = link.by_id.pop(metadata.request_id, None) if by_id else self._take(link, metadata.request_id)
             if request is None:
                 stats.response_unmatched += 1
                 continue

@@ -65,7 +65,9 @@ class ListenerRuntime:
     def __post_init__(self) -> None:
         if self.chain is None:
             self.chain = FilterChain((), self.config.name, self.stats)
-        self._plans: dict[str, tuple[tuple[str, ...], str]] = {}
+        # cluster -> its plan (cluster_plan); a reload empties it, and a connection's pool,
+        # which reads it on every request, then asks for the new plan.
+        self.plans: dict[str, tuple[tuple[str, ...], str]] = {}
         self.use_codec(self.codec_cls, self.codec_options)
 
     @property
@@ -93,9 +95,9 @@ class ListenerRuntime:
 
     def cluster_plan(self, cluster: str) -> tuple[tuple[str, ...], str]:
         """(the host each tunnel slot asks for, the cluster's lb_policy) for a connection's pool."""
-        plan = self._plans.get(cluster)
+        plan = self.plans.get(cluster)
         if plan is None:
-            plan = self._plans[cluster] = _plan(self.clusters.get(cluster), self.config.tunnels_per_cluster)
+            plan = self.plans[cluster] = _plan(self.clusters.get(cluster), self.config.tunnels_per_cluster)
         return plan
 
 
@@ -188,7 +190,7 @@ def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_
         runtime.chain = FilterChain(chains[name], name, runtime.stats)
         runtime.config = listener
         runtime.clusters = config.clusters
-        runtime._plans.clear()
+        runtime.plans.clear()
         _reload_codec(runtime, config, loaded)
         event(log, logging.INFO, "routes_reloaded", listener=name, routes=len(listener.routes), filters=len(chains[name]))
     budget = next(iter(runtimes.values())).budget if runtimes else ByteBudget(config.max_buffered_bytes)

@@ -14,7 +14,7 @@ import enum
 from dataclasses import dataclass
 
 from metabridge import wire
-from metabridge.transport.http2 import CANCEL, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError
+from metabridge.transport.http2 import CANCEL, DATA, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError, pack_frame_header
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
 HOST_OVERRIDE_HEADER = wire.HOST_OVERRIDE_HEADER
@@ -147,7 +147,16 @@ class Upstream(Http2Connection):
 
     def send(self, tunnel: Tunnel, data: bytes) -> None:
         """Queue bytes for the tunnel; what the flow-control window allows goes out now."""
-        if not tunnel.local_closed:
+        if tunnel.local_closed:
+            return
+        n = len(data)
+        # send_data's common case (one DATA frame the windows allow, nothing waiting) and _write,
+        # inline: this runs for every request.
+        if n <= tunnel.send_window and n <= self.send_window and n <= self.peer_max_frame and not tunnel.backlog and not self.lost:
+            tunnel.send_window -= n
+            self.send_window -= n
+            self._out.append(pack_frame_header(n >> 16, n & 0xFFFF, DATA, 0, tunnel.id) + data)
+        else:
             self.send_data(tunnel, data)
 
     def close_tunnel(self, tunnel: Tunnel, reset: bool = False) -> None:

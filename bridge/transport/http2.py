@@ -56,6 +56,7 @@ MAX_FRAME = 2**24 - 1  # the largest SETTINGS_MAX_FRAME_SIZE a peer may announce
 HPACK_TABLE = 4096  # our SETTINGS_HEADER_TABLE_SIZE: the default, so never sent
 
 _frame_header = struct.Struct(">BHBBL")  # length (24 bits, split 8 + 16), type, flags, stream id
+pack_frame_header = _frame_header.pack  # for a frame built inline on a hot path (see frame())
 _setting = struct.Struct(">HL")
 u32 = struct.Struct(">L")
 _goaway = struct.Struct(">LL")  # last stream id, error code

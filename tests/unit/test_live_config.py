@@ -216,7 +216,7 @@ def test_a_running_connection_follows_a_clusters_new_hosts_and_retires_a_removed
         h.write()
         # The reload: 10001 leaves c1, 10003 joins.
         h.runtime.clusters = cluster(10002, 10003)
-        h.runtime._plans.clear()
+        h.runtime.plans.clear()
         h.read(b"".join(encode_frame(flow, 1) for flow in range(10, 16)))
         hosts = {sid: r[b"x-metabridge-host"] for sid, r in h.hcm.requests.items()}
         assert sorted(hosts.values()) == [b"127.0.0.1:10001", b"127.0.0.1:10002", b"127.0.0.1:10003"]
