@@ -17,6 +17,7 @@ import functools
 import logging
 import signal
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,9 +64,16 @@ class InsideEnvoy:
         self._running = envoy_running
 
     async def _notify(self) -> None:
-        reply = await asyncio.to_thread(ask_worker, self._socket, "apply", live.WORKER_APPLY_TIMEOUT)
-        if reply is not None and "error" in reply:
-            event(log, logging.ERROR, "inprocess_apply_failed", error=reply["error"], hint="Envoy's log has the traceback; the listeners keep what they had")
+        # Until the socket answers: an interpreter starting up (Envoy's first filter config) may
+        # have read the snapshot before the one just published, and serves its socket only then.
+        deadline = time.monotonic() + live.WORKER_APPLY_TIMEOUT
+        while self._running() and time.monotonic() < deadline:
+            reply = await asyncio.to_thread(ask_worker, self._socket, "apply", live.WORKER_APPLY_TIMEOUT)
+            if reply is not None:
+                if "error" in reply:
+                    event(log, logging.ERROR, "inprocess_apply_failed", error=reply["error"], hint="Envoy's log has the traceback; the listeners keep what they had")
+                return
+            await asyncio.sleep(0.05)
 
     async def apply(self, config: Config) -> None:
         """LiveConfig's worker step: Envoy's interpreter applies ``config`` (or, not running,

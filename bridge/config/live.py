@@ -8,8 +8,8 @@ applied in the order that loses no request (``LiveConfig.apply``):
 
 1. Envoy gets every cluster of the old and the new config (CDS), so a route may use a new
    cluster and a changed cluster has its new endpoints before any route sends to them;
-2. every bridge worker gets the new listeners (``apply_config``), so none of their connections
-   finds a worker that does not know it;
+2. every bridge worker (in-process: the interpreter inside Envoy) gets the new listeners
+   (``apply_config``), so none of their connections finds a worker that does not know it;
 3. Envoy gets the new tunnel routes (RDS) and listeners (LDS): a new listener opens, a removed
    one drains (open connections finish what is in flight), an unchanged one is left alone;
 4. every worker routes by the new config (routes, filters, timeouts, cluster endpoints, codecs);
@@ -17,6 +17,11 @@ applied in the order that loses no request (``LiveConfig.apply``):
 
 A step Envoy refuses (its admin counts the update as rejected) refuses the config: the files
 and the workers are put back as the running config has them.
+
+Workers in other processes (bridge workers; in-process, the interpreter inside Envoy) get each
+config as a snapshot in the supervisor's private directory (``Snapshots``): told of it (SIGHUP;
+a command on the in-process side's control socket), each applies it and acks its version
+(``apply_snapshot``), and one that starts again starts from the snapshot in force.
 
 Envoy reads LDS, CDS and RDS from files in one directory (``path_config_source`` with a
 ``watched_directory``); each file is replaced by writing a temporary file in that directory and
@@ -322,9 +327,9 @@ class Snapshots:
         """Publish ``config``, tell every live applier, and wait until each has acked it or
         stopped; the indexes still waiting after ``timeout`` (logged)."""
         version = self.publish(config)
+        deadline = time.monotonic() + timeout
         waiting = {a.index: a for a in appliers if a.alive()}
         await asyncio.gather(*(a.notify() for a in waiting.values()))
-        deadline = time.monotonic() + timeout
         while waiting:
             for index, applier in list(waiting.items()):
                 if read_ack(self.directory, index) == version or not applier.alive():

@@ -10,6 +10,10 @@ injected from a scheduled event: pushing them into HCM from inside its own write
 Timers run on one timer thread that only posts an event; the timer's callback runs on the worker.
 
 Any exception here is contained: logged once per kind, counted, and the connection is closed.
+
+Under live config (``metabridge run --with-envoy``, docs/live-config.md) each filter config also
+names the runner's snapshot folder: the runtimes are built from the snapshot in force, and the
+runner's ``apply`` on a control socket there applies each new one (``InprocessAdmin.answer``).
 """
 
 from __future__ import annotations
@@ -315,6 +319,7 @@ class InprocessAdmin(LocalAdmin):
         super().__init__(config, runtimes, _InsideEnvoy())
         self._reloading = threading.Lock()
         self._live_dir = live_dir
+        self.control = None  # live config: the server of the runner's control socket
 
     def reload(self) -> tuple[bool, str]:
         """Re-read the config file and apply its routes, filters and codecs (runtime.apply_config):
@@ -374,8 +379,9 @@ def _start(key: str, path: str, live_dir: str | None) -> dict[str, ListenerRunti
     if live_dir is not None or config.metrics_port is not None:
         admin = _ADMINS[key] = InprocessAdmin(config, runtimes, live_dir)
     if live_dir is not None:
-        serve_worker_socket(admin, worker_socket(live_dir, live.INTERPRETER))  # the runner's commands
+        # The ack first: a newer snapshot's ``apply``, which the socket may take at once, acks last.
         live.write_ack(Path(live_dir), live.INTERPRETER, version)
+        admin.control = serve_worker_socket(admin, worker_socket(live_dir, live.INTERPRETER))  # the runner's commands
     event(log, logging.INFO, "inprocess_ready", config=path, listeners=sorted(runtimes), **({"live_version": version} if version else {}))
     if config.metrics_port is not None:
         # A daemon thread; it runs whenever Envoy's workers are outside Python.

@@ -1,7 +1,9 @@
 """The admin endpoint (bridge.metrics_port) in bridge.mode inprocess: served by the interpreter
 inside Envoy, with the bridge process's metric names and labels, counting every Envoy worker's
 connections; ``POST /reload`` applies a changed config to new connections and refuses a broken
-one (SIGHUP belongs to Envoy)."""
+one (SIGHUP belongs to Envoy); `metabridge run --no-watch` turns its SIGHUP into that request.
+Under live config (`metabridge run` without --no-watch) the runner applies changes instead:
+tests/integration/test_live_config.py."""
 
 from __future__ import annotations
 
@@ -119,7 +121,9 @@ def test_post_reload_applies_to_new_connections_and_refuses_a_broken_config(stac
 
 
 def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):
-    """`metabridge run --with-envoy` in-process: SIGHUP goes to the module as POST /reload."""
+    """`metabridge run --with-envoy --no-watch` in-process (the static bootstrap): SIGHUP goes to
+    the module as POST /reload. (Without --no-watch the config is live and SIGHUP applies it
+    through the runner: test_live_config.py.)"""
     import signal
     import sys
 
@@ -132,7 +136,7 @@ def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):
     for name, backend in ports.items():
         s.start_backend(name, backend)
     try:
-        runner = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy"])
+        runner = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy", "--no-watch"])
         wait_until(lambda: port_open(port) and port_open(metrics), 30, "listener and admin endpoint", runner)
         assert run_async(calls(port, [1]))[0].body == b"v1|m"
         cfg["listeners"][0]["routes"] = [cmd_route(1, "v2")]

@@ -412,3 +412,60 @@ def test_render_dynamic_writes_a_bootstrap_and_files_envoy_accepts(tmp_path):
     boot = yaml.safe_load((tmp_path / "bootstrap.yaml").read_text())
     assert [c["name"] for c in boot["static_resources"]["clusters"]] == ["metabridge_bridge"]
     assert boot["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"]["path"] == str(xds)
+
+
+def post(port: int, path: str) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_inprocess_a_restarted_envoy_starts_from_the_config_in_force_and_post_reload_is_refused(tmp_path):
+    """In-process only: the interpreter inside Envoy takes the runner's snapshot, so an Envoy
+    that crashes and is restarted serves the config in force (a listener added live included),
+    not the file as it is (here: a config the runner refused); a change saved afterwards reaches
+    the new interpreter. POST /reload is refused while the runner watches the config (it would
+    apply a config the runner does not know of)."""
+    ports = {"v1": free_port(), "v2": free_port()}
+    front, back, metrics = free_port(), free_port(), free_port()
+    cfg = awesomerpc_config(front, ports, [cmd_route(1, "v1")])
+    cfg["bridge"] = {"metrics_port": metrics}
+    stack = LiveStack(tmp_path, cfg, ports, mode="inprocess")
+    try:
+        stack.start()
+        assert answers(front, 1) == "v1"
+        new = yaml.safe_load(yaml.safe_dump(stack.config))
+        new["listeners"][0]["routes"] = [cmd_route(1, "v2")]
+        new["listeners"].append({**new["listeners"][0], "name": "back", "port": back})
+        t = stack.save(new)
+        measure(lambda: answers(back, 1) == "v2" and answers(front, 1) == "v2", "the live change", t)
+        applied = stack.events("live_config_snapshot_applied")[-1]["version"]
+
+        status, body = post(metrics, "/reload")
+        assert status == 400 and "live config" in body and "SIGHUP" in body, body
+        assert stack.events("reload_refused_live_config"), "the refusal is logged"
+
+        broken = yaml.safe_load(yaml.safe_dump(new))
+        broken["listeners"][0]["routes"] = [cmd_route(1, "nowhere")]
+        stack.config_path.write_text(yaml.safe_dump(broken))
+        wait_until(lambda: stack.events("live_config_refused_keeping_old"), 5, "the refusal")
+
+        [first] = stack.events("envoy_started")
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_until(lambda: len(stack.events("envoy_started")) == 2, 10, "Envoy restarted", stack.procs["bridge"])
+        wait_until(lambda: answers(back, 1) == "v2" and answers(front, 1) == "v2", 30, "the restarted Envoy serving the config in force")
+        ready = stack.events("inprocess_ready")
+        assert len(ready) == 2 and ready[-1]["live_version"] == applied, ready
+
+        good = yaml.safe_load(yaml.safe_dump(new))
+        good["listeners"][0]["routes"] = [cmd_route(1, "v1")]
+        t = stack.save(good)
+        measure(lambda: answers(front, 1) == "v1", "a change after the restart", t)
+        assert stack.events("live_config_applied")[-1]["listeners_changed"] == ["awesomerpc"]
+        assert stack.events("workers_slow_to_apply_config") == [], "the restarted interpreter acked the change"
+        assert stack.procs["bridge"].poll() is None
+    finally:
+        stack.stop()
