@@ -104,7 +104,7 @@ class DubboCodec(Codec):
 
     def __init__(self, *, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(max_frame_size=max_frame_size, options=options)
-        self._last_prefix: tuple[bytes, tuple] | None = None  # body fields of the last request
+        self._last_prefix: tuple[bytes, tuple, int] | None = None  # body fields of the last request, its argument count
         self._last_attachments: tuple[bytes, list[tuple[str, str]], Entries] | None = None
         # The headers and operation name built from the two above (while both are reused, so are they).
         self._last_headers: tuple[tuple, list[tuple[str, str]], Headers, str] | None = None
@@ -126,6 +126,41 @@ class DubboCodec(Codec):
                 self._bad_magic(buffer)
             return _WAIT
         magic, flag, status, request_id, body_size = HEADER.unpack_from(buffer)
+        frame_size = HEADER_SIZE + body_size
+        # One test passes a usual header; _refuse_header names what is wrong in the order given.
+        if magic != MAGIC or flag & SERIALIZATION_MASK != HESSIAN2 or not 0 <= body_size <= self.max_body_size or frame_size > self.max_frame_size:
+            self._refuse_header(buffer, magic, flag, request_id, body_size)
+        if available < frame_size:
+            return _WAIT
+
+        if available == frame_size:  # the usual read, one whole frame: take_frame's first case, inline
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, frame_size)
+        metadata.frame = frame
+        metadata.request_id = request_id
+        metadata.header_size = HEADER_SIZE
+        metadata.body_size = body_size
+        try:
+            if flag & FLAG_EVENT:
+                # Heartbeats (null body) and read-only events ("R"): answered or dropped locally.
+                metadata.message_type = _HEARTBEAT
+                metadata.properties = {"flag": flag, "serialization": HESSIAN2, "status": status, "twoway": bool(flag & FLAG_TWOWAY)}
+            elif flag & FLAG_REQUEST:
+                self._decode_request(frame, flag, status, metadata)
+            else:
+                self._decode_response(frame, flag, status, metadata)
+        except HessianLimitError as exc:
+            raise DubboBodyError(f"dubbo: request {request_id} is over a limit: {exc}; raise it if such requests are expected", request_id, bool(flag & FLAG_REQUEST)) from None
+        except (HessianError, ValueError) as exc:
+            is_request = bool(flag & FLAG_REQUEST)
+            kind = "request" if is_request else "response"
+            raise DubboBodyError(f"dubbo: malformed {kind} body in frame {request_id}: {exc}", request_id, is_request) from None
+        return _DONE
+
+    def _refuse_header(self, buffer: bytearray, magic: int, flag: int, request_id: int, body_size: int) -> None:
+        """Raise the error for a header decode does not accept (the first that applies)."""
         if magic != MAGIC:
             self._bad_magic(buffer)
         serialization = flag & SERIALIZATION_MASK
@@ -143,33 +178,7 @@ class DubboCodec(Codec):
                 f"dubbo: frame {request_id} has a {body_size}-byte body, over max_body_size {self.max_body_size} "
                 "(raise the codec option max_body_size if such bodies are expected)"
             )
-        frame_size = HEADER_SIZE + body_size
-        if frame_size > self.max_frame_size:
-            self.check_frame_size(frame_size)
-        if available < frame_size:
-            return _WAIT
-
-        frame = take_frame(buffer, frame_size)
-        metadata.frame = frame
-        metadata.request_id = request_id
-        metadata.header_size = HEADER_SIZE
-        metadata.body_size = body_size
-        is_request = bool(flag & FLAG_REQUEST)
-        try:
-            if flag & FLAG_EVENT:
-                # Heartbeats (null body) and read-only events ("R"): answered or dropped locally.
-                metadata.message_type = _HEARTBEAT
-                metadata.properties = {"flag": flag, "serialization": serialization, "status": status, "twoway": bool(flag & FLAG_TWOWAY)}
-            elif is_request:
-                self._decode_request(frame, flag, status, metadata)
-            else:
-                self._decode_response(frame, flag, status, metadata)
-        except HessianLimitError as exc:
-            raise DubboBodyError(f"dubbo: request {request_id} is over a limit: {exc}; raise it if such requests are expected", request_id, is_request) from None
-        except (HessianError, ValueError) as exc:
-            kind = "request" if is_request else "response"
-            raise DubboBodyError(f"dubbo: malformed {kind} body in frame {request_id}: {exc}", request_id, is_request) from None
-        return _DONE
+        self.check_frame_size(HEADER_SIZE + body_size)
 
     @staticmethod
     def _bad_magic(buffer: bytearray) -> None:
@@ -186,16 +195,17 @@ class DubboCodec(Codec):
         # those bytes: strings, and a plain map of strings).
         prefix = self._last_prefix
         if prefix is not None and frame.startswith(prefix[0], HEADER_SIZE):
-            fields = prefix[1]
-            reader = self._reader(frame, HEADER_SIZE + len(prefix[0]))
+            _, fields, arguments = prefix
+            reader = Reader(frame, HEADER_SIZE + len(prefix[0]), self.max_elements, self.max_nesting_depth)  # _reader, inline
         else:
             reader = self._reader(frame, HEADER_SIZE)
             # dubbo version, path (the interface), service version, method, parameter types
             fields = (reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null() or "")
+            arguments = count_parameters(fields[4])
             if reader.pos - HEADER_SIZE <= _MEMO_LIMIT:
-                self._last_prefix = (frame[HEADER_SIZE : reader.pos], fields)
+                self._last_prefix = (frame[HEADER_SIZE : reader.pos], fields, arguments)
         dubbo_version, path, service_version, method, parameter_types = fields
-        for _ in range(count_parameters(parameter_types)):
+        for _ in range(arguments):
             reader.skip()
         attachments_start = reader.pos
         memo = self._last_attachments
