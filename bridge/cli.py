@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dynamic", type=Path, metavar="DIR", help="keep Envoy's LDS/CDS/RDS files in DIR up to date with the config (for an Envoy started with `render --dynamic DIR`); implied, in a private folder, by --with-envoy (docs/live-config.md)")
     run.add_argument("--listener-address", help="with live config: bind every listener to this address in Envoy's files (as `render --dynamic --listener-address`)")
     run.add_argument("--endpoint", action="append", metavar="OLD=NEW", help="with live config: rewrite a cluster endpoint HOST:PORT in Envoy's files (repeatable; as `render --endpoint`)")
-    run.add_argument("--no-watch", action="store_true", help="do not apply config changes live: with --with-envoy, Envoy gets the static bootstrap and SIGHUP reloads the bridge's routes only")
+    run.add_argument("--no-watch", action="store_true", help="do not apply config changes live: with --with-envoy, Envoy gets the static bootstrap and SIGHUP reloads the bridge's routes only (bridge.mode inprocess: through the module's POST /reload)")
 
     render = sub.add_parser("render", help="render Envoy's bootstrap from the config", description="Write Envoy's bootstrap YAML (listeners with ext_proc + HCM CONNECT termination, clusters) for the config.")
     _add_config(render)

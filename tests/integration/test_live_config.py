@@ -45,7 +45,9 @@ VISIBLE_WITHIN = 2.0  # seconds from saving the config to the change being seen
 
 
 class LiveStack(Stack):
-    """The bridge started as a user would, supervising Envoy and watching its config file."""
+    """The bridge started as a user would, supervising Envoy and watching its config file. In
+    ``mode`` inprocess the runner supervises Envoy alone, and the core inside Envoy logs into
+    Envoy's output, which is the runner's: ``log("bridge")`` has both."""
 
     def __init__(self, *args, mode: str = "ext_proc", workers: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
