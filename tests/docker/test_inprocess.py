@@ -2,8 +2,8 @@
 `metabridge run --with-envoy` with examples/docker-inprocess.yaml, the core inside Envoy as the
 libmetabridge.so dynamic module the image builds. Every test of test_compose.py, test_dubbo.py,
 test_thrift.py and test_prometheus.py runs against it too (the ``stack`` fixture's inprocess
-mode); here: that no bridge is in its path, and that a config it cannot serve fails its
-container with a clear error."""
+mode); here: that no bridge is in its path, that a config it cannot serve fails its container
+with a clear error, and that SIGHUP to the container reloads the config inside Envoy."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ CALLS = 20  # per protocol
 # Envoy's give-up: `metabridge run` restarts an Envoy that exits, five times within a minute at
 # most, with a growing back-off, then exits 1. Each start loads the embedded interpreter.
 BROKEN_EXIT_TIMEOUT_S = 240
+RELOAD_TIMEOUT_S = 60
 
 
 def _requests_by_listener(text: str) -> dict[str, float]:
@@ -127,3 +129,18 @@ def test_a_broken_config_fails_the_container_with_a_clear_error(inprocess_stack:
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=BROKEN_EXIT_TIMEOUT_S)
     assert result.returncode != 0, f"the container exited 0 with a broken config:\n{result.stdout[-4000:]}"
     assert message in result.stdout, f"the container's output does not say {message!r}:\n{result.stdout[-4000:]}"
+
+
+def test_sighup_to_the_container_reloads_the_config_inside_envoy(inprocess_stack: Stack) -> None:
+    """docs/docker.md's reload: `kill -s HUP` reaches `metabridge run` (tini passes it on), which
+    turns it into the admin endpoint's POST /reload inside Envoy; the stack serves on."""
+    stack = inprocess_stack
+    service = SERVICES["inprocess"].envoy
+    before = stack.logs(service).count('"reload_applied"')
+    stack.compose.execute(f"kill -s HUP {service}")
+    deadline = time.monotonic() + RELOAD_TIMEOUT_S
+    while stack.logs(service).count('"reload_applied"') == before:
+        assert time.monotonic() < deadline, f"no reload_applied within {RELOAD_TIMEOUT_S} s:\n{stack.logs(service)[-4000:]}"
+        time.sleep(0.5)
+    assert stack.container_state(service) == ("running", 0)
+    stack.wait_until_serving()
