@@ -30,7 +30,7 @@ from metabridge.sdk.codec import (
 from metabridge.config.model import parse_size
 
 from .frames import build_error_response, build_heartbeat
-from .hessian2 import HessianError, HessianLimitError, Reader, encode_string, encode_string_map
+from .hessian2 import HessianError, HessianLimitError, Reader, encode_string, encode_string_map, skip_plain_strings
 from .protocol import (
     EXCEPTION_RESULTS,
     FLAG_EVENT,
@@ -196,29 +196,39 @@ class DubboCodec(Codec):
         prefix = self._last_prefix
         if prefix is not None and frame.startswith(prefix[0], HEADER_SIZE):
             _, fields, arguments = prefix
-            reader = Reader(frame, HEADER_SIZE + len(prefix[0]), self.max_elements, self.max_nesting_depth)  # _reader, inline
+            pos = HEADER_SIZE + len(prefix[0])
         else:
             reader = self._reader(frame, HEADER_SIZE)
             # dubbo version, path (the interface), service version, method, parameter types
             fields = (reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null(), reader.read_string(), reader.read_string_or_null() or "")
             arguments = count_parameters(fields[4])
-            if reader.pos - HEADER_SIZE <= _MEMO_LIMIT:
-                self._last_prefix = (frame[HEADER_SIZE : reader.pos], fields, arguments)
+            pos = reader.pos
+            if pos - HEADER_SIZE <= _MEMO_LIMIT:
+                self._last_prefix = (frame[HEADER_SIZE:pos], fields, arguments)
         dubbo_version, path, service_version, method, parameter_types = fields
-        for _ in range(arguments):
-            reader.skip()
-        attachments_start = reader.pos
+        # The arguments: plain strings stepped over without a Reader, a Reader for the rest (they
+        # are strings only before it, so it needs no class definitions made earlier).
+        pos, skipped = skip_plain_strings(frame, pos, arguments, self.max_elements)
+        reader = None
+        if skipped < arguments:
+            reader = Reader(frame, pos, self.max_elements, self.max_nesting_depth, spent=skipped)
+            for _ in range(arguments - skipped):
+                reader.skip()
+            pos = reader.pos
+        attachments_start = pos
         memo = self._last_attachments
         if memo is not None and len(frame) - attachments_start == len(memo[0]) and frame.endswith(memo[0]):
             _, pairs, entries = memo
             attachments_end = len(frame)
         else:
+            if reader is None:
+                reader = Reader(frame, pos, self.max_elements, self.max_nesting_depth, spent=skipped)
             pairs, entries = self._read_attachments(reader, frame, attachments_start)
             attachments_end = reader.pos
 
         routable = self._last_headers
         if routable is not None and routable[0] is fields and routable[1] is pairs:
-            metadata.headers = routable[2].copy()  # both memos held: the same headers again
+            metadata.headers.update_from(routable[2])  # both memos held: the same headers again
             metadata.operation_name = routable[3]
         else:
             # What the provider sees: body fields first, attachments override them (Dubbo's

@@ -94,6 +94,22 @@ def _plain_string(data: bytes, pos: int, end: int) -> tuple[int, int] | None:
     return None
 
 
+def skip_plain_strings(data: bytes, pos: int, count: int, budget: int) -> tuple[int, int]:
+    """Step over up to ``count`` values from ``pos`` (and no more than ``budget``) while each is a
+    plain string (see _plain_string): where it stopped and how many it stepped over. Dubbo's
+    arguments are mostly such strings, and this needs no Reader (a Reader can go on from there,
+    ``spent`` the values stepped over)."""
+    end = len(data)
+    skipped = 0
+    while skipped < count and skipped < budget and pos < end:
+        span = _plain_string(data, pos, end)
+        if span is None:
+            break
+        pos = span[1]
+        skipped += 1
+    return pos, skipped
+
+
 def _is_int_tag(tag: int) -> bool:
     return tag >= 0x80 or tag in (0x49, 0x4C, 0x59) or 0x38 <= tag <= 0x3F
 
@@ -112,13 +128,14 @@ class Reader:
 
     __slots__ = ("data", "pos", "end", "_class_fields", "budget", "max_elements", "max_depth")
 
-    def __init__(self, data: bytes, pos: int = 0, max_elements: int | None = None, max_depth: int | None = None) -> None:
+    def __init__(self, data: bytes, pos: int = 0, max_elements: int | None = None, max_depth: int | None = None, spent: int = 0) -> None:
         self.data = data
         self.pos = pos
         self.end = len(data)
         self._class_fields: list[int] = []
         self.max_elements = max_elements
-        self.budget = max_elements or sys.maxsize  # values still allowed (caps are positive)
+        # Values still allowed (caps are positive); ``spent``: already stepped over before ``pos``.
+        self.budget = (max_elements or sys.maxsize) - spent
         self.max_depth = max_depth or sys.maxsize
 
     def _over_elements(self) -> HessianLimitError:

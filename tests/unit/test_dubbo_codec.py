@@ -573,6 +573,35 @@ def test_values_cap_counts_every_value_stepped_over():
     assert_over_limit(frame, r"more than 10 Hessian2 values to step over \(codec option max_elements\)", max_elements=10)
 
 
+def test_values_cap_counts_string_arguments_stepped_over_without_a_reader():
+    # Three plain string arguments, then a list of 2 nulls (3 values) and the map's pair: 8 in all.
+    frame = request_with_arguments(s("a"), s("b"), s("c"), nulls(2), attachments=b"H" + s("k") + s("v") + b"Z")
+    assert decode_one(frame, DubboCodec(options={"max_elements": 8})).headers["k"] == "v"
+    assert_over_limit(frame, r"more than 7 Hessian2 values", max_elements=7)
+    assert_over_limit(frame, r"more than 2 Hessian2 values", max_elements=2)  # within the strings
+    only_strings = request_with_arguments(s("a"), s("b"), s("c"))
+    assert decode_one(only_strings, DubboCodec(options={"max_elements": 3}))
+    assert_over_limit(only_strings, r"more than 2 Hessian2 values", max_elements=2)
+
+
+def test_skip_plain_strings_stops_at_other_values_the_budget_and_the_end():
+    medium = hessian2.encode_string("x" * 100)  # the medium form, as the benchmark's argument
+    data = s("a") + medium + b"N" + s("b")
+    after_two = 2 + len(medium)
+    assert hessian2.skip_plain_strings(data, 0, 5, 100) == (after_two, 2)  # stops at the null
+    assert hessian2.skip_plain_strings(data, 0, 1, 100) == (2, 1)  # the count
+    assert hessian2.skip_plain_strings(data, 0, 5, 1) == (2, 1)  # the budget
+    assert hessian2.skip_plain_strings(data, after_two + 1, 5, 100) == (len(data), 1)  # the end
+    non_ascii = hessian2.encode_string("\u00e9t\u00e9")
+    assert hessian2.skip_plain_strings(non_ascii, 0, 1, 100) == (0, 0)  # left to the Reader
+    cut = medium[:50]
+    assert hessian2.skip_plain_strings(cut, 0, 1, 100) == (0, 0)  # a truncated one too
+    reader = hessian2.Reader(data, after_two, max_elements=3, spent=2)
+    reader.skip()  # the third value of three
+    with pytest.raises(hessian2.HessianLimitError, match="more than 3 Hessian2 values"):
+        reader.skip()
+
+
 def test_values_cap_refuses_a_list_from_its_announced_length():
     announced = request_with_arguments(list_header(1_000_000))  # no elements follow: none are needed to refuse it
     assert_over_limit(announced, r"more than 1000 Hessian2 values", max_elements=1000)
