@@ -292,6 +292,8 @@ def test_a_config_that_does_not_load_or_that_envoy_refuses_is_refused_and_the_ol
         # The watch goes on: a good config after the bad ones applies.
         t = stack.save({**good, "listeners": [{**good["listeners"][0], "routes": [cmd_route(1, "v2")]}]})
         measure(lambda: traffic.seen(t, 1, "v2"), "the good config", t)
+        # Served from the routes step on, logged after the last step.
+        wait_until(lambda: len(stack.events("live_config_applied")) == 1, 5, "the good config logged as applied")
         # SIGHUP applies the config at once, as a detected change does (here: nothing changed).
         applied = len(stack.events("live_config_applied"))
         stack.procs["bridge"].send_signal(signal.SIGHUP)
@@ -333,7 +335,7 @@ def test_a_moved_listener_and_a_removed_one_drain_their_connections_gracefully(t
         wait_until(lambda: len(traffic.ended) + len(traffic.failures) == 4, 10, "the old connections closed by the drain")
         closes = [e for e in stack.events("connection_closed") if e["listener"] in ("awesomerpc", "gone")]
         assert len(stack.events("upstream_draining")) == 4 and [e["requests_in_flight"] for e in closes[-4:]] == [0] * 4
-        applied = stack.events("live_config_applied")[0]
+        applied = wait_until(lambda: stack.events("live_config_applied"), 5, "the change logged as applied")[0]
         assert applied["listeners_removed"] == ["gone"] and applied["listeners_changed"] == ["awesomerpc"]
         traffic.stop()
         # A call a client makes as its connection closes finds it closed, or closing: it cannot
@@ -395,7 +397,8 @@ def test_a_manifests_folder_changes_live(tmp_path, mode):
         traffic.stop()
         assert traffic.failures == [] and traffic.closed == [], traffic.failures[:5]
         # Removing broken.yaml gave back the folder as it was (nothing to apply), then the split.
-        assert len(stack.events("live_config_applied")) >= 1
+        # The split serves from the routes step on; the change is logged after the last step.
+        wait_until(lambda: len(stack.events("live_config_applied")) >= 1, 5, "the split logged as applied")
     finally:
         if traffic is not None and not traffic._stop:
             traffic.stop()
@@ -444,7 +447,7 @@ def test_inprocess_a_restarted_envoy_starts_from_the_config_in_force_and_post_re
         new["listeners"].append({**new["listeners"][0], "name": "back", "port": back})
         t = stack.save(new)
         measure(lambda: answers(back, 1) == "v2" and answers(front, 1) == "v2", "the live change", t)
-        applied = stack.events("live_config_snapshot_applied")[-1]["version"]
+        wait_until(lambda: stack.events("live_config_applied"), 5, "the change logged as applied")
 
         status, body = post(metrics, "/reload")
         assert status == 400 and "live config" in body and "SIGHUP" in body, body
@@ -460,13 +463,15 @@ def test_inprocess_a_restarted_envoy_starts_from_the_config_in_force_and_post_re
         wait_until(lambda: len(stack.events("envoy_started")) == 2, 10, "Envoy restarted", stack.procs["bridge"])
         wait_until(lambda: answers(back, 1) == "v2" and answers(front, 1) == "v2", 30, "the restarted Envoy serving the config in force")
         ready = stack.events("inprocess_ready")
+        applied = stack.events("live_config_snapshot_applied")[-1]["version"]  # the routes step's, before the crash
         assert len(ready) == 2 and ready[-1]["live_version"] == applied, ready
 
         good = yaml.safe_load(yaml.safe_dump(new))
         good["listeners"][0]["routes"] = [cmd_route(1, "v1")]
         t = stack.save(good)
         measure(lambda: answers(front, 1) == "v1", "a change after the restart", t)
-        assert stack.events("live_config_applied")[-1]["listeners_changed"] == ["awesomerpc"]
+        changes = wait_until(lambda: stack.events("live_config_applied")[1:], 5, "the change logged as applied")
+        assert [c["listeners_changed"] for c in changes] == [["awesomerpc"]]
         assert stack.events("workers_slow_to_apply_config") == [], "the restarted interpreter acked the change"
         assert stack.procs["bridge"].poll() is None
     finally:
