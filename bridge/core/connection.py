@@ -34,7 +34,6 @@ from metabridge.core.tunnels import (
     ConnectionDraining,
     ConnectionLost,
     TunnelClosed,
-    TunnelData,
     TunnelFailed,
     TunnelOpened,
     TunnelState,
@@ -136,10 +135,10 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._in_event = True
         try:
             for ev in self.upstream.receive(data) if data else ():
-                if type(ev) is TunnelData:
-                    link = ev.tunnel.owner
+                if type(ev) is tuple:  # (tunnel, data): a tunnel's bytes
+                    link = ev[0].owner
                     if not link.dropped:  # e.g. reset for a bad response earlier in this batch
-                        self._on_tunnel_data(link, ev.data)
+                        self._on_tunnel_data(link, ev[1])
                 elif type(ev) is TunnelOpened:
                     self._on_tunnel_opened(ev.tunnel.owner)
                 elif type(ev) is TunnelFailed:

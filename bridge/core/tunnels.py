@@ -56,12 +56,6 @@ class TunnelOpened:
 
 
 @dataclass(slots=True)
-class TunnelData:
-    tunnel: Tunnel
-    data: bytes
-
-
-@dataclass(slots=True)
 class TunnelFailed:
     """Envoy answered the CONNECT with a non-200 status (no tunnel was made)."""
 
@@ -171,7 +165,9 @@ class Upstream(Http2Connection):
             self.forget(tunnel)
 
     def receive(self, data: bytes) -> list:
-        """Feed HCM's bytes; returns tunnel events (TunnelOpened/Data/Failed/Closed, ConnectionLost)."""
+        """Feed HCM's bytes; returns tunnel events: TunnelOpened/Failed/Closed, ConnectionDraining,
+        ConnectionLost, and for a tunnel's bytes a ``(tunnel, data)`` tuple (one per response: a
+        tuple costs a small part of what making a class instance does)."""
         events = self._events = []
         try:
             self.feed(data)
@@ -217,7 +213,7 @@ class Upstream(Http2Connection):
                 self.forget(tunnel)
             return
         if data and tunnel.state is _OPEN:
-            self._events.append(TunnelData(tunnel, data))
+            self._events.append((tunnel, data))
         if end_stream and tunnel.state is not _CLOSED:
             self._ended(tunnel, "upstream closed the connection", reset=False)
 
