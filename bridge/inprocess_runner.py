@@ -33,22 +33,24 @@ log = logging.getLogger("metabridge.runner")
 _RELOAD_TIMEOUT = 30.0
 
 
-def reload_inside_envoy(config: Config) -> bool:
-    """Ask the module inside Envoy to reload the config file (its admin endpoint's POST /reload)."""
+def ask_inside_envoy(config: Config, action: str) -> bool:
+    """POST /<action> to the admin endpoint inside Envoy (``reload``: re-read the config file;
+    ``reopen_logs``: access logs reopen their files): how a signal to `metabridge run` reaches
+    the module, since Envoy keeps its own signals."""
     if config.metrics_port is None:
-        event(log, logging.WARNING, "reload_needs_admin", hint="in-process reloads go through bridge.metrics_port's POST /reload: set bridge.metrics_port")
+        event(log, logging.WARNING, f"{action}_needs_admin", hint=f"in-process, {action} goes through bridge.metrics_port's POST /{action}: set bridge.metrics_port")
         return False
     host = config.metrics_address.strip("[]")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard bind answers on loopback
-    url = f"http://{f'[{host}]' if ':' in host else host}:{config.metrics_port}/reload"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.metrics_port}/{action}"
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=_RELOAD_TIMEOUT) as reply:
-            event(log, logging.INFO, "reload_applied", detail=reply.read().decode(errors="replace").strip())
+            event(log, logging.INFO, f"{action}_applied", detail=reply.read().decode(errors="replace").strip())
             return True
     except urllib.error.HTTPError as exc:
-        event(log, logging.ERROR, "reload_refused", detail=exc.read().decode(errors="replace").strip())
+        event(log, logging.ERROR, f"{action}_refused", detail=exc.read().decode(errors="replace").strip())
     except OSError as exc:
-        event(log, logging.ERROR, "reload_unanswered", url=url, error=str(exc))
+        event(log, logging.ERROR, f"{action}_unanswered", url=url, error=str(exc))
     return False
 
 
@@ -88,6 +90,10 @@ def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = N
     if not with_envoy:
         event(log, logging.ERROR, "inprocess_needs_envoy", hint="bridge.mode inprocess runs inside Envoy: run with --with-envoy")
         return 2
+    # What the interpreter inside Envoy will build, built here first: a codec or filter that does
+    # not load is then refused before Envoy starts (CodecLoadError / ConfigError, exit 2), as a
+    # bridge process refuses it, rather than as a listener Envoy rejects and goes on without.
+    live.check(config)
     env = envoy_config.inprocess_environment()
     # The level `metabridge --log-level` set (else the config's), for the core inside Envoy too.
     env["METABRIDGE_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
@@ -108,7 +114,7 @@ async def _main(config: Config, env: dict[str, str], envoy_bin: str | None, envo
             if source is None:
                 envoy = EnvoySupervisor(config, [], envoy_bin, envoy_log_level, envoy_config.render_inprocess_yaml(config), dynamic=False, env=env)
                 # Off the loop: the reload may take a while, and Envoy is watched meanwhile.
-                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(asyncio.to_thread(reload_inside_envoy, config)))
+                loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(asyncio.to_thread(ask_inside_envoy, config, "reload")))
             else:
                 snapshots = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="metabridge-live-")))
                 if xds_dir is None:
@@ -122,6 +128,8 @@ async def _main(config: Config, env: dict[str, str], envoy_bin: str | None, envo
                 loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(live_config.reload(force=True)))
                 watchers.append(asyncio.ensure_future(live_config.run()))
                 event(log, logging.INFO, "live_config_watching", files=[str(p) for p in source.files()][:20], xds_dir=str(xds_dir), mode="inprocess")
+            # SIGUSR1: the access logs inside Envoy reopen their files, as a bridge process's do.
+            loop.add_signal_handler(signal.SIGUSR1, lambda: asyncio.ensure_future(asyncio.to_thread(ask_inside_envoy, config, "reopen_logs")))
             envoy.start()
             watchers.append(asyncio.ensure_future(envoy.watch()))
             return await until_stopped(stop, watchers)

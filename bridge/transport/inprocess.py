@@ -341,6 +341,14 @@ class InprocessAdmin(LocalAdmin):
                 return False, "the config's filters did not load (see the log); the old routes stay"
         return True, path
 
+    def reopen_logs(self) -> tuple[bool, str]:
+        """What SIGUSR1 does to a bridge process: every access log reopens its file before its
+        next write (after a rotation)."""
+        from metabridge.filters import access_log
+
+        access_log.reopen_files()
+        return True, "access logs reopen their files"
+
     def answer(self, command: str) -> dict:
         """The runner's commands on the control socket (live config), and LocalAdmin's."""
         if command == "apply" and self._live_dir is not None:

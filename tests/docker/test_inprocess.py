@@ -105,7 +105,7 @@ def _broken_configs() -> dict[str, tuple[str, str]]:
     return {
         # Refused when `metabridge run` loads it, before Envoy starts.
         "unknown-cluster": (unknown_cluster, "unknown cluster 'thrift-v3'"),
-        # Loads, but its codec does not: the core inside Envoy refuses it, Envoy cannot start.
+        # Loads, but its codec does not: `metabridge run` refuses it before Envoy starts.
         "codec-does-not-load": (missing_codec, "has no attribute 'NoSuchCodec'"),
     }
 

@@ -109,6 +109,28 @@ def test_module_failure_at_start_up_is_reported(tmp_path):
     assert "new_filter_config" in output and "missing.py" in output
 
 
+@pytest.mark.parametrize("watch", [True, False], ids=["live", "no-watch"])
+def test_run_refuses_a_codec_that_does_not_load_before_envoy_starts(tmp_path, watch):
+    """`metabridge run --with-envoy` builds what the interpreter inside Envoy will build first:
+    a codec that does not load exits 2 with the config's error, live or not, and no Envoy is
+    left running with its listener rejected."""
+    import sys
+
+    port = free_port()
+    cfg = awesomerpc_config(port, {"v1": free_port()}, [cmd_route(1, "v1")])
+    cfg["codecs"]["awesomerpc"]["ref"] = str(REPO / "codecs/awesomerpc.py") + ":NoSuchCodec"
+    cfg["bridge"] = {"mode": "inprocess"}
+    cfg["envoy"] = {"admin_port": free_port()}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    command = [sys.executable, "-m", "metabridge.cli", "run", "-c", str(path), "--with-envoy", *([] if watch else ["--no-watch"])]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "codecs.awesomerpc.ref" in result.stderr and "has no attribute 'NoSuchCodec'" in result.stderr
+    assert "envoy_started" not in result.stdout + result.stderr
+    assert not port_open(port)
+
+
 def test_missing_module_is_a_clear_error(tmp_path, monkeypatch):
     """Without the built module, rendering for inprocess mode says how to build it."""
     monkeypatch.setattr(native_build, "LIBRARY", Path(tmp_path) / "libmetabridge.so")

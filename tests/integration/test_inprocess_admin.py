@@ -190,3 +190,41 @@ def test_post_reload_gives_new_connections_a_changed_codec_and_refuses_a_broken_
         assert [r.rsp_code for r in after] == [444, 0], "the last good codec serves on"
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["live", "no-watch"])
+def test_sigusr1_to_metabridge_run_reopens_the_access_log_inside_envoy(tmp_path, watch):
+    """Rotation in-process: rename the access log, send SIGUSR1 to `metabridge run`; it reaches the
+    writer inside Envoy as POST /reopen_logs, and the next lines go to a new file at the path."""
+    import os
+    import signal
+    import sys
+
+    path, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    ports = {"v1": free_port()}
+    cfg = awesomerpc_config(free_port(), ports, [cmd_route(1, "v1")], filters=[{"name": "access_log", "config": {"path": str(path), "flush_interval": "50ms"}}])
+    s = InProcessStack(tmp_path, cfg, ports)
+    cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
+    s.config_path.write_text(yaml.safe_dump(cfg))
+    port, metrics = cfg["listeners"][0]["port"], cfg["bridge"]["metrics_port"]
+    s.start_backend("v1", ports["v1"])
+
+    def lines(p) -> int:
+        return len(p.read_text().splitlines()) if p.exists() else 0
+
+    try:
+        runner = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy", *([] if watch else ["--no-watch"])])
+        wait_until(lambda: port_open(port) and port_open(metrics), 30, "listener and admin endpoint", runner)
+        assert [r.body for r in run_async(calls(port, [1, 1, 1]))] == [b"v1|m"] * 3
+        wait_until(lambda: lines(path) == 3, 10, "three access log lines")
+        os.rename(path, rotated)
+        runner.send_signal(signal.SIGUSR1)
+        wait_until(lambda: '"reopen_logs_applied"' in s.log("run"), 20, "the reopen through SIGUSR1", runner)
+        assert [r.body for r in run_async(calls(port, [1, 1]))] == [b"v1|m"] * 2
+        wait_until(lambda: lines(path) == 2, 10, "the new lines in a new file at the path")
+        assert lines(rotated) == 3, "the renamed file keeps the lines before rotation, and only those"
+        assert runner.poll() is None  # SIGUSR1 did not stop the runner or its Envoy
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=20) == 0
+    finally:
+        s.stop()

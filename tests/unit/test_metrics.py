@@ -203,6 +203,13 @@ def test_admin_endpoints_over_http_and_a_workers_socket(tmp_path):
             raise AssertionError("/ready answered 200 while stopping")
         except urllib.error.HTTPError as exc:
             assert exc.code == 503
+        # POST actions exist only where the admin has them (in-process: Envoy owns the signals).
+        for path in ("/reload", "/reopen_logs", "/nothing"):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=b"", method="POST"), timeout=5)
+                raise AssertionError(f"POST {path} answered 200 on a bridge process's admin")
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 404
     finally:
         for running in (http, worker, supervisor):
             running.shutdown()
