@@ -27,7 +27,7 @@ import struct
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from metabridge.sdk.codec import Codec, CodecError, DecodeStatus, Direction, Error, ErrorType, Metadata, MessageType, ResponseStatus, take_frame
+from metabridge.sdk.codec import Codec, CodecError, DecodeStatus, Direction, Error, ErrorType, Headers, Metadata, MessageType, ResponseStatus, take_frame
 
 HEADER = struct.Struct("!BIIhh")
 """version u8, flow u32, len u32, cmd i16, rsp_code i16: the whole header, 13 bytes."""
@@ -76,9 +76,11 @@ class AwesomeRpcCodec(Codec):
 
     name = "awesomerpc"
     has_request_id = True
+    _last_cmd: tuple[int, str, Headers] | None = None  # the last command's number, name and headers
 
     def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
-        if len(buffer) < HEADER_SIZE:
+        available = len(buffer)
+        if available < HEADER_SIZE:
             return _WAIT
         version, flow, length, cmd, rsp_code = HEADER.unpack_from(buffer)
         if length < HEADER_SIZE:
@@ -86,9 +88,13 @@ class AwesomeRpcCodec(Codec):
         # Refuse an oversized frame now, before buffering a body we would throw away.
         if length > self.max_frame_size:
             self.check_frame_size(length)
-        if len(buffer) < length:
+        if available < length:
             return _WAIT
-        frame = take_frame(buffer, length)
+        if available == length:  # the usual read, one whole frame: take_frame's first case, inline
+            frame = bytes(buffer)
+            buffer.clear()
+        else:
+            frame = take_frame(buffer, length)
 
         if cmd == HEARTBEAT_CMD:
             metadata.message_type = _HEARTBEAT
@@ -96,11 +102,15 @@ class AwesomeRpcCodec(Codec):
             metadata.message_type = _RESPONSE if self.direction is _RESPONSE_DIRECTION else _REQUEST
         metadata.request_id = flow
         metadata.response_status = _OK if rsp_code == 0 else _ERROR
-        metadata.operation_name = f"cmd{cmd}"
+        # A connection sends the same command over and over: its name and headers are made once.
+        named = self._last_cmd
+        if named is None or named[0] != cmd:
+            named = self._last_cmd = (cmd, f"cmd{cmd}", Headers({"cmd": str(cmd)}))
+        metadata.operation_name = named[1]
         metadata.header_size = HEADER_SIZE
         metadata.body_size = length - HEADER_SIZE
         metadata.frame = frame
-        metadata.headers["cmd"] = str(cmd)
+        metadata.headers.update_from(named[2])
         metadata.properties = {"version": version, "cmd": cmd, "rsp_code": rsp_code}
         return _DONE
 

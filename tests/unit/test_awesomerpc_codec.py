@@ -230,3 +230,16 @@ def test_cmd_mutation_property(fields, new_cmd):
     assert mutated.properties == {"version": version, "cmd": new_cmd, "rsp_code": rsp_code}
     assert mutated.request_id == flow
     assert mutated.frame[13:] == body
+
+
+@given(st.lists(st.integers(min_value=-0x8000, max_value=0x7FFF), min_size=1, max_size=6))
+def test_a_connection_decodes_repeated_commands_as_a_fresh_codec_would(cmds):
+    """One codec per connection remembers its last command's name and headers: every message
+    still gets what a fresh codec gives it, in headers of its own."""
+    connection = AwesomeRpcCodec()
+    for flow, cmd in enumerate(cmds + cmds):
+        frame = encode_frame(flow, cmd, b"body")
+        _, reused, _ = decode_one(frame, connection)
+        _, fresh, _ = decode_one(frame)
+        assert (dict(reused.headers), reused.operation_name, reused.properties) == (dict(fresh.headers), fresh.operation_name, fresh.properties)
+        reused.headers["cmd"] = "changed"  # a filter's change stays with its message
