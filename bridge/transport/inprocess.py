@@ -101,7 +101,10 @@ class TimerThread:
                 _, _, ref = heapq.heappop(heap)
             session = ref()
             if session is not None:
-                session.post()
+                try:
+                    session.post()
+                except Exception as exc:  # noqa: BLE001 - this thread serves every connection's timers
+                    failure(log, "inprocess_timer_post_failed", exc, handle=session.handle)
 
 
 _TIMERS = TimerThread()

@@ -3,6 +3,7 @@ asks of Envoy. Containment of the transport's own failures, timers through the t
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 
@@ -42,7 +43,10 @@ class FakeNative:
 def native(monkeypatch):
     fake = FakeNative()
     monkeypatch.setattr(inprocess, "native", fake)
-    return fake
+    yield fake
+    # A test's sessions may still have timers pending: collect them (they are in cycles) while
+    # the fake is in place, so the timer thread does not post them to the real module later.
+    gc.collect()
 
 
 def factory(**options) -> inprocess.FilterFactory:
@@ -70,6 +74,17 @@ def test_a_transport_failure_is_contained_logged_once_and_counted(native, caplog
     assert [r.getMessage() for r in caplog.records].count("inprocess_transport_error") == 1
     assert ("close", 1, False) in native.calls and ("close", 2, False) in native.calls
     assert [c for c in native.calls if c[0] == "count_error"] == [("count_error", 1), ("count_error", 2)]  # Envoy's counter
+
+
+def test_a_failing_post_leaves_the_timer_thread_serving_the_others(native, caplog, monkeypatch):
+    schedule = native.schedule
+    monkeypatch.setattr(native, "schedule", lambda handle: 1 / 0 if handle == 4 else schedule(handle))
+    with caplog.at_level(logging.ERROR, logger="metabridge.inprocess"):
+        broken = factory(idle_timeout=0.02).new_connection(4)
+        healthy = factory(idle_timeout=0.1).new_connection(5)
+        assert native.scheduled.wait(5), "the timer thread stopped at the failing post"
+    assert ("schedule", 5) in native.calls and broken is not None and healthy is not None
+    assert [r.getMessage() for r in caplog.records] == ["inprocess_timer_post_failed"]
 
 
 def test_a_timer_posts_an_event_and_runs_on_scheduled(native):
