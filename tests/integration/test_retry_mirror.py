@@ -12,9 +12,11 @@ reload reloads with SIGHUP, in-process with POST /reload.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -88,6 +90,13 @@ async def calls(s: Stack, n: int, concurrency: int = 10):
         return replies
 
 
+def mirror_counters(s: Stack) -> dict[str, float]:
+    """The core's mirror counters (sent, response, failed), for a failure's message."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {name: float(value) for name, value in re.findall(r"^metabridge_(mirror_\w+)_total\{[^}]*\} (\S+)$", text, re.M)}
+
+
 def all_from_good(replies) -> bool:
     return all(r.rsp_code == 0 and r.body.startswith(b"good|") for r in replies)
 
@@ -148,7 +157,7 @@ def test_a_mirror_gets_copies_and_its_answers_are_dropped(stacks):
     assert len(replies) == 40 and all_from_good(replies), "the client sees only the primary's answers"
     # The shadow read every copy and answered it: Envoy counted bytes both ways on its tunnels.
     # The client's replies do not wait for the mirror's, so its last answers may still be on the way.
-    wait_until(lambda: s.envoy_stat("cluster.shadow.upstream_cx_rx_bytes_total") >= 40 * 13, 10, "the shadow's answers to all 40 copies")
+    wait_until(lambda: s.envoy_stat("cluster.shadow.upstream_cx_rx_bytes_total") >= 40 * 13, 10, f"the shadow's answers to all 40 copies ({mirror_counters(s)})")
 
 
 @pytest.mark.parametrize("mode", MODES)
