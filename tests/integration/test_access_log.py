@@ -5,7 +5,7 @@ the new file gets the new lines) with two worker processes sharing one file.
 The lines' fields and the format string run in both bridge modes (ext_proc and inprocess, where
 the writer's thread runs inside Envoy and standard output is Envoy's). What does not apply
 in-process:
-- rotation with two workers: it needs bridge worker processes (bridge.workers) and SIGUSR1 to the bridge process (in-process nothing passes a reopen on to the core: Envoy owns SIGUSR1).
+- rotation with two workers: it needs bridge worker processes (bridge.workers) and SIGUSR1 to the bridge process; in-process a rotation is POST /reopen_logs or SIGUSR1 to `metabridge run` (test_inprocess_admin.py).
 - SIGUSR1 to a bridge without an access log file: a signal to the bridge process (Envoy owns its signals in-process).
 """
 

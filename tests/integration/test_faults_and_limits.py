@@ -263,8 +263,16 @@ class FaultProxy:
 @pytest.fixture(scope="module", params=MODES)
 def proxy(tmp_path_factory, request):
     blackhole, sink = SilentBackend(read=False), SilentBackend(read=True)
-    v1_port, metrics_port = free_port(), free_port()
-    ports = {name: free_port() for name in ("broken", "slow", "big")}
+    taken: set[int] = set()
+
+    def distinct_port() -> int:  # free_port() may hand out a port twice; one stack needs five
+        while (port := free_port()) in taken:
+            pass
+        taken.add(port)
+        return port
+
+    v1_port, metrics_port = distinct_port(), distinct_port()
+    ports = {name: distinct_port() for name in ("broken", "slow", "big")}
 
     def listener(name: str, codec: str, routes: list[dict], **options) -> dict:
         return {"name": name, "address": "127.0.0.1", "port": ports[name], "codec": codec, "routes": routes, **options}
@@ -523,12 +531,17 @@ def test_upstream_that_reads_but_never_answers_does_not_pin_request_bytes(proxy)
         # The healthy client's call may be in flight too.
         wait_until(lambda: proxy.metric("request_active", "big") in (n, n + 1), 5, f"{n} requests in flight")
         in_flight = proxy.memory()
+        # With every one of them pinned in flight, the healthy client goes on being answered (the
+        # writes alone take a tenth of a second in-process: too short a window to count on).
+        answered_then = len(healthy.ok)
+        wait_until(lambda: len(healthy.ok) >= answered_then + 5 or healthy.failures, 5, f"five healthy calls with all {n} requests in flight")
         sock.close()
         wait_until(lambda: proxy.metric("request_active", "big") <= 1, 5, "the closed connection's requests freed")
-        healthy_during = healthy.ok_between(started, time.monotonic())
+        ended = time.monotonic()
+        healthy_during = healthy.ok_between(started, ended)
     peak = max(peak, in_flight["VmRSS"], in_flight["VmHWM"] if resettable else 0)
     growth = peak - before["VmRSS"]
-    print(f"\nread but never answered: {n} x 1 MiB forwarded and waiting; bridge RSS {before['VmRSS'] / MiB:.0f} MiB -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f} MiB), {in_flight['VmRSS'] / MiB:.0f} MiB with all {n} waiting; {healthy_during} healthy calls meanwhile")
+    print(f"\nread but never answered: {n} x 1 MiB forwarded and waiting; bridge RSS {before['VmRSS'] / MiB:.0f} MiB -> peak {peak / MiB:.0f} MiB (+{growth / MiB:.1f} MiB), {in_flight['VmRSS'] / MiB:.0f} MiB with all {n} waiting; {healthy_during} healthy calls in the {ended - started:.2f}s")
     assert sink.bytes_read - base >= n * MiB
     assert growth < 40 * MiB, f"the bridge grew by {growth / MiB:.1f} MiB while {n} forwarded requests of 1 MiB waited for their responses"
     assert healthy_during >= 5

@@ -111,7 +111,7 @@ def test_metrics_carry_listener_route_and_cluster_and_the_admin_endpoints_answer
         raw["listeners"][0]["routes"] = [cmd_route(1, "v2")]
         stack.config_path.write_text(yaml.safe_dump(raw))
         posted = reload(stack, stack.metrics_port)
-        assert posted is None or (posted[0] == 200 and posted[1].startswith("reloaded")), posted
+        assert posted is None or posted[0] == 200, posted
 
         def reloaded():
             routes = json.load(get(stack.metrics_port, "/routes"))["listeners"]["awesomerpc"]["routes"]
