@@ -14,6 +14,8 @@ connection may come back out of order. Special commands, for failure tests:
     cmd 98  delay: the body is an ASCII integer of milliseconds; sleep that long, then answer as
             usual. Other requests on the connection are served meanwhile. A body that is not a
             non-negative integer is answered at once with rsp_code 400 and a message body.
+            The backend logs ``cmd 98 flow <flow> from <peer>: answering in <ms> ms`` when the
+            request arrives, so a test can wait until a slow request has reached it.
     cmd 99  drop: close the connection at once, without answering this or any in-flight request.
 
 Bytes that are not awesomerpc (e.g. a len below 13) close the connection.
@@ -97,6 +99,7 @@ class _Connection:
             except ValueError:
                 message = f"cmd {DELAY_CMD} wants a body of ASCII milliseconds (a non-negative integer), got {body[:32]!r}"
                 return encode_frame(flow, cmd, message.encode(), rsp_code=BAD_REQUEST)
+            log.info("cmd %d flow %d from %s: answering in %d ms", DELAY_CMD, flow, self.peer, delay_ms)
             await asyncio.sleep(delay_ms / 1000)
         if self.delay:
             await asyncio.sleep(self.delay)

@@ -1,9 +1,12 @@
 """An awesomerpc codec whose decode blocks (time.sleep) for cmd 55: what a codec stuck in a
-blocking call costs the connections beside it (tests/integration/test_inprocess.py)."""
+blocking call costs the connections beside it (tests/integration/test_inprocess.py). Before it
+blocks it writes BLOCKING_LINE to stderr (the bridge's log; in-process, Envoy's), so a test can
+wait until the frame has reached the codec."""
 
 from __future__ import annotations
 
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ AwesomeRpcCodec = load_codec_class("codecs/awesomerpc.py:AwesomeRpcCodec", _REPO
 
 BLOCKING_CMD = 55
 BLOCK_SECONDS = 1.0
+BLOCKING_LINE = "blocking_codec: decode blocks"
 _CMD = struct.Struct("!h")
 _CMD_OFFSET = 9
 
@@ -22,5 +26,7 @@ _CMD_OFFSET = 9
 class BlockingAwesomeRpcCodec(AwesomeRpcCodec):
     def decode(self, buffer: bytearray, metadata: Metadata) -> DecodeStatus:
         if len(buffer) >= _CMD_OFFSET + 2 and _CMD.unpack_from(buffer, _CMD_OFFSET)[0] == BLOCKING_CMD:
+            sys.stderr.write(f"{BLOCKING_LINE} for {BLOCK_SECONDS}s\n")
+            sys.stderr.flush()
             time.sleep(BLOCK_SECONDS)
         return super().decode(buffer, metadata)

@@ -23,6 +23,7 @@ from examples.awesomerpc.client import AwesomeRpcClient, ConnectionClosed, encod
 from examples.awesomerpc.protocol import ERROR_CODES
 from metabridge.sdk.codec import ErrorType
 from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, port_open, read_until_closed, run_async, stack_class, wait_until
+from tests.integration.waits import slow_requests_received, until
 
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
 CMD_CLOSE = 99  # the example backend closes the connection without answering
@@ -165,7 +166,8 @@ def test_backend_closing_mid_request_gets_error_reply(stack):
     async def main():
         async with await connect(s) as c:
             slow = asyncio.ensure_future(c.call(CMD_SLOW, b"2000"))
-            await asyncio.sleep(0.2)
+            # The slow request is at the backend, so the close drops it too.
+            await until(lambda: slow_requests_received(s, "v1", 2000), 10, "the slow request at v1")
             closing = await c.call(CMD_CLOSE, b"")
             slow_reply = await slow
             after = await c.call(1, b"again")  # a new tunnel is opened
@@ -306,7 +308,7 @@ def test_client_half_close_ends_connection_and_frees_state(stack):
     s = stack(DEFAULT_ROUTES)
     sock = _raw_connection(s)
     sock.sendall(encode_frame(7, CMD_SLOW, b"1000"))
-    time.sleep(0.3)  # the request is in flight on a tunnel
+    wait_until(lambda: slow_requests_received(s, "v1", 1000), 10, "the request in flight at v1 (on a tunnel)")
     sock.shutdown(socket.SHUT_WR)
     data = read_until_closed(sock)
     sock.close()
@@ -346,10 +348,11 @@ def test_circuit_breaker_queue_and_overflow(stack):
     async def main():
         first = await connect(s)
         hold = asyncio.ensure_future(first.call(CMD_SLOW, b"3000"))  # keeps the only connection
-        await asyncio.sleep(0.3)
+        await until(lambda: slow_requests_received(s, "v1", 3000), 10, "the first request at v1 (on the only connection)")
+        assert s.envoy_stat("cluster.v1.upstream_cx_active") == 1
         second, third = await connect(s), await connect(s)
         queued = asyncio.ensure_future(second.call(1, b"queued"))
-        await asyncio.sleep(0.1)
+        await until(lambda: s.envoy_stat("cluster.v1.upstream_rq_pending_active") == 1, 10, "the second tunnel queued in Envoy")
         overflow = await third.call(1, b"overflow")
         queued_reply = await queued
         for c in (first, second, third):

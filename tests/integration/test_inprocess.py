@@ -36,8 +36,9 @@ from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.config import bootstrap as envoy_config
 from metabridge.config.model import load
 from metabridge.native import build as native_build
-from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD
+from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD, BLOCKING_LINE
 from tests.integration.harness import MODES, REPO, InProcessStack, Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, stack_class, wait_until
+from tests.integration.waits import until
 
 ROUTES = [cmd_route(1, "v1"), cmd_route(2, "v2"), cmd_route(BLOCKING_CMD, "v1")]
 
@@ -83,7 +84,7 @@ def test_blocking_codec_stalls_its_worker_but_loses_nothing(make, mode):
         async with await connect(s) as a, await connect(s) as b:
             assert (await b.call(1, b"warm")).body == b"v1|warm"
             blocked = asyncio.ensure_future(a.call(BLOCKING_CMD, b"slow", timeout=10))
-            await asyncio.sleep(0.1)  # let the blocking frame reach the codec first
+            await until(lambda: BLOCKING_LINE in s.log("bridge"), 10, "the blocking frame at the codec")
             started = time.monotonic()
             other = await b.call(2, b"beside", timeout=10)
             return await blocked, other, time.monotonic() - started

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -23,6 +22,7 @@ import yaml
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.config.model import load
 from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, port_open, stack_class, wait_until
+from tests.integration.waits import until
 
 
 def make_stack(tmp_path, routes, mode: str = "ext_proc", **bridge) -> Stack:
@@ -82,14 +82,14 @@ def test_sighup_reloads_routes_without_dropping_connections(tmp_path):
                 good = stack.config_path.read_text()
                 stack.config_path.write_text("listeners: [")
                 stack.procs["bridge"].send_signal(signal.SIGHUP)
-                await asyncio.sleep(0.5)
+                await until(lambda: "reload_failed_keeping_old_routes" in stack.log("bridge"), 10, "the broken config refused")
                 still = await c.call(1, b"b")
                 # Now point cmd 1 at v2: the same connection follows the new route.
                 raw = yaml.safe_load(good)
                 raw["listeners"][0]["routes"] = [cmd_route(1, "v2")]
                 stack.config_path.write_text(yaml.safe_dump(raw))
                 stack.procs["bridge"].send_signal(signal.SIGHUP)
-                await asyncio.sleep(0.5)
+                await until(lambda: "routes_reloaded" in stack.log("bridge"), 10, "the new routes loaded")
                 after = await c.call(1, b"c")
                 return before, still, after, c.closed
 
@@ -133,7 +133,9 @@ def test_worker_processes_share_the_connections(tmp_path):
         wait_until(lambda: len(re.findall(r'"worker_started"', stack.log("bridge"))) == 3, 15, "worker restart")
         worker0 = load(stack.config_path).worker_addresses()[0]
         wait_until(lambda: subprocess.run([sys.executable, "-m", "metabridge.cli", "health", "--address", worker0], capture_output=True).returncode == 0, 15, "restarted worker")
-        time.sleep(1.5)  # Envoy's next health check of the bridge cluster sees it again
+        # Envoy's view: its health check of the bridge cluster sees both workers serving again (a
+        # check that failed while the worker was down happened before the one above passed).
+        wait_until(lambda: stack.envoy_stat("cluster.metabridge_bridge.membership_healthy") == 2, 15, "both bridge workers healthy in Envoy")
         assert asyncio.run(many(4, first=0)) == [b"v1|w", b"v2|w"] * 2
     finally:
         stack.stop()
