@@ -7,16 +7,15 @@
 
 ``hold`` (optional) keeps a refused request waiting that long before the error reply, without
 blocking anything else: it shows how a filter pauses a request (returns STOP) and finishes it
-later from a timer. See docs/writing-a-filter.md.
+later from a timer, set with the SDK's ``call_later``, which works in both bridge modes (ext_proc
+and inprocess, where no asyncio loop runs). See docs/writing-a-filter.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-
 from metabridge.config.model import parse_duration
 from metabridge.sdk.codec import ErrorType
-from metabridge.sdk.filter import Filter, FilterStatus
+from metabridge.sdk.filter import Filter, FilterStatus, call_later
 
 
 class DenyFilter(Filter):
@@ -38,6 +37,7 @@ class DenyFilter(Filter):
         if not self.hold:
             request.local_reply(self.error, message)
             return FilterStatus.STOP
-        # Pause: the event loop goes on serving other requests; the reply comes later.
-        asyncio.get_running_loop().call_later(self.hold, request.local_reply, self.error, message)
+        # Pause: the connection goes on serving other requests; the reply comes later, from a
+        # timer on the request's connection clock (asyncio's loop exists only in ext_proc mode).
+        call_later(request, self.hold, request.local_reply, self.error, message)
         return FilterStatus.STOP

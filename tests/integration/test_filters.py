@@ -1,7 +1,6 @@
 """Listener filter chains through a real Envoy and the bridge: the example deny filter as
 examples/filters.yaml configures it, and a broken filter whose exceptions cost only their own
-request. The broken filter's test runs in both bridge modes (ext_proc and inprocess); the deny
-filter's runs in ext_proc only, until the example filter's hold works in-process (below)."""
+request. Both run in both bridge modes (ext_proc and inprocess)."""
 
 from __future__ import annotations
 
@@ -37,10 +36,7 @@ def run(coro):
     return run_async(coro, 30)
 
 
-# in-process: the deny filter's hold fails with "RuntimeError: no running event loop" (filter_error,
-# UNSPECIFIED instead of OVER_LIMIT): examples/filters/deny.py schedules the reply with
-# asyncio.get_running_loop().call_later, and no asyncio loop runs on Envoy's workers; the fix is
-# metabridge.sdk.filter.call_later (the connection's clock) in the example and its docs.
+@pytest.mark.parametrize("mode", MODES)
 def test_the_example_deny_filter_holds_then_refuses_and_others_pass(filters_stack):
     async def main():
         async with await AwesomeRpcClient.connect("127.0.0.1", filters_stack.listen_port) as c:

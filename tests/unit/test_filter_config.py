@@ -41,7 +41,7 @@ def _with_filters(filters) -> dict:
     [
         ([{"name": "nonesuch"}], "unknown filter 'nonesuch'"),
         ([{"name": "deny", "ref": "filters/deny.py:DenyFilter", "config": {}}], "rejects its config: KeyError"),
-        ([{"name": "deny", "ref": "filters/deny.py:asyncio"}], "expected a subclass of metabridge.sdk.filter.Filter"),
+        ([{"name": "deny", "ref": "filters/deny.py:parse_duration"}], "expected a subclass of metabridge.sdk.filter.Filter"),
         ([{"name": "deny", "ref": "filters/missing.py:X"}], "no such file or folder"),
     ],
 )
