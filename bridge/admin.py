@@ -34,8 +34,9 @@ from metabridge.metrics import BridgeCollector, MergedCollector, families_snapsh
 log = logging.getLogger("metabridge.admin")
 
 ENDPOINTS = ("/ready", "/metrics", "/config_dump", "/routes")
-# POST path -> the admin method that carries it out, where the admin has one.
-_POST_ACTIONS = {"/reload": "reload", "/reopen_logs": "reopen_logs"}
+# POST path -> the admin method that carries it out, where the admin has one, and the word its
+# answer starts with when it did.
+_POST_ACTIONS = {"/reload": ("reload", "reloaded"), "/reopen_logs": ("reopen_logs", "reopened")}
 REDACTED = "<redacted>"
 # Codec options and filter config keys whose values /config_dump hides: a name containing one
 # of these words (api_key, password, auth_token, client_secret, credentials, ...).
@@ -229,7 +230,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         # Only an admin that has the action (in-process, where Envoy owns the signals, so SIGHUP
         # and SIGUSR1 cannot reach the module): POST /reload and POST /reopen_logs.
-        name = _POST_ACTIONS.get(self.path.split("?", 1)[0])
+        name, done = _POST_ACTIONS.get(self.path.split("?", 1)[0], (None, None))
         action = getattr(self.server.admin, name, None) if name else None
         if action is None:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
@@ -238,7 +239,7 @@ class _AdminHandler(BaseHTTPRequestHandler):
             ok, detail = action()
         except Exception as exc:  # noqa: BLE001 - a failed action must not take the admin server down
             ok, detail = False, f"{type(exc).__name__}: {exc}"
-        self._send(200 if ok else 400, "text/plain; charset=utf-8", (("done: " if ok else "refused: ") + detail + "\n").encode())
+        self._send(200 if ok else 400, "text/plain; charset=utf-8", ((f"{done}: " if ok else "refused: ") + detail + "\n").encode())
 
     def _json(self, data: dict) -> None:
         self._send(200, "application/json", json.dumps(data, indent=2).encode() + b"\n")

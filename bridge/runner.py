@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from metabridge import logs
-from metabridge.config.model import Config, ConfigError, load
+from metabridge.config.model import Config, ConfigError
 from metabridge.logs import event
 from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.config import live
@@ -154,7 +154,7 @@ async def _start_bridge(config: Config, address: str, index: int, admin_dir: str
     if live_dir is not None:
         loop.add_signal_handler(signal.SIGHUP, live.apply_snapshot, Path(live_dir), runtimes, index)
     else:
-        loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, config.source)
+        loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, live.ConfigSource.of(config).load, config.source)
     # Every bridge process handles SIGUSR1 (access logs reopen their files), so a rotation's
     # signal never ends a process that has no log file.
     loop.add_signal_handler(signal.SIGUSR1, access_log.reopen_files)
@@ -249,7 +249,7 @@ class WorkerSupervisor:
         """SIGHUP: every worker reloads itself; a worker restarted later starts from the config
         as it is now (one that does not load is refused by each worker, so keep the old)."""
         try:
-            self._config = load(self._config.source)
+            self._config = live.ConfigSource.of(self._config).load()
         except ConfigError:
             pass
         for proc in self._procs.values():

@@ -57,6 +57,13 @@ def build_envoy_filters(
     build_bootstrap's."""
     if side not in CONTEXTS:
         raise EnvoyConfigError(f"Istio side {side!r}: expected one of {', '.join(CONTEXTS)}")
+    if config.mode == "inprocess":
+        # The sidecar is Istio's proxy: it has no metabridge module, interpreter or config file.
+        raise EnvoyConfigError(
+            f"{config.source}: bridge.mode inprocess does not apply with --istio: the sidecar's Envoy would need the"
+            " metabridge module, its Python and the config inside the istio-proxy container; use bridge.mode ext_proc"
+            " (the bridge as a container beside it, docs/istio.md)"
+        )
     ports = [listener.port for listener in config.listeners]
     shared = sorted({p for p in ports if ports.count(p) > 1})
     if shared:

@@ -79,6 +79,13 @@ class ConfigSource:
     config: Path | None = None
     manifests: Path | None = None
 
+    @classmethod
+    def of(cls, config: Config) -> ConfigSource:
+        """Where ``config`` was read from, to read it again (a reload)."""
+        if config.config_file is None and config.manifests is None:
+            raise ConfigError(f"{config.source}: this config was not read from a file, so it cannot be read again")
+        return cls(config.config_file, config.manifests)
+
     def files(self) -> list[Path]:
         found = [self.config] if self.config is not None else []
         if self.manifests is not None:

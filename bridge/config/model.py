@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,10 @@ class Config:
     envoy_concurrency: int = 1
     base_dir: Path = Path(".")
     lines: dict[tuple, int] = field(default_factory=dict, compare=False, repr=False)  # see line_index
+    # What it was read from, to read it again (a reload): the config file (a manifests folder's
+    # base, if any) and the manifests folder; None when it was parsed from memory.
+    config_file: Path | None = field(default=None, compare=False)
+    manifests: Path | None = field(default=None, compare=False)
 
     def at(self, where: str) -> str:
         """What an error about ``where`` ("codecs.x.ref") appends: " (line N)" when the file has it."""
@@ -531,4 +536,4 @@ def load(path: str | Path) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse(raw, str(path), path.parent, line_index(text))
+    return dataclasses.replace(parse(raw, str(path), path.parent, line_index(text)), config_file=path.resolve())

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, RouteConfig, load
+from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, RouteConfig
 from metabridge.core.chain import FilterChain
 from metabridge.core.router import Router
 from metabridge.filters import build_filters
@@ -143,13 +144,13 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
     return runtimes
 
 
-def reload_routes(runtimes: dict[str, ListenerRuntime], path: str) -> None:
-    """Re-read the config file and apply it (SIGHUP; see apply_config). A config that does not
-    load leaves everything as it was."""
+def reload_routes(runtimes: dict[str, ListenerRuntime], reread: Callable[[], Config], what: str) -> None:
+    """Read the config again (``reread``: from its file, or its manifests folder and base) and
+    apply it (SIGHUP; see apply_config). A config that does not load leaves everything as it was."""
     try:
-        config = load(path)
+        config = reread()
     except (ConfigError, OSError) as exc:
-        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
+        event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=what, error=str(exc))
         return
     apply_config(runtimes, config)
 

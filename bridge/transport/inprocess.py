@@ -32,7 +32,7 @@ from pathlib import Path
 
 from metabridge.admin import LocalAdmin, serve_admin, serve_worker_socket, worker_socket
 from metabridge.config import live
-from metabridge.config.model import ConfigError, load
+from metabridge.config.model import ConfigError
 from metabridge.core.connection import Connection
 from metabridge.core.runtime import ListenerRuntime, apply_config, build_runtimes
 from metabridge.logs import event, failure
@@ -335,7 +335,7 @@ class InprocessAdmin(LocalAdmin):
             return False, f"{path} is live config: `metabridge run` applies each saved change itself; send it SIGHUP to apply at once"
         with self._reloading:
             try:
-                config = load(path)
+                config = live.ConfigSource.of(self._config).load()
                 live.check(config)  # codecs and filters load, as live config checks them
             except (ConfigError, CodecLoadError, OSError) as exc:
                 event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
@@ -372,14 +372,15 @@ _ADMINS: dict[str, InprocessAdmin] = {}  # the same key -> its admin (bridge.met
 _LOCK = threading.Lock()
 
 
-def _start(key: str, path: str, live_dir: str | None) -> dict[str, ListenerRuntime]:
-    """The first filter config of ``key``: load the config (live: the runner's snapshot in
-    force, which a restarted Envoy starts from too) and build every listener's runtime."""
+def _start(key: str, source: live.ConfigSource, path: str, live_dir: str | None) -> dict[str, ListenerRuntime]:
+    """The first filter config of ``key``: load the config from ``source`` (live: the runner's
+    snapshot in force, which a restarted Envoy starts from too) and build every listener's
+    runtime. ``path`` names the source in messages."""
     from metabridge import logs
 
     logs.setup(os.environ.get("METABRIDGE_LOG_LEVEL", "info"))
     if live_dir is None:
-        version, config = None, load(path)
+        version, config = None, source.load()
     else:
         try:
             version, config = live.read_snapshot(Path(live_dir))
@@ -401,18 +402,22 @@ def _start(key: str, path: str, live_dir: str | None) -> dict[str, ListenerRunti
 
 
 def new_filter_config(name: bytes, config: bytes) -> FilterFactory:
-    """Envoy's filter config: ``config`` is JSON ``{"config": PATH, "listener": NAME}``, with
+    """Envoy's filter config: ``config`` is JSON ``{"config": FILE, "manifests": DIR, "listener":
+    NAME}`` (either of FILE and DIR may be null: a manifests folder needs no base), with
     ``"live": DIR`` under live config. Raises (and Envoy then refuses the listener) when the
     config or its codecs do not load, or when the listener is not one the core knows: under live
     config the runner gives the in-process side a new listener's runtime before Envoy gets the
     listener, so no connection finds a listener the core does not know."""
     settings = json.loads(config or b"{}")
-    path, listener, live_dir = settings["config"], settings["listener"], settings.get("live")
+    listener, live_dir = settings["listener"], settings.get("live")
+    file, manifests = settings.get("config"), settings.get("manifests")
+    path = f"{file} + {manifests}" if file and manifests else (file or manifests)
     key = live_dir or path
     with _LOCK:
         runtimes = _RUNTIMES.get(key)
         if runtimes is None:
-            runtimes = _start(key, path, live_dir)
+            source = live.ConfigSource(Path(file) if file else None, Path(manifests) if manifests else None)
+            runtimes = _start(key, source, path, live_dir)
     runtime = runtimes.get(listener)
     if runtime is None:
         raise KeyError(f"{path}: no listener {listener!r} (known: {', '.join(sorted(runtimes))})")

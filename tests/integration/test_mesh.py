@@ -2,9 +2,8 @@
 `metabridge render --manifests DIR -c base.yaml` for Envoy's bootstrap and
 `metabridge run --manifests DIR -c base.yaml` for the bridge, in front of real Dubbo and Thrift
 peers (and awesomerpc backends behind a private ApplicationProtocol). Each test shows a
-MetaRouter's weighted split, its canary by attribute and its mirror taking effect.
-
-The three tests run in ext_proc only: they apply in-process, but fail there (below).
+MetaRouter's weighted split, its canary by attribute and its mirror taking effect, in both
+bridge modes (in-process, the module inside Envoy reads the manifests and the base itself).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 import yaml
 
 from metabridge.config import bootstrap as envoy_config
-from tests.integration.harness import REPO, Stack, free_port, port_open, run_async, wait_until
+from tests.integration.harness import MODES, REPO, Stack, free_port, port_open, run_async, wait_until
 from tests.peers.dubbo_peers import call, start_provider
 from tests.peers.thrift_peers import FRAMED_BINARY, EchoServer, client_for
 
@@ -29,17 +28,14 @@ HOST = "127.0.0.1"
 GREETER = "com.example.Greeter"
 
 
-# in-process: a config derived from --manifests cannot run inside Envoy. `metabridge render
-# --manifests DIR -c base.yaml` with bridge.mode inprocess gives the module the config path
-# "base.yaml + DIR" (build_inprocess_bootstrap uses config.source, which names both for
-# manifests), and the module loads its config with load(path), a file, without the manifests;
-# so every test here stays ext_proc-only until the module is given (and loads) the manifests.
 class MeshStack(Stack):
     """A Stack whose listeners, routes and clusters come from a manifests folder; the config
-    file Stack writes (bridge.listen, envoy.admin_port) is their base config."""
+    file Stack writes (bridge.listen, envoy.admin_port, bridge.mode) is their base config.
+    In-process there is no bridge process: Envoy's module reads the manifests and the base."""
 
-    def __init__(self, tmp: Path, manifests: Path, listen_ports: list[int], backends: dict[str, int] | None = None) -> None:
-        super().__init__(tmp, {}, backends)
+    def __init__(self, tmp: Path, manifests: Path, listen_ports: list[int], backends: dict[str, int] | None = None, mode: str = "ext_proc") -> None:
+        super().__init__(tmp, {"bridge": {"mode": mode}}, backends)
+        self.mode = mode
         self.manifests = manifests
         self.listen_ports = listen_ports
 
@@ -47,6 +43,8 @@ class MeshStack(Stack):
         return [sys.executable, "-m", "metabridge.cli", *args, "--manifests", str(self.manifests), "-c", str(self.config_path)]
 
     def start_bridge(self) -> None:
+        if self.mode == "inprocess":
+            return
         proc = self._spawn("bridge", self._metabridge("--log-level", "debug", "run"))
         sock = Path(self.bridge_address[len("unix:"):])
         health = [sys.executable, "-m", "metabridge.cli", "health", "--address", self.bridge_address]
@@ -56,15 +54,20 @@ class MeshStack(Stack):
         bootstrap = self.tmp / "bootstrap.yaml"
         rendered = subprocess.run(self._metabridge("render", "-o", str(bootstrap)), cwd=REPO, capture_output=True, text=True, timeout=60)
         assert rendered.returncode == 0, rendered.stderr
-        proc = self._spawn("envoy", [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"])
+        command = [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"]
+        if self.mode == "inprocess":
+            log_path = self.logs["envoy"] = self.logs["bridge"] = self.tmp / "envoy.log"  # the core logs into Envoy's output
+            proc = self.procs["envoy"] = subprocess.Popen(command, cwd=REPO, env=envoy_config.inprocess_environment(), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        else:
+            proc = self._spawn("envoy", command)
         wait_until(lambda: port_open(self.admin_port) and all(port_open(p) for p in self.listen_ports), 20, "envoy", proc)
 
 
-@pytest.fixture
-def mesh_stack(tmp_path):
+@pytest.fixture(params=MODES)
+def mesh_stack(tmp_path, request):
     """Factory: mesh_stack(documents_by_file, listen_ports, backends=None) writes the manifests
     under tmp and starts example awesomerpc backends ({name: port}), the bridge and Envoy from
-    them; stopped after the test."""
+    them, in each mode; stopped after the test."""
     started: list[MeshStack] = []
 
     def make(files: dict[str, list[dict]], listen_ports: list[int], backends: dict[str, int] | None = None) -> MeshStack:
@@ -72,7 +75,7 @@ def mesh_stack(tmp_path):
         folder.mkdir()
         for name, documents in files.items():
             (folder / name).write_text(yaml.safe_dump_all(documents, sort_keys=False))
-        stack = MeshStack(tmp_path, folder, listen_ports, backends)
+        stack = MeshStack(tmp_path, folder, listen_ports, backends, request.param)
         started.append(stack)
         return stack.start()
 

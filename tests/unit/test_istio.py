@@ -166,3 +166,16 @@ def test_cli_render_istio_writes_the_resources(tmp_path, capsys):
     assert added == [BRIDGE_CLUSTER]
     with pytest.raises(SystemExit, match="do not apply with --istio"):
         main(["render", "-c", str(EXAMPLE), "--istio", "--check"])
+
+
+def test_inprocess_mode_is_refused_with_istio(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["bridge"] = {"mode": "inprocess"}
+    for codec in raw["codecs"].values():
+        codec["ref"] = str((EXAMPLE.parent / codec["ref"].rpartition(":")[0]).resolve()) + ":" + codec["ref"].rpartition(":")[2]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(EnvoyConfigError, match="inprocess does not apply with --istio"):
+        build_envoy_filters(load(path))
+    assert main(["render", "--istio", "-c", str(path)]) == 2
+    assert "use bridge.mode ext_proc" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_the_inprocess_dynamic_bootstrap_has_the_module_on_every_listener_and_no
     for listener, ext_proc in zip(listeners, ext_proc_files[envoy_config.LDS_FILE]["resources"], strict=True):
         names = [f["name"] for f in listener["filter_chains"][0]["filters"]]
         assert names == [MODULE_FILTER, "envoy.filters.network.http_connection_manager"]
-        assert module_settings(listener) == {"config": str(path), "listener": listener["name"], "live": str(live_dir)}
+        assert module_settings(listener) == {"config": str(path.resolve()), "manifests": None, "listener": listener["name"], "live": str(live_dir)}
         assert listener["filter_chains"][0]["filters"][1] == ext_proc["filter_chains"][0]["filters"][1], "HCM (with RDS) as in the ext_proc mode"
     raw = yaml.safe_load(path.read_text())
     raw["listeners"][0]["rds"] = {"server": "127.0.0.1:1", "route_config_name": "l0"}

@@ -343,6 +343,24 @@ def test_base_config_listeners_and_clusters_are_kept_beside_the_derived_ones(tmp
     assert {"thrift-v1", "thrift-v2", f"outbound|20880||{HOST}"} == set(config.clusters)
 
 
+def test_a_config_knows_what_it_was_read_from_and_is_read_again_from_it(tmp_path):
+    """A reload (SIGHUP, POST /reload, the in-process module's start) reads the config again from
+    where it came from: its file, or its manifests folder with its base."""
+    from metabridge.config.live import ConfigSource
+
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "examples/thrift.yaml").read_text().replace("../codecs/thrift:ThriftCodec", "thrift"))
+    folder = write(tmp_path / "m", se=SERVICE_ENTRY)
+    for config in (mesh.load(folder, base).config, mesh.load(folder).config, load(base)):
+        again = ConfigSource.of(config).load()
+        assert again == config and (again.config_file, again.manifests) == (config.config_file, config.manifests)
+    assert mesh.load(folder, base).config.config_file == base.resolve() and mesh.load(folder).config.config_file is None
+    assert load(base).manifests is None and mesh.load(folder).config.manifests == folder.resolve()
+    parsed = dataclasses.replace(load(base), config_file=None)
+    with pytest.raises(ConfigError, match="not read from a file"):
+        ConfigSource.of(parsed)
+
+
 def test_unrelated_kinds_are_ignored_and_a_lone_file_is_accepted(tmp_path):
     deployment = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {}\n"
     folder = write(tmp_path / "m", se=SERVICE_ENTRY + "---\n" + deployment)

@@ -3,6 +3,7 @@ open ones keep theirs, and a codec that does not load is refused while the route
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def test_a_changed_codec_serves_later_connections_and_open_ones_keep_theirs(setu
     opened = runtime.codecs  # what a connection open before the reload makes its codecs from
     codec.write_text(codec_text(2))
     with caplog.at_level(logging.INFO, "metabridge.runtime"):
-        reload_routes(runtimes, str(path))
+        reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtime.new_codec().version == 2
     assert opened.new().version == 1 and type(opened.new()) is opened.cls
     [reloaded] = events(caplog, "codec_reloaded")
@@ -75,7 +76,7 @@ def test_an_unchanged_codec_is_kept_as_it_is(setup, caplog):
     path, _, runtimes = setup
     before = runtimes["front"].codec_cls
     with caplog.at_level(logging.INFO, "metabridge.runtime"):
-        reload_routes(runtimes, str(path))
+        reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtimes["front"].codec_cls is before and not events(caplog, "codec_reloaded")
 
 
@@ -95,7 +96,7 @@ def test_a_codec_that_does_not_load_is_refused_and_the_old_one_stays(setup, capl
     codec.write_text(source)
     rename_route(path, "renamed")
     with caplog.at_level(logging.INFO, "metabridge.runtime"):
-        reload_routes(runtimes, str(path))
+        reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtime.new_codec().version == 1
     [refused] = events(caplog, "codec_reload_failed_keeping_old_codec")
     assert (refused["listener"], refused["codec"], refused["file"]) == ("front", "versioned", str(codec))
@@ -104,7 +105,7 @@ def test_a_codec_that_does_not_load_is_refused_and_the_old_one_stays(setup, capl
     assert [r.name for r in runtime.config.routes] == ["renamed"], "the routes reload all the same"
     # Fixed, the next reload takes it.
     codec.write_text(codec_text(4))
-    reload_routes(runtimes, str(path))
+    reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtime.new_codec().version == 4
 
 
@@ -115,7 +116,7 @@ def test_one_import_per_codec_however_many_listeners_use_it(setup):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     runtimes = build_runtimes(load(path))
     codec.write_text(codec_text(2))
-    reload_routes(runtimes, str(path))
+    reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtimes["front"].codec_cls is runtimes["back"].codec_cls and runtimes["back"].codec_cls.version == 2
 
 
@@ -126,7 +127,7 @@ def test_a_new_cluster_is_reported_as_needing_envoy_restarted(setup, caplog):
     raw["listeners"][0]["routes"][0]["route"] = {"cluster": "two"}
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with caplog.at_level(logging.INFO, "metabridge.runtime"):
-        reload_routes(runtimes, str(path))
+        reload_routes(runtimes, functools.partial(load, path), str(path))
     [restart] = [fields for fields in events(caplog, "reload_needs_restart") if "cluster" in fields]
     assert restart["cluster"] == "two" and "new cluster" in restart["hint"] and "CLUSTER_NOT_FOUND" in restart["hint"]
     assert runtimes["front"].config.routes[0].clusters[0].name == "two"
@@ -171,7 +172,7 @@ def test_a_listener_switched_to_another_codec_gets_it_without_a_restart(setup, c
     raw["listeners"][0]["codec"] = "other"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with caplog.at_level(logging.INFO, "metabridge.runtime"):
-        reload_routes(runtimes, str(path))
+        reload_routes(runtimes, functools.partial(load, path), str(path))
     assert runtimes["front"].new_codec().version == 7
     assert [e["codec"] for e in events(caplog, "codec_reloaded")] == ["other"]
     assert not events(caplog, "reload_needs_restart")

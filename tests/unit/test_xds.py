@@ -4,6 +4,7 @@ the stream client against a real grpcio xDS server (reconnect, TLS), and the rds
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from datetime import timedelta
@@ -422,7 +423,7 @@ def test_sighup_reload_keeps_the_routes_from_rds(tmp_path):
     runtime.replace_routes(translate(one_route(aeraki_route("from-rds", cluster=V2)), runtime.clusters))
     raw["listeners"][0]["request_timeout"] = "7s"
     path.write_text(yaml.safe_dump(raw))
-    reload_routes({"greeter": runtime}, str(path))
+    reload_routes({"greeter": runtime}, functools.partial(load, path), str(path))
     assert runtime.config.request_timeout == 7.0  # the file's other settings apply
     assert _route_names(runtime) == ["from-rds"] and [r.name for r in runtime.config.routes] == ["from-rds"]
 

@@ -10,6 +10,8 @@ and clusters of its own.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,4 +62,5 @@ def load(folder: Path, base: Path | None = None) -> Loaded:
     raw, warnings = build_raw(folder, base)
     source = f"{base} + {folder}" if base else str(folder)
     # Codec refs in the base config are relative to it; refs from annotations are made absolute.
-    return Loaded(parse(raw, source, base.parent if base else Path(folder)), warnings)
+    config = parse(raw, source, base.parent if base else Path(folder))
+    return Loaded(dataclasses.replace(config, config_file=Path(base).resolve() if base else None, manifests=Path(folder).resolve()), warnings)
