@@ -266,7 +266,7 @@ class Stack:
             status, code = self.container_state(service)
             if status in ("exited", "dead"):
                 return code
-            time.sleep(0.5)
+            time.sleep(0.5)  # the poll loop's interval
         pytest.fail(f"{service} did not exit within {timeout} s\n{self.describe()}", pytrace=False)
 
     def envoy_counters(self, suffix: str) -> dict[str, int]:
@@ -317,7 +317,7 @@ class Stack:
             problem = self.serving_problem()
             if problem is None:
                 return
-            time.sleep(0.5)
+            time.sleep(0.5)  # the poll loop's interval
         pytest.fail(f"the compose stack did not serve within {timeout} s: {problem}\n{self.describe()}", pytrace=False)
 
     def describe(self) -> str:

@@ -141,6 +141,6 @@ def test_sighup_to_the_container_reloads_the_config_inside_envoy(inprocess_stack
     deadline = time.monotonic() + RELOAD_TIMEOUT_S
     while stack.logs(service).count('"reload_applied"') == before:
         assert time.monotonic() < deadline, f"no reload_applied within {RELOAD_TIMEOUT_S} s:\n{stack.logs(service)[-4000:]}"
-        time.sleep(0.5)
+        time.sleep(0.5)  # the poll loop's interval
     assert stack.container_state(service) == ("running", 0)
     stack.wait_until_serving()

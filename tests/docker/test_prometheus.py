@@ -64,7 +64,7 @@ class Prometheus:
                 last = exc
             if isinstance(last, float) and condition(last):
                 return last
-            time.sleep(0.5)
+            time.sleep(0.5)  # the poll loop's interval
         pytest.fail(f"Prometheus never showed {what} within {timeout} s: {expr} = {last}", pytrace=False)
 
 

@@ -19,6 +19,7 @@ from metabridge.sdk.codec import ErrorType
 from examples.awesomerpc.client import AwesomeRpcClient, Reply
 from examples.awesomerpc.protocol import ERROR_CODES
 from tests.integration.harness import MODES, Stack, cmd_route, run_async, wait_until
+from tests.integration.waits import slow_requests_received, until
 
 CMD_FAST = 2
 CMD_SLOW = 98  # the example backend sleeps <body> ms before answering
@@ -80,7 +81,7 @@ def test_route_timeout_overrides_listener_timeout(stack):
             # Both ask the backend to sleep 1000 ms, on the same tunnel; the one on the 200 ms
             # route is sent first, so its late response comes back before the other's reply.
             short = asyncio.ensure_future(timed(c.call(CMD_SLOW, b"1000")))
-            await asyncio.sleep(0)  # let it write its frame first
+            await until(lambda: slow_requests_received(s, "v1", 1000) == 1, 10, "the first slow request at v1")
             long = asyncio.ensure_future(timed(c.call(CMD_SLOW_ALIAS, b"1000")))
             (short_reply, short_elapsed), (long_reply, long_elapsed) = await asyncio.gather(short, long)
             after = await c.call(CMD_FAST, b"after")
@@ -129,7 +130,7 @@ async def slow_requests_in_flight(s: Stack) -> tuple[list[RecordingClient], list
     deadline = time.monotonic() + 5
     while s.envoy_stat("cluster.v1.upstream_cx_active") < CONNECTIONS:
         assert time.monotonic() < deadline, "the tunnels to v1 did not come up"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll loop's interval
     return clients, calls
 
 

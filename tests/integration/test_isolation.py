@@ -77,7 +77,7 @@ async def until(check, timeout: float, what: str, beside: asyncio.Task) -> None:
         if beside.done():
             beside.result()  # raises what ended it
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the poll loop's interval
 
 
 async def keep_calling(client: AwesomeRpcClient, stop: asyncio.Event) -> int:

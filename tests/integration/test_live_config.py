@@ -149,6 +149,14 @@ class Traffic:
                 self.failures.append(f"client {index} cmd {cmd}: error reply rsp_code={reply.rsp_code} {reply.body!r}")
             await asyncio.sleep(0.002)  # pacing, so the clients do not take every CPU from the proxy
 
+    def all_served_since(self, since: float) -> bool:
+        """Every client has had each cmd it calls answered after ``since`` (or one has failed or
+        found its connection closed: the test's assertions report that)."""
+        if self.failures or self.ended:
+            return True
+        replies = list(self.replies)
+        return {(i, c) for _, i, c, _, _ in replies} <= {(i, c) for t, i, c, _, _ in replies if t >= since}
+
     def seen(self, since: float, cmd: int, backend: str, clients: range | None = None) -> bool:
         return any(t >= since and c == cmd and b == backend and (clients is None or i in clients) for t, i, c, _, b in list(self.replies))
 
@@ -232,7 +240,9 @@ def test_listener_endpoint_weight_and_cluster_changes_apply_live_under_traffic(t
         assert "c2" in envoy_clusters(stack)
         timings["cluster removed"] = measure(lambda: "c2" not in envoy_clusters(stack), "c2 removed from Envoy", t)
         wait_until(lambda: len(stack.events("live_config_applied")) == 4, 5, "the removal applied")
-        time.sleep(0.3)  # traffic goes on a little after the last change: it must still be served
+        # Traffic goes on after the last change: it must still be served, every client and cmd.
+        removed = time.monotonic()
+        wait_until(lambda: traffic.all_served_since(removed), 10, "every client answered after the last change")
         traffic.stop()
 
         assert traffic.failures == [], traffic.failures[:5]

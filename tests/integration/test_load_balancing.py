@@ -222,7 +222,7 @@ def test_killed_host_leaves_traffic_to_the_others(pool_stack):
                 deadline = time.monotonic() + timeout
                 while not condition():
                     assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.005)  # the poll loop's interval
 
             async def killer() -> list[Reply | BaseException]:
                 nonlocal killed_at
