@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 
 import pytest
 import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
+from tests.integration.both_modes import post
 from tests.integration.harness import REPO, InProcessStack, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
 from tests.integration.test_inprocess import _stats
 from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
@@ -48,14 +47,6 @@ async def calls(port: int, cmds: list[int]) -> list:
     async with await AwesomeRpcClient.connect("127.0.0.1", port) as client:
         return [await client.call(cmd, b"m") for cmd in cmds]
 
-
-def post(port: int, path: str) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def route_clusters(port: int) -> list:

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 
@@ -39,6 +38,7 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient, call_sync
 from metabridge.native import build as native_build
+from tests.integration.both_modes import post
 from tests.integration.harness import MODES, Stack, awesomerpc_config, cmd_route, free_port, port_open, wait_until
 
 VISIBLE_WITHIN = 2.0  # seconds from saving the config to the change being seen
@@ -428,14 +428,6 @@ def test_render_dynamic_writes_a_bootstrap_and_files_envoy_accepts(tmp_path):
     assert [c["name"] for c in boot["static_resources"]["clusters"]] == ["metabridge_bridge"]
     assert boot["dynamic_resources"]["lds_config"]["path_config_source"]["watched_directory"]["path"] == str(xds)
 
-
-def post(port: int, path: str) -> tuple[int, str]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST", data=b"")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_inprocess_a_restarted_envoy_starts_from_the_config_in_force_and_post_reload_is_refused(tmp_path):

@@ -9,7 +9,6 @@ What does not apply in-process (so this file runs in ext_proc only):
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 

@@ -5,29 +5,14 @@ core's log to say so."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
-from tests.integration.harness import Stack
-
-POLL_SECONDS = 0.02  # the poll loop's interval, not a wait for anything
-
+from tests.integration.harness import Stack, wait_until
 
 async def until(check: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``check`` from a coroutine until it returns something true (returned), at most
-    ``timeout`` s; an exception from ``check`` is retried until the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
-            last = exc
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s (last error: {last})")
-        await asyncio.sleep(POLL_SECONDS)
+    """harness.wait_until from a coroutine: polls ``check`` in a thread, so the test's own
+    connections keep being served meanwhile."""
+    return await asyncio.to_thread(wait_until, check, timeout, what)
 
 
 def slow_requests_received(stack: Stack, backend: str, delay_ms: int) -> int:

@@ -15,7 +15,7 @@ from metabridge.core.chain import FilterChain
 from metabridge.filters import BUILTIN
 from metabridge.filters import access_log
 from metabridge.filters.access_log import PIPE_BUF, AccessLogFilter, compile_format, json_formatter
-from tests.unit.connection_harness import ROUTE_NOT_FOUND, ROUTES, Harness, encode_frame, in_loop, parse_frames, wait_until
+from tests.unit.connection_harness import ROUTE_NOT_FOUND, ROUTES, Harness, encode_frame, in_loop, wait_until
 
 # A record as on_complete builds it (access_log.START ... access_log.ATTEMPTS).
 RECORD = (1764633600.25, "dubbo", "c-7", 42, "com.example.Greeter/echo", "request", ("v2", None), "greeter", "greeter-v2", "127.0.0.1:20881", "ok", 0.0123456, 180, 95, 1)
