@@ -203,14 +203,19 @@ def docker_services(
     compose = DockerComposeExecutor(docker_compose_command, docker_compose_file, docker_compose_project_name)
     with get_docker_services(_with_profile(docker_compose_command), docker_compose_file, docker_compose_project_name, [], docker_cleanup) as services:
         for command in docker_setup:
-            try:
-                compose.execute(command)
-                failure = None
-            except Exception as exc:  # pytest-docker raises a bare Exception carrying compose's output
-                failure = f"`{command}` failed: {exc}"
-            if failure is not None:
-                pytest.fail(f"{failure}\n{Stack.describe_with(compose)}", pytrace=False)
+            execute_or_fail(compose, command)
         yield services
+
+
+def execute_or_fail(compose: DockerComposeExecutor, command: str) -> None:
+    """Run a compose command; a failure fails the test with compose's output and the stack's state."""
+    try:
+        compose.execute(command)
+        failure = None
+    except Exception as exc:  # pytest-docker raises a bare Exception carrying compose's output
+        failure = f"`{command}` failed: {exc}"
+    if failure is not None:
+        pytest.fail(f"{failure}\n{Stack.describe_with(compose)}", pytrace=False)
 
 
 def _with_profile(docker_compose_command: str) -> str:
@@ -350,14 +355,7 @@ def inprocess_stack(docker_services: Services, docker_compose_command: str, dock
     project as the default services: it reuses their backend containers, which are running."""
     compose = DockerComposeExecutor(_with_profile(docker_compose_command), docker_compose_file, docker_compose_project_name)
     names = SERVICES["inprocess"]
-    command = f"up -d {names.envoy} {names.demo} {names.prometheus}"
-    try:
-        compose.execute(command)
-        failure = None
-    except Exception as exc:  # pytest-docker raises a bare Exception carrying compose's output
-        failure = f"`{command}` failed: {exc}"
-    if failure is not None:
-        pytest.fail(f"{failure}\n{Stack.describe_with(compose)}", pytrace=False)
+    execute_or_fail(compose, f"up -d {names.envoy} {names.demo} {names.prometheus}")
     running = Stack(compose, docker_compose_project_name, "inprocess", docker_services)
     running.wait_until_serving()
     return running
