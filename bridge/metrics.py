@@ -66,6 +66,7 @@ HELP = {
     "mirror_sent": "copies sent to a mirror cluster by the route's mirror policy",
     "mirror_response": "mirror copies answered (the answer is dropped)",
     "mirror_failed": "mirror copies that could not be sent or got no answer",
+    "mirror_abandoned": "mirror copies still unanswered when the client connection ended (its tunnels end with it)",
     "request_time_ms": "time from decoding a two-way request to queueing its reply (response or local reply), milliseconds",
     "rate_limited": "requests refused by a rate-limit filter (local_ratelimit or ratelimit)",
     **{f"local_response_{kind}": f"local replies: {text}" for kind, text in _LOCAL_HELP.items()},

@@ -53,7 +53,7 @@ GAUGES = ("request_active", "downstream_cx_active")
 
 LOCAL_RESPONSES = tuple(f"local_response_{kind.value}" for kind in ErrorType)
 ROUTE_COUNTERS = ("response", "response_success", "response_error", *LOCAL_RESPONSES, "request_retry")
-MIRROR_COUNTERS = ("mirror_sent", "mirror_response", "mirror_failed")
+MIRROR_COUNTERS = ("mirror_sent", "mirror_response", "mirror_failed", "mirror_abandoned")
 
 # request_time_ms bucket bounds (Prometheus ``le``, inclusive), from well under a millisecond (the
 # bridge's own share) to a minute; one more bucket past the last is +Inf.

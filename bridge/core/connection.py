@@ -64,7 +64,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         "_to_links", "_reply_order", "_streams", "_paused", "active", "_holding", "_upstream_full", "_buffered",
         "_partial_since", "_frame_timer", "_stopped_reading", "_half_closed", "_finished", "_close", "_end_client",
         "_in_event", "_last_activity", "_deadline_fifo", "_deadline_heap", "_deadline_timer", "_deadline_armed",
-        "_idle_timer", "_probe_interval", "_probe_timer",
+        "_idle_timer", "_probe_interval", "_probe_timer", "_shadows",
     )  # fmt: skip
 
     def __init__(self, listener, clock: Clock, connection_id: str = "", wake: Callable[[], None] | None = None) -> None:
@@ -95,6 +95,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._streams: dict[object, ActiveRequest] = {}
         self._paused: set[ActiveRequest] = set()  # held by a filter (answered or resumed later)
         self.active = 0  # two-way requests and streams in flight
+        self._shadows = 0  # mirror copies waiting for their answer (read and dropped)
         self._holding = False  # decoding paused: bytes wait in _inbuf (in-flight or upstream limit)
         self._upstream_full = False  # some tunnel's queue is over max_upstream_queue
         self._buffered = 0  # this connection's share of the process's ByteBudget
@@ -201,6 +202,8 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         self._release_buffer()
         event(log, logging.DEBUG, "connection_closed", listener=self.listener.name, connection=self.id, requests_in_flight=self.active)
         waiting = [*self._paused, *(r for link in self.pool.links() for r in link.pending())]
+        if self._shadows:
+            self._abandon_shadows(waiting)
         for link in self.pool.links():
             self._cancel_setup_timer(link)
         if self.active and not self._finished:
@@ -402,7 +405,20 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             if link.tunnel.state is _OPENING:
                 shadow.frame = frame
             if self._register(shadow, link):
+                self._shadows += 1
                 self._add_deadline(shadow)
+
+    def _abandon_shadows(self, waiting: list[ActiveRequest]) -> None:
+        """The client connection ended with mirror copies unanswered: Envoy ends the tunnels with
+        it, so they are given up; counted per (route, mirror cluster) as mirror_abandoned."""
+        counts: dict[tuple[str, str], int] = {}
+        for request in waiting:
+            if request.mirror and not request.done:
+                key = (request.route.name, request.cluster)
+                counts[key] = counts.get(key, 0) + 1
+        for (route, cluster), n in counts.items():
+            self.stats.mirror(route, cluster).mirror_abandoned += n
+            event(log, logging.DEBUG, "mirror_abandoned", listener=self.listener.name, connection=self.id, route=route, cluster=cluster, copies=n, reason="the client connection ended before their answers")
 
     def pick_for(self, request: ActiveRequest, avoid: Link | None = None) -> Link | None:
         """Another link for a request being sent again (by its hash key, when it has one)."""
@@ -488,6 +504,9 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if request.mirror:
             if request.link is not None:
                 request.link.active -= 1
+                shadows = self._shadows = self._shadows - 1
+                if shadows == 0 and self.active == 0:
+                    self._finish_if_drained()
             return
         if request.metadata.message_type is _ONEWAY:
             return
@@ -650,7 +669,7 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
 
     def _finish_if_drained(self) -> None:
         """After the client's FIN, a bad request or Envoy's drain: end the connection once every
-        request has its reply."""
-        if self.active == 0 and not self._finished and (self._half_closed or self._stopped_reading or self.upstream.draining):
+        request has its reply and every mirror copy its answer (or its deadline)."""
+        if self.active == 0 and self._shadows == 0 and not self._finished and (self._half_closed or self._stopped_reading or self.upstream.draining):
             self._finished = True
             self._close = True

@@ -82,11 +82,15 @@ def stacks(tmp_path, mode):
         extra.stop()
 
 
-async def calls(s: Stack, n: int, concurrency: int = 10):
+async def calls(s: Stack, n: int, concurrency: int = 10, before_leaving=None):
+    """``n`` calls on one connection; ``before_leaving`` (blocking, run in a thread) is waited
+    for before the client closes it."""
     async with await AwesomeRpcClient.connect("127.0.0.1", s.listen_port) as c:
         replies = []
         for start in range(0, n, concurrency):
             replies += await asyncio.gather(*(c.call(CMD, f"r{i}".encode()) for i in range(start, min(n, start + concurrency))))
+        if before_leaving is not None:
+            await asyncio.to_thread(before_leaving)
         return replies
 
 
@@ -153,11 +157,37 @@ def test_a_host_that_answers_too_late(stacks):
 def test_a_mirror_gets_copies_and_its_answers_are_dropped(stacks):
     make, _ = stacks
     s = make(None, backends={"good": free_port(), "shadow": free_port()}, mirrors=[{"cluster": "shadow", "runtime_fraction": 100}])
-    replies = run_async(calls(s, 40))
+
+    def shadow_answered_all():
+        # The shadow read every copy and answered it: Envoy counted bytes both ways on its
+        # tunnels. The client's replies do not wait for the mirror's, so its last answers may
+        # still be on the way: the client stays until they are in (its connection carries the
+        # tunnels, which end with it; copies unanswered then are abandoned, see the next test).
+        wait_until(lambda: s.envoy_stat("cluster.shadow.upstream_cx_rx_bytes_total") >= 40 * 13, 10, f"the shadow's answers to all 40 copies ({mirror_counters(s)})")
+
+    replies = run_async(calls(s, 40, before_leaving=shadow_answered_all))
     assert len(replies) == 40 and all_from_good(replies), "the client sees only the primary's answers"
-    # The shadow read every copy and answered it: Envoy counted bytes both ways on its tunnels.
-    # The client's replies do not wait for the mirror's, so its last answers may still be on the way.
-    wait_until(lambda: s.envoy_stat("cluster.shadow.upstream_cx_rx_bytes_total") >= 40 * 13, 10, f"the shadow's answers to all 40 copies ({mirror_counters(s)})")
+    counters = mirror_counters(s)
+    assert (counters["mirror_sent"], counters["mirror_response"], counters["mirror_failed"], counters.get("mirror_abandoned", 0)) == (40, 40, 0, 0), counters
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copies_unanswered_when_the_client_leaves_are_counted_abandoned(stacks):
+    """A slow mirror: the client has its primaries' answers and leaves while the copies are
+    still at the shadow. They end with the client's connection, counted, not lost silently."""
+    make, _ = stacks
+    s = make(
+        None,
+        backends={"good": free_port(), "shadow": free_port()},
+        backend_args={"shadow": ["--delay-ms", "3000"]},
+        mirrors=[{"cluster": "shadow", "runtime_fraction": 100}],
+        request_timeout="10s",
+    )
+    replies = run_async(calls(s, 10))
+    assert len(replies) == 10 and all_from_good(replies)
+    wait_until(lambda: mirror_counters(s).get("mirror_abandoned") == 10, 10, f"the 10 copies counted abandoned ({mirror_counters(s)})")
+    counters = mirror_counters(s)
+    assert (counters["mirror_sent"], counters["mirror_response"], counters["mirror_failed"]) == (10, 0, 0), counters
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from metabridge.config.model import ClusterConfig, Endpoint, HeaderMatch, MirrorPolicy, RetryPolicy, RouteConfig, WeightedCluster
-from tests.unit.connection_harness import TIMEOUT, UNSPECIFIED, AwesomeRpcCodec, Harness, encode_frame, in_loop, parse_frames, wait_until
+from tests.unit.connection_harness import CLOSE, TIMEOUT, UNSPECIFIED, AwesomeRpcCodec, Harness, encode_frame, in_loop, parse_frames, wait_until
 
 HOST = b"x-metabridge-host"
 
@@ -140,6 +140,57 @@ async def test_a_failing_or_silent_mirror_never_touches_the_primary():
     h.read(encode_frame(2, 1))  # now a mirror that never answers: it times out quietly
     await wait_until(lambda: h.stats.mirror_failed == 2, "the silent mirror's deadline")
     assert h.client_frames() == [(1, 1, 0, b"primary"), (2, 1, TIMEOUT, b"")], "only the primary's own timeout is answered"
+
+
+@in_loop
+async def test_copies_unanswered_when_the_client_leaves_are_counted_abandoned():
+    """The client's connection carries the tunnels (Envoy ends them with it): a copy whose
+    answer has not come when the client leaves is abandoned, counted and logged, not lost
+    silently; the primary's accounting is untouched."""
+    h = harness(mirrors=[MirrorPolicy("shadow", 100)])
+    h.read(encode_frame(1, 1, b"x") + encode_frame(2, 1, b"y"))
+    shadow = next(sid for sid, r in h.hcm.requests.items() if r[b"x-metabridge-cluster"] == b"shadow")
+    for sid, flows in received(h).items():
+        if sid != shadow:  # the primaries' tunnels (one per host) answer; the shadow's is still being set up
+            h.hcm.accept(sid)
+            for flow in flows:
+                h.hcm.send(sid, encode_frame(flow, 1, b"primary"))
+    h.write()
+    assert sorted(h.client_frames()) == [(1, 1, 0, b"primary"), (2, 1, 0, b"primary")]
+    assert received(h)[shadow] == [1, 2], "both copies were handed to HCM"
+    h.close()  # the client leaves right after its replies
+    mirror = h.stats.mirror("r", "shadow")
+    assert (mirror.mirror_sent, mirror.mirror_response, mirror.mirror_failed, mirror.mirror_abandoned) == (2, 0, 0, 2)
+    assert (h.stats.request_active, h.stats.downstream_cx_active, h.stats.cx_destroy_remote_with_active_rq) == (0, 0, 0)
+
+
+@in_loop
+async def test_a_client_fin_waits_for_the_mirror_copies():
+    """When the connection itself decides to end (the client's FIN, a drain), it waits for
+    the copies in flight as for its own requests: bounded by their deadline."""
+    h = Harness(routes=(route(mirrors=[MirrorPolicy("shadow", 100)]),), clusters=clusters(), request_timeout=0.05)
+    h.read(encode_frame(1, 1, b"x"))
+    by_cluster = {r[b"x-metabridge-cluster"]: sid for sid, r in h.hcm.requests.items()}
+    for sid in by_cluster.values():
+        h.hcm.accept(sid)
+    h.hcm.send(by_cluster[b"c1"], encode_frame(1, 1, b"primary"))
+    h.write()
+    answer = h.read(b"", end_of_stream=True)
+    assert not any(m.connection_status == CLOSE for m in answer + h.emitted), "the copy is still in flight"
+    h.hcm.send(by_cluster[b"shadow"], encode_frame(1, 1, b"mirror"))
+    closing = h.write()
+    assert any(m.connection_status == CLOSE for m in closing), "closed once the copy was answered"
+    assert h.client_frames() == [(1, 1, 0, b"primary")] and h.stats.mirror("r", "shadow").mirror_response == 1
+    # A copy that never answers holds the end only until its deadline.
+    h = Harness(routes=(route(mirrors=[MirrorPolicy("shadow", 100)]),), clusters=clusters(), request_timeout=0.05)
+    h.read(encode_frame(1, 1, b"x"))
+    by_cluster = {r[b"x-metabridge-cluster"]: sid for sid, r in h.hcm.requests.items()}
+    h.hcm.accept(by_cluster[b"c1"])
+    h.hcm.send(by_cluster[b"c1"], encode_frame(1, 1, b"primary"))
+    h.write()
+    h.read(b"", end_of_stream=True)
+    await wait_until(lambda: any(m.connection_status == CLOSE for m in h.emitted), "the end after the copy's deadline")
+    assert h.stats.mirror("r", "shadow").mirror_failed == 1 and h.client_frames() == [(1, 1, 0, b"primary")]
 
 
 @in_loop
