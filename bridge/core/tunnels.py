@@ -5,16 +5,22 @@ this module writes goes to Envoy as read_data, what HCM answers arrives as write
 CONNECT stream on it is a tunnel: Envoy opens one upstream TCP connection for it to an endpoint
 of the cluster named in CLUSTER_HEADER, chosen by its own load balancer.
 
+HCM's SETTINGS_MAX_CONCURRENT_STREAMS is honoured: a tunnel opened while that many streams are
+open waits here, without a stream id, until one ends (what is sent to it meanwhile is kept in
+its backlog); the connection's tunnel-setup timer bounds the wait. A CONNECT that HCM resets with
+REFUSED_STREAM (RFC 9113 8.7: not processed) fails with the flag ``REFUSED_STREAM``.
+
 This module knows HTTP/2 and tunnels, nothing about codecs or routing.
 """
 
 from __future__ import annotations
 
 import enum
+from collections import deque
 from dataclasses import dataclass
 
 from metabridge import wire
-from metabridge.transport.http2 import CANCEL, DATA, NO_ERROR, PREFACE, H2Stream, Http2Connection, ProtocolError, pack_frame_header
+from metabridge.transport.http2 import CANCEL, DATA, NO_ERROR, PREFACE, REFUSED_STREAM, H2Stream, Http2Connection, ProtocolError, pack_frame_header
 
 CLUSTER_HEADER = wire.CLUSTER_HEADER
 HOST_OVERRIDE_HEADER = wire.HOST_OVERRIDE_HEADER
@@ -30,9 +36,10 @@ class TunnelState(enum.Enum):
 
 
 class Tunnel(H2Stream):
-    """One CONNECT stream = one upstream connection. ``owner`` holds the session's own state."""
+    """One CONNECT stream = one upstream connection. ``owner`` holds the session's own state.
+    Its id is 0 while it waits for a stream (HCM's concurrent-stream limit)."""
 
-    __slots__ = ("cluster", "state", "upstream_host", "owner")
+    __slots__ = ("cluster", "state", "upstream_host", "owner", "fields")
 
     def __init__(self, stream_id: int, cluster: str, send_window: int) -> None:
         super().__init__(stream_id, send_window)
@@ -40,6 +47,7 @@ class Tunnel(H2Stream):
         self.state = TunnelState.OPENING
         self.upstream_host = ""
         self.owner = None
+        self.fields: list | None = None  # the CONNECT's headers, until they are sent
 
     def __repr__(self) -> str:
         return f"Tunnel({self.cluster}#{self.id} {self.state.value} {self.upstream_host})"
@@ -96,6 +104,7 @@ class Upstream(Http2Connection):
         self._out: list[bytes] = []
         self._events: list = []
         self._next_stream_id = 1
+        self._queued: deque[Tunnel] = deque()  # tunnels waiting for a stream, oldest first
         self.lost = False
         self.draining = False  # graceful GOAWAY received: open tunnels go on, no new ones
 
@@ -108,9 +117,6 @@ class Upstream(Http2Connection):
         ``hash_key`` lets a RING_HASH / MAGLEV cluster's hash choose it."""
         if self._next_stream_id == 1:
             self._out.append(PREFACE + self.settings_frames())
-        stream_id = self._next_stream_id
-        self._next_stream_id += 2
-        self.highest_stream_id = stream_id
         # :authority must be non-empty and valid (an empty one, or the '|' of Istio-style names,
         # kills the whole HTTP/2 connection); Envoy does not connect to it, CLUSTER_HEADER picks the cluster.
         fields = [(":method", "CONNECT"), (":authority", cluster.replace("|", "_")), (CLUSTER_HEADER, cluster)]
@@ -118,17 +124,45 @@ class Upstream(Http2Connection):
             fields.append((HOST_OVERRIDE_HEADER, host))
         if hash_key:
             fields.append((HASH_KEY_HEADER, hash_key))
-        self.send_headers(stream_id, fields)
-        tunnel = Tunnel(stream_id, cluster, self.peer_initial_window)
-        self.streams[stream_id] = tunnel
+        tunnel = Tunnel(0, cluster, -1)  # no window until it has a stream: send() keeps its bytes
+        tunnel.fields = fields
+        if self._queued or len(self.streams) >= self.peer_max_streams:
+            self._queued.append(tunnel)  # HCM allows no more streams now
+        else:
+            self._start(tunnel)
         return tunnel
+
+    @property
+    def queued(self) -> int:
+        """Tunnels waiting for a stream."""
+        return len(self._queued)
+
+    def _start(self, tunnel: Tunnel) -> None:
+        """Give a tunnel its stream: the CONNECT, then what was sent to it while it waited."""
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        self.highest_stream_id = stream_id
+        tunnel.id = stream_id
+        tunnel.send_window = self.peer_initial_window
+        self.send_headers(stream_id, tunnel.fields)
+        tunnel.fields = None
+        self.streams[stream_id] = tunnel
+        if tunnel.backlog:
+            data = bytes(tunnel.backlog)
+            tunnel.backlog.clear()
+            self.send_data(tunnel, data)
+
+    def _start_queued(self) -> None:
+        queued = self._queued
+        while queued and len(self.streams) < self.peer_max_streams and not self.lost and not self.draining:
+            self._start(queued.popleft())
 
     def send_drain_probe(self) -> None:
         """A header-only GET that HCM answers 404 itself. Envoy's HCM checks whether its listener
         is draining only when it sends response headers, so a connection whose tunnels are all
         open would never hear of a drain; the probe's answer carries the GOAWAY when it is."""
-        if self.lost or self.draining:
-            return
+        if self.lost or self.draining or len(self.streams) >= self.peer_max_streams:
+            return  # at HCM's stream limit: no probe this time (the next CONNECT's answer would carry a GOAWAY)
         if self._next_stream_id == 1:
             self._out.append(PREFACE + self.settings_frames())
         stream_id = self._next_stream_id
@@ -150,11 +184,19 @@ class Upstream(Http2Connection):
             tunnel.send_window -= n
             self.send_window -= n
             self._out.append(pack_frame_header(n >> 16, n & 0xFFFF, DATA, 0, tunnel.id) + data)
+        elif not tunnel.id:  # waiting for a stream: kept until it has one
+            tunnel.backlog += data
         else:
             self.send_data(tunnel, data)
 
     def close_tunnel(self, tunnel: Tunnel, reset: bool = False) -> None:
         """End our side of a tunnel (reset=True aborts it); forget it."""
+        if not tunnel.id:  # still waiting for a stream: nothing of it reached HCM
+            tunnel.state = TunnelState.CLOSED
+            tunnel.backlog.clear()
+            if tunnel in self._queued:
+                self._queued.remove(tunnel)
+            return
         if tunnel.state is not TunnelState.CLOSED:
             tunnel.state = TunnelState.CLOSED
             if reset:
@@ -163,6 +205,8 @@ class Upstream(Http2Connection):
                 self.end_stream(tunnel)
         if not tunnel.backlog:
             self.forget(tunnel)
+        if self._queued:
+            self._start_queued()
 
     def receive(self, data: bytes) -> list:
         """Feed HCM's bytes; returns tunnel events: TunnelOpened/Failed/Closed, ConnectionDraining,
@@ -174,6 +218,8 @@ class Upstream(Http2Connection):
         except ProtocolError as exc:
             self.lost = True
             events.append(ConnectionLost(f"HTTP/2 protocol error from Envoy: {exc}"))
+        if self._queued:
+            self._start_queued()  # streams ended, or HCM raised its limit
         return events
 
     def output(self) -> bytes:
@@ -219,7 +265,9 @@ class Upstream(Http2Connection):
 
     def on_reset(self, tunnel: Tunnel, code: int) -> None:
         if type(tunnel) is Tunnel and tunnel.state is not TunnelState.CLOSED:
-            self._ended(tunnel, f"upstream connection reset (HTTP/2 error code {code})", reset=True)
+            # REFUSED_STREAM before the CONNECT's answer: HCM did not process it (e.g. over its
+            # concurrent-stream limit), so it may be made again on a new stream.
+            self._ended(tunnel, f"upstream connection reset (HTTP/2 error code {code})", reset=True, flags="REFUSED_STREAM" if code == REFUSED_STREAM else "")
 
     def on_goaway(self, last_stream_id: int, code: int, debug: bytes) -> None:
         if code == NO_ERROR:
@@ -231,6 +279,11 @@ class Upstream(Http2Connection):
                 if type(stream) is Tunnel:
                     stream.state = TunnelState.CLOSED
                 self.forget(stream)
+            for tunnel in self._queued:  # never sent: HCM will not serve them either
+                tunnel.state = TunnelState.CLOSED
+                tunnel.backlog.clear()
+                refused.append(tunnel)
+            self._queued.clear()
             self._events.append(ConnectionDraining(last_stream_id, refused))
             return
         # The connection ends once its replies are out; nothing more goes to HCM.
@@ -242,7 +295,7 @@ class Upstream(Http2Connection):
         if tunnel.state is TunnelState.CLOSED:
             self.forget(tunnel)
 
-    def _ended(self, tunnel: Tunnel, reason: str, reset: bool) -> None:
+    def _ended(self, tunnel: Tunnel, reason: str, reset: bool, flags: str = "") -> None:
         opening = tunnel.state is TunnelState.OPENING
         self.close_tunnel(tunnel, reset=reset)
-        self._events.append(TunnelFailed(tunnel, 0, "") if opening else TunnelClosed(tunnel, reason))
+        self._events.append(TunnelFailed(tunnel, 0, flags) if opening else TunnelClosed(tunnel, reason))

@@ -22,6 +22,8 @@ _FLAG_ERRORS = {
     "UF": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed", True),
     "URX": (ErrorType.UNSPECIFIED, "connection to an upstream of cluster {cluster!r} failed", True),
     "UT": (ErrorType.TIMEOUT, "connecting to cluster {cluster!r} timed out", True),
+    # Not Envoy's: HCM reset the CONNECT with REFUSED_STREAM (metabridge.core.tunnels), unprocessed.
+    "REFUSED_STREAM": (ErrorType.UNSPECIFIED, "Envoy refused the tunnel's stream to cluster {cluster!r} (REFUSED_STREAM)", True),
 }
 _UNKNOWN_FAILURE = (ErrorType.UNSPECIFIED, "no upstream connection to cluster {cluster!r}", True)
 
@@ -66,17 +68,22 @@ class UpstreamEvents:
         message = template.format(cluster=cluster)
         if status:
             message += f" (Envoy answered {status}{', ' + flags if flags else ''})"
+        # A refused stream says nothing about the host: its slot does not rest, and each of its
+        # requests may go once more than a connect failure allows (on a new stream, the same
+        # host's when the cluster has no other).
+        refused = flags == "REFUSED_STREAM"
         if redispatch:
-            self._redispatch(link, message)
+            self._redispatch(link, message, failed=not refused, extra=1 if refused else 0)
         retry_on = "no_healthy_upstream" if kind is ErrorType.NO_HEALTHY_UPSTREAM else "connect_failure" if redispatch else ""
-        self._drop_link(link, kind, message, failed=True, retry_on=retry_on)
+        self._drop_link(link, kind, message, failed=not refused, retry_on=retry_on)
 
-    def _redispatch(self, link: Link, reason: str) -> None:
-        """Move requests that never reached a backend from a dead tunnel to another one."""
-        waiting = [r for r in link.pending() if not r.is_stream and r.attempt < self.pool.size(r.cluster)]
+    def _redispatch(self, link: Link, reason: str, failed: bool = True, extra: int = 0) -> None:
+        """Move requests that never reached a backend from a dead tunnel to another one (each
+        at most once per host of its cluster, plus ``extra``)."""
+        waiting = [r for r in link.pending() if not r.is_stream and r.attempt < self.pool.size(r.cluster) + extra]
         if not waiting:
             return
-        self.pool.remove(link, failed=True)
+        self.pool.remove(link, failed=failed)
         link.dropped = True
         for request in waiting:
             other = self.pick_for(request, avoid=link)

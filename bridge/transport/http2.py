@@ -53,6 +53,7 @@ MAX_WINDOW = 2**31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_FRAME = 16384
 MAX_FRAME = 2**24 - 1  # the largest SETTINGS_MAX_FRAME_SIZE a peer may announce
+UNLIMITED_STREAMS = 2**32 - 1  # SETTINGS_MAX_CONCURRENT_STREAMS before the peer sets it: no limit
 HPACK_TABLE = 4096  # our SETTINGS_HEADER_TABLE_SIZE: the default, so never sent
 
 _frame_header = struct.Struct(">BHBBL")  # length (24 bits, split 8 + 16), type, flags, stream id
@@ -227,6 +228,7 @@ class Http2Connection:
         self.highest_stream_id = 0  # streams at or below it that are not in ``streams`` are closed
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = DEFAULT_FRAME
+        self.peer_max_streams = UNLIMITED_STREAMS  # SETTINGS_MAX_CONCURRENT_STREAMS: none until the peer says
         self.send_window = DEFAULT_WINDOW  # the connection's
         # Few attributes on purpose: past 30 an instance's dict stops sharing its keys and every
         # attribute access on the hot path gets slower (CPython 3.11); rare state is grouped.
@@ -597,6 +599,9 @@ class Http2Connection:
         value = values.get(SETTINGS_MAX_FRAME_SIZE)
         if value is not None:
             self.peer_max_frame = value
+        value = values.get(SETTINGS_MAX_CONCURRENT_STREAMS)
+        if value is not None:
+            self.peer_max_streams = value  # how many streams we may have open; 0 is allowed (RFC 9113 6.5.2)
         value = values.get(SETTINGS_HEADER_TABLE_SIZE)
         if value is not None:
             self.encoder.header_table_size = min(value, HPACK_TABLE)  # ours may be smaller than allowed
