@@ -404,8 +404,8 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
             shadow.expires = shadow.deadline = self._last_activity + timeout
             if link.tunnel.state is _OPENING:
                 shadow.frame = frame
+            self._shadows += 1  # until it settles (at once when _register answers it)
             if self._register(shadow, link):
-                self._shadows += 1
                 self._add_deadline(shadow)
 
     def _abandon_shadows(self, waiting: list[ActiveRequest]) -> None:
@@ -504,9 +504,9 @@ class Connection(ResponseMatching, StreamFrames, UpstreamEvents, ConnectionTimer
         if request.mirror:
             if request.link is not None:
                 request.link.active -= 1
-                shadows = self._shadows = self._shadows - 1
-                if shadows == 0 and self.active == 0:
-                    self._finish_if_drained()
+            shadows = self._shadows = self._shadows - 1
+            if shadows == 0 and self.active == 0:
+                self._finish_if_drained()
             return
         if request.metadata.message_type is _ONEWAY:
             return
