@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from metabridge.stats import COUNTERS, GAUGES, LOCAL_RESPONSES, MIRROR_COUNTERS, ROUTE_COUNTERS, TIME_BOUNDS_MS
+from metabridge.stats import COUNTERS, GAUGES, MIRROR_COUNTERS, ROUTE_COUNTERS, TIME_BOUNDS_MS
 
 _LOCAL_HELP = {
     "route_not_found": "no route matched",

@@ -171,18 +171,23 @@ def test_a_mirror_gets_copies_and_its_answers_are_dropped(stacks):
     assert (counters["mirror_sent"], counters["mirror_response"], counters["mirror_failed"], counters.get("mirror_abandoned", 0)) == (40, 40, 0, 0), counters
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_copies_unanswered_when_the_client_leaves_are_counted_abandoned(stacks):
-    """A slow mirror: the client has its primaries' answers and leaves while the copies are
-    still at the shadow. They end with the client's connection, counted, not lost silently."""
+def slow_mirror(stacks, request_timeout: str):
+    """A stack whose route mirrors every request to a shadow that answers after 3 s."""
     make, _ = stacks
-    s = make(
+    return make(
         None,
         backends={"good": free_port(), "shadow": free_port()},
         backend_args={"shadow": ["--delay-ms", "3000"]},
         mirrors=[{"cluster": "shadow", "runtime_fraction": 100}],
-        request_timeout="10s",
+        request_timeout=request_timeout,
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_copies_unanswered_when_the_client_leaves_are_counted_abandoned(stacks):
+    """A slow mirror: the client has its primaries' answers and leaves while the copies are
+    still at the shadow. They end with the client's connection, counted, not lost silently."""
+    s = slow_mirror(stacks, request_timeout="10s")
     replies = run_async(calls(s, 10))
     assert len(replies) == 10 and all_from_good(replies)
     wait_until(lambda: mirror_counters(s).get("mirror_abandoned") == 10, 10, f"the 10 copies counted abandoned ({mirror_counters(s)})")
@@ -192,14 +197,7 @@ def test_copies_unanswered_when_the_client_leaves_are_counted_abandoned(stacks):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_missing_or_slow_mirror_never_delays_the_primary(stacks):
-    make, _ = stacks
-    s = make(
-        None,
-        backends={"good": free_port(), "shadow": free_port()},
-        backend_args={"shadow": ["--delay-ms", "3000"]},
-        mirrors=[{"cluster": "shadow", "runtime_fraction": 100}],
-        request_timeout="1s",
-    )
+    s = slow_mirror(stacks, request_timeout="1s")
     # A mirror to a cluster Envoy does not have: one a reload added (a route may name only
     # defined clusters, and Envoy's bootstrap has the clusters it was rendered with).
     raw = yaml.safe_load(s.config_path.read_text())
