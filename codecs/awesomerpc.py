@@ -90,11 +90,7 @@ class AwesomeRpcCodec(Codec):
             self.check_frame_size(length)
         if available < length:
             return _WAIT
-        if available == length:  # the usual read, one whole frame: take_frame's first case, inline
-            frame = bytes(buffer)
-            buffer.clear()
-        else:
-            frame = take_frame(buffer, length)
+        frame = take_frame(buffer, length)
 
         if cmd == HEARTBEAT_CMD:
             metadata.message_type = _HEARTBEAT

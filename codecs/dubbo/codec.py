@@ -133,11 +133,7 @@ class DubboCodec(Codec):
         if available < frame_size:
             return _WAIT
 
-        if available == frame_size:  # the usual read, one whole frame: take_frame's first case, inline
-            frame = bytes(buffer)
-            buffer.clear()
-        else:
-            frame = take_frame(buffer, frame_size)
+        frame = take_frame(buffer, frame_size)
         metadata.frame = frame
         metadata.request_id = request_id
         metadata.header_size = HEADER_SIZE
