@@ -154,7 +154,7 @@ async def _start_bridge(config: Config, address: str, index: int, admin_dir: str
     if live_dir is not None:
         loop.add_signal_handler(signal.SIGHUP, live.apply_snapshot, Path(live_dir), runtimes, index)
     else:
-        loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, live.ConfigSource.of(config).load, config.source)
+        loop.add_signal_handler(signal.SIGHUP, reload_routes, runtimes, lambda: live.ConfigSource.of(config).load(), config.source)
     # Every bridge process handles SIGUSR1 (access logs reopen their files), so a rotation's
     # signal never ends a process that has no log file.
     loop.add_signal_handler(signal.SIGUSR1, access_log.reopen_files)

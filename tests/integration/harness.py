@@ -218,6 +218,27 @@ def stack_class(mode: str) -> type[Stack]:
     return InProcessStack if mode == "inprocess" else Stack
 
 
+class ReloadableCodec:
+    """codecs/awesomerpc.py copied into ``tmp`` for a codec-reload test: ``ref`` names the copy;
+    ``answer_no_route_with(444)`` rewrites it so ROUTE_NOT_FOUND replies carry that rsp_code (404
+    in the original), a change a client can see; ``break_it()`` leaves a file that does not compile."""
+
+    NO_ROUTE = "ErrorType.ROUTE_NOT_FOUND: {},"
+
+    def __init__(self, tmp: Path) -> None:
+        self.path = tmp / "arpc.py"
+        self._original = (REPO / "codecs" / "awesomerpc.py").read_text()
+        assert self.NO_ROUTE.format(404) in self._original
+        self.path.write_text(self._original)
+        self.ref = f"{self.path}:AwesomeRpcCodec"
+
+    def answer_no_route_with(self, rsp_code: int) -> None:
+        self.path.write_text(self._original.replace(self.NO_ROUTE.format(404), self.NO_ROUTE.format(rsp_code)))
+
+    def break_it(self) -> None:
+        self.path.write_text("class AwesomeRpcCodec(:\n")
+
+
 def multi_endpoint_cluster(name: str, ports: list[int], **options) -> dict:
     """A cluster entry with one 127.0.0.1 endpoint per port (``options``: lb_policy, ...)."""
     return {"name": name, "connect_timeout": "1s", "endpoints": [{"address": "127.0.0.1", "port": p} for p in ports], **options}

@@ -13,7 +13,7 @@ import json
 import signal
 
 from examples.awesomerpc.client import AwesomeRpcClient
-from tests.integration.harness import REPO, Stack, cmd_route, codec_config, free_port, run_async, wait_until
+from tests.integration.harness import ReloadableCodec, Stack, cmd_route, codec_config, free_port, run_async, wait_until
 
 NO_ROUTE_CMD = 7
 WORKERS = 2
@@ -40,12 +40,9 @@ def reload_and_wait(stack: Stack, event: str) -> list[dict]:
 
 
 def test_sighup_reloads_a_changed_codec_for_new_connections_only(tmp_path):
-    codec = tmp_path / "arpc.py"
-    original = (REPO / "codecs" / "awesomerpc.py").read_text()
-    assert "ErrorType.ROUTE_NOT_FOUND: 404," in original
-    codec.write_text(original)
+    codec = ReloadableCodec(tmp_path)
     ports = {"v1": free_port()}
-    cfg = codec_config("awesomerpc", f"{codec}:AwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1")])
+    cfg = codec_config("awesomerpc", codec.ref, free_port(), ports, [cmd_route(1, "v1")])
     cfg["bridge"] = {"workers": WORKERS}
     stack = Stack(tmp_path, cfg, ports)
     port = cfg["listeners"][0]["port"]
@@ -56,13 +53,13 @@ def test_sighup_reloads_a_changed_codec_for_new_connections_only(tmp_path):
             a = await AwesomeRpcClient.connect("127.0.0.1", port)
             before = await a.call(NO_ROUTE_CMD, b"?")
             # A visible change: the codec's error reply for ROUTE_NOT_FOUND carries rsp_code 444.
-            codec.write_text(original.replace("ErrorType.ROUTE_NOT_FOUND: 404,", "ErrorType.ROUTE_NOT_FOUND: 444,"))
+            codec.answer_no_route_with(444)
             reloaded = await asyncio.to_thread(reload_and_wait, stack, "codec_reloaded")
             async with await AwesomeRpcClient.connect("127.0.0.1", port) as b:
                 b_new, b_routed = await b.call(NO_ROUTE_CMD, b"?"), await b.call(1, b"b")
             a_old, a_routed = await a.call(NO_ROUTE_CMD, b"?"), await a.call(1, b"a")
             # A codec that does not even compile: refused, and the last good one serves on.
-            codec.write_text("class AwesomeRpcCodec(:\n")
+            codec.break_it()
             refused = await asyncio.to_thread(reload_and_wait, stack, "codec_reload_failed_keeping_old_codec")
             async with await AwesomeRpcClient.connect("127.0.0.1", port) as c:
                 c_reply = await c.call(NO_ROUTE_CMD, b"?")
@@ -74,15 +71,15 @@ def test_sighup_reloads_a_changed_codec_for_new_connections_only(tmp_path):
 
         before, reloaded, b_new, b_routed, a_old, a_routed, refused, c_reply, a_still, closed = run_async(main(), 60)
         assert before.rsp_code == 404
-        assert [(e["listener"], e["codec"], e["file"]) for e in reloaded] == [("awesomerpc", "awesomerpc", str(codec))] * WORKERS
+        assert [(e["listener"], e["codec"], e["file"]) for e in reloaded] == [("awesomerpc", "awesomerpc", str(codec.path))] * WORKERS
         assert b_new.rsp_code == 444, "a connection opened after the reload gets the new codec"
         assert (b_routed.rsp_code, b_routed.body) == (0, b"v1|b")
         assert a_old.rsp_code == 404, "the connection opened before keeps the codec it started with"
         assert (a_routed.rsp_code, a_routed.body) == (0, b"v1|a")
         assert len(refused) == WORKERS
         for entry in refused:
-            assert entry["level"] == "error" and entry["file"] == str(codec) and entry["codec"] == "awesomerpc"
-            assert f"importing {codec} failed: SyntaxError" in entry["error"], entry["error"]
+            assert entry["level"] == "error" and entry["file"] == str(codec.path) and entry["codec"] == "awesomerpc"
+            assert f"importing {codec.path} failed: SyntaxError" in entry["error"], entry["error"]
         assert c_reply.rsp_code == 444, "after a refused reload the last good codec serves new connections"
         assert a_still.rsp_code == 404 and not closed
         assert stack.procs["bridge"].poll() is None

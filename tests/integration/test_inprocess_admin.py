@@ -16,7 +16,7 @@ import yaml
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
 from tests.integration.both_modes import post
-from tests.integration.harness import REPO, InProcessStack, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
+from tests.integration.harness import InProcessStack, ReloadableCodec, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
 from tests.integration.test_inprocess import _stats
 from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
 
@@ -143,12 +143,9 @@ def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):
 
 
 def test_post_reload_gives_new_connections_a_changed_codec_and_refuses_a_broken_one(tmp_path):
-    codec = tmp_path / "arpc.py"
-    original = (REPO / "codecs" / "awesomerpc.py").read_text()
-    assert "ErrorType.ROUTE_NOT_FOUND: 404," in original
-    codec.write_text(original)
+    codec = ReloadableCodec(tmp_path)
     ports = {"v1": free_port()}
-    cfg = codec_config("awesomerpc", f"{codec}:AwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1")])
+    cfg = codec_config("awesomerpc", codec.ref, free_port(), ports, [cmd_route(1, "v1")])
     cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
     s = InProcessStack(tmp_path, cfg, ports)
     s.concurrency = 2
@@ -161,11 +158,11 @@ def test_post_reload_gives_new_connections_a_changed_codec_and_refuses_a_broken_
             a = await AwesomeRpcClient.connect("127.0.0.1", port)
             before = await a.call(NO_ROUTE_CMD, b"?")
             # A visible change: the codec's ROUTE_NOT_FOUND reply carries rsp_code 444.
-            codec.write_text(original.replace("ErrorType.ROUTE_NOT_FOUND: 404,", "ErrorType.ROUTE_NOT_FOUND: 444,"))
+            codec.answer_no_route_with(444)
             reloaded = await asyncio.to_thread(post, metrics, "/reload")
             new = await asyncio.gather(*(calls(port, [NO_ROUTE_CMD, 1]) for _ in range(6)))
             old = await a.call(NO_ROUTE_CMD, b"?")
-            codec.write_text("class AwesomeRpcCodec(:\n")  # does not compile
+            codec.break_it()
             refused = await asyncio.to_thread(post, metrics, "/reload")
             after = await calls(port, [NO_ROUTE_CMD, 1])
             a.close()
@@ -177,7 +174,7 @@ def test_post_reload_gives_new_connections_a_changed_codec_and_refuses_a_broken_
         assert reloaded[0] == 200, reloaded
         assert [[r.rsp_code for r in rs] for rs in new] == [[444, 0]] * 6, "connections opened after the reload get the new codec"
         assert old.rsp_code == 404, "the connection opened before keeps the codec it started with"
-        assert refused[0] == 400 and str(codec) in refused[1], refused
+        assert refused[0] == 400 and str(codec.path) in refused[1], refused
         assert [r.rsp_code for r in after] == [444, 0], "the last good codec serves on"
     finally:
         s.stop()
