@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,10 +20,41 @@ class StartError(Exception):
     """A process the benchmark needs did not come up; the message says which and where its log is."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _port_candidates() -> Iterator[int]:
+    # Ports from outside the kernel's ephemeral range: a port picked by binding to 0 is an
+    # ephemeral one, and any outgoing connection made before the process that needs it binds
+    # (Envoy starts seconds after its port is chosen) can take it, which fails that start with
+    # "address in use". The start is random so that concurrent runs rarely try the same ports.
+    low, high = _ephemeral_range()
+    span = range(20000, low) if low - 20000 >= 2000 else range(high + 1, 65536)
+    start = random.randrange(len(span))
+    while True:
+        for i in range(len(span)):
+            yield span[(start + i) % len(span)]
+
+
+_candidates = _port_candidates()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback TCP port nobody is bound to now, outside the ephemeral range."""
+    for _ in range(1000):
+        port = next(_candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free loopback port found outside the ephemeral range")
 
 
 def port_open(port: int) -> bool:

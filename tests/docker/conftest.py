@@ -30,6 +30,7 @@ import pytest
 from pytest_docker.plugin import DockerComposeExecutor, Services, get_docker_services
 from thriftpy2.transport import TTransportException
 
+from bench.processes import free_port
 from examples.awesomerpc.client import call_sync
 from tests.peers import dubbo_peers, thrift_peers
 
@@ -156,24 +157,12 @@ def metabridge_image(docker_engine: None) -> None:
         pytest.fail(f"docker/build.sh failed with exit status {result.returncode}:\n{tail}", pytrace=False)
 
 
-def _free_ports(count: int) -> list[int]:
-    # All bound at once, so the kernel cannot hand out the same port twice.
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture(scope="session")
 def published_ports() -> Iterator[None]:
     """Free host ports for Envoy, the bridge's admin and Prometheus, so the tests never collide with a
     running demo on the defaults; and the tests' Prometheus config."""
     names = (LISTENER_PORT_ENV, DUBBO_PORT_ENV, THRIFT_PORT_ENV, ADMIN_PORT_ENV, METRICS_PORT_ENV, PROMETHEUS_PORT_ENV, *INPROCESS_PORT_ENVS)
-    wanted = {name: str(port) for name, port in zip(names, _free_ports(len(names)))}
+    wanted = {name: str(port) for name, port in zip(names, (free_port() for _ in names))}
     wanted[PROMETHEUS_CONFIG_ENV] = str(TEST_PROMETHEUS_CONFIG)
     wanted[INPROCESS_PROMETHEUS_CONFIG_ENV] = str(TEST_INPROCESS_PROMETHEUS_CONFIG)
     saved = {name: os.environ.get(name) for name in wanted}

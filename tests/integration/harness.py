@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import yaml
 
+from bench.processes import free_port, port_open
 from metabridge.config import bootstrap as envoy_config
 from metabridge.config.model import load
 from metabridge.native import build as native_build
@@ -30,10 +31,13 @@ REPO = Path(__file__).resolve().parents[2]
 MODES = ("ext_proc", "inprocess")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _log_tail(proc: subprocess.Popen, lines: int = 30) -> str:
+    """The end of the log a Stack's process writes (``Stack._spawn`` records where), so a start
+    that fails in CI says why."""
+    path = getattr(proc, "log_path", None)
+    if path is None or not path.exists():
+        return ""
+    return f"; the end of {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None):
@@ -41,7 +45,7 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     last = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode} while starting")
+            raise RuntimeError(f"{what}: process exited with {proc.returncode} while starting{_log_tail(proc)}")
         try:
             result = check()
             if result:
@@ -75,12 +79,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
         data += chunk
 
 
-def port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-    return False
-
-
 class Stack:
     """One test's Envoy + bridge + backends. ``config`` is the metabridge config as a dict."""
 
@@ -107,10 +105,11 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log_path = self.tmp / f"{name}.log"
         self.logs[name] = log_path
-        proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log_path = log_path  # for _log_tail
         self.procs[name] = proc
         return proc
 
@@ -200,11 +199,8 @@ class InProcessStack(Stack):
         return [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", str(self.concurrency), "--log-level", "info", "--use-dynamic-base-id", *self.envoy_args], env
 
     def start_envoy(self) -> None:
-        args, env = self.envoy_command()
-        log_path = self.tmp / "envoy.log"
-        self.logs["envoy"] = self.logs["bridge"] = log_path
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs["envoy"] = proc
+        proc = self._spawn("envoy", *self.envoy_command())
+        self.logs["bridge"] = self.logs["envoy"]  # the core logs into Envoy's output
         url = f"http://127.0.0.1:{self.admin_port}/ready"
         wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, 30, "envoy", proc)
         for listener in self.config["listeners"]:

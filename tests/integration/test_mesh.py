@@ -56,8 +56,8 @@ class MeshStack(Stack):
         assert rendered.returncode == 0, rendered.stderr
         command = [envoy_config.find_envoy(), "-c", str(bootstrap), "--concurrency", "1", "--log-level", "info", "--use-dynamic-base-id"]
         if self.mode == "inprocess":
-            log_path = self.logs["envoy"] = self.logs["bridge"] = self.tmp / "envoy.log"  # the core logs into Envoy's output
-            proc = self.procs["envoy"] = subprocess.Popen(command, cwd=REPO, env=envoy_config.inprocess_environment(), stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+            proc = self._spawn("envoy", command, envoy_config.inprocess_environment())
+            self.logs["bridge"] = self.logs["envoy"]  # the core logs into Envoy's output
         else:
             proc = self._spawn("envoy", command)
         wait_until(lambda: port_open(self.admin_port) and all(port_open(p) for p in self.listen_ports), 20, "envoy", proc)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import socket
 import time
 
 import grpc
@@ -21,6 +20,7 @@ from metabridge.metrics import ListenerStatsCollector
 from metabridge.registry import CodecLoadError
 from metabridge._proto import ratelimit_pb2
 from metabridge._proto.ratelimit_pb2 import RateLimitRequest, RateLimitResponse
+from bench.processes import free_port
 from tests.peers.ratelimit_service import AioServer, Limit, RateLimitLogic, limit
 from tests.unit.connection_harness import OVER_LIMIT, REPO_ROOT, UNSPECIFIED, Harness, encode_frame, parse_frames, wait_until
 
@@ -44,12 +44,6 @@ def in_loop(test):
         asyncio.run(body())
 
     return run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ratelimit(address: str, **config) -> RateLimitFilter:
