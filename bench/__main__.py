@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help=f"seconds measured per point (default: {FULL.duration:g}, quick: {QUICK.duration:g})")
     run.add_argument("--warmup", type=float, help=f"seconds of load before each window (default: {FULL.warmup:g}, quick: {QUICK.warmup:g})")
     run.add_argument("--bridge-workers", type=int, default=1, help="bridge worker processes on the metabridge paths (default: 1)")
+    run.add_argument("--envoy-concurrency", type=int, default=1, help="worker threads of every Envoy, native and metabridge paths alike (default: 1)")
     run.add_argument("--only", action="append", metavar="TEXT", help="run only the points whose label contains TEXT, e.g. 'metabridge/awesomerpc 16x1' (repeatable)")
     run.add_argument("--client-workers", type=int, default=min(2, os.cpu_count() or 1), help="load generator processes (default: min(2, CPUs))")
     return parser
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     defaults = QUICK if args.quick else FULL
     timing = Timing(duration=args.duration or defaults.duration, warmup=args.warmup if args.warmup is not None else defaults.warmup)
-    if timing.duration <= 0 or timing.warmup < 0 or args.client_workers < 1 or args.bridge_workers < 1:
-        print("bench: --duration must be > 0, --warmup >= 0, --client-workers and --bridge-workers >= 1", file=sys.stderr)
+    if timing.duration <= 0 or timing.warmup < 0 or args.client_workers < 1 or args.bridge_workers < 1 or args.envoy_concurrency < 1:
+        print("bench: --duration must be > 0, --warmup >= 0, --client-workers, --bridge-workers and --envoy-concurrency >= 1", file=sys.stderr)
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -47,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: no point matches --only {args.only}", file=sys.stderr)
         return 2
     mode = "quick" if args.quick else "full"
-    print(f"bench: {len(points)} points, {timing.duration:g} s each (+{timing.warmup:g} s warm-up), {args.client_workers} client worker(s), {args.bridge_workers} bridge worker(s); output in {out}", flush=True)
+    print(f"bench: {len(points)} points, {timing.duration:g} s each (+{timing.warmup:g} s warm-up), {args.client_workers} client worker(s), {args.bridge_workers} bridge worker(s), Envoy --concurrency {args.envoy_concurrency}; output in {out}", flush=True)
     started = time.monotonic()
-    records = run_points(points, timing, out / "logs", args.client_workers, args.bridge_workers, progress=lambda line: print(line, flush=True))
+    records = run_points(points, timing, out / "logs", args.client_workers, args.bridge_workers, args.envoy_concurrency, progress=lambda line: print(line, flush=True))
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = report.build_results(
         records,
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup_s": timing.warmup,
             "client_workers": args.client_workers,
             "bridge_workers": args.bridge_workers,
+            "envoy_concurrency": args.envoy_concurrency,
             "elapsed_s": round(time.monotonic() - started, 1),
         },
     )

@@ -120,6 +120,7 @@ def run_points(
     workdir: Path,
     client_workers: int,
     bridge_workers: int = 1,
+    envoy_concurrency: int = 1,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every point in order; a path that cannot start marks its points failed."""
@@ -130,7 +131,7 @@ def run_points(
         with LoadGenerator(client_workers) as loadgen:
             for spec, group in itertools.groupby(points, key=lambda p: p.path):
                 group = list(group)
-                stack = Stack(spec, backend.ports, workdir, bridge_workers)
+                stack = Stack(spec, backend.ports, workdir, bridge_workers, envoy_concurrency)
                 started = time.monotonic()
                 try:
                     port = stack.start()

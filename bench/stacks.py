@@ -8,7 +8,7 @@
 - ``inprocess``: the same config with ``bridge.mode: inprocess``: Envoy alone, the core running
   inside it through the dynamic module (docs/inprocess.md).
 
-Every Envoy runs with ``--concurrency 1``.
+Every Envoy runs with the same ``--concurrency`` (1 unless ``bench run --envoy-concurrency``).
 """
 
 from __future__ import annotations
@@ -61,12 +61,14 @@ def _envoy_bin() -> str:
 class Stack:
     """The processes of one path: ``start()`` returns the port the client connects to."""
 
-    def __init__(self, spec: PathSpec, backend_ports: dict[str, int], workdir: Path, bridge_workers: int = 1) -> None:
+    def __init__(self, spec: PathSpec, backend_ports: dict[str, int], workdir: Path, bridge_workers: int = 1, envoy_concurrency: int = 1) -> None:
         self.spec = spec
         self.bridge_workers = bridge_workers
+        self.envoy_concurrency = envoy_concurrency
         self.backend_port = backend_ports[spec.protocol]
         self.workdir = workdir
         self.children: dict[str, Child] = {}  # role ("envoy", "bridge") -> process
+        self.admin_port: int | None = None  # Envoy's, once started
 
     def start(self) -> int:
         try:
@@ -79,6 +81,7 @@ class Stack:
         if self.spec.path == DIRECT:
             return self.backend_port
         listen_port, admin_port = free_port(), free_port()
+        self.admin_port = admin_port
         if self.spec.path == TCP_PROXY:
             bootstrap = native.tcp_proxy_bootstrap(admin_port, listen_port, self.backend_port)
         elif self.spec.path == GENERIC_PROXY:
@@ -102,7 +105,7 @@ class Stack:
     def _start_envoy(self, bootstrap: dict[str, Any] | str, admin_port: int, listen_port: int, env: dict[str, str] | None = None) -> None:
         path = self.workdir / f"{self.spec.name.replace('/', '-')}-r{self.spec.routes}-bootstrap.yaml"
         path.write_text(bootstrap if isinstance(bootstrap, str) else yaml.safe_dump(bootstrap, sort_keys=False))
-        args = [_envoy_bin(), "-c", str(path), "--concurrency", "1", "--log-level", "warning", "--use-dynamic-base-id"]
+        args = [_envoy_bin(), "-c", str(path), "--concurrency", str(self.envoy_concurrency), "--log-level", "warning", "--use-dynamic-base-id"]
         if env:  # through env(1), which execs Envoy: the pid measured stays Envoy's
             args = ["env", *(f"{key}={value}" for key, value in env.items()), *args]
         envoy = self.children["envoy"] = Child(f"envoy ({self.spec.name})", args, self._log("envoy"))
@@ -118,7 +121,7 @@ class Stack:
         socket_path = self.workdir / f"bridge-{protocol}-r{self.spec.routes}.sock"
         config = {
             "bridge": {"listen": f"unix:{socket_path}", "workers": self.bridge_workers, "log_level": "warning"},
-            "envoy": {"admin_port": admin_port, "message_timeout": "5s", "concurrency": 1},
+            "envoy": {"admin_port": admin_port, "message_timeout": "5s", "concurrency": self.envoy_concurrency},
             **bridge_listener_config(protocol, self.spec.routes, listen_port, self.backend_port),
         }
         config_path = self.workdir / f"metabridge-{protocol}-r{self.spec.routes}.yaml"
@@ -139,7 +142,7 @@ class Stack:
         protocol = self.spec.protocol
         config = {
             "bridge": {"mode": "inprocess", "log_level": "warning"},
-            "envoy": {"admin_port": admin_port, "concurrency": 1},
+            "envoy": {"admin_port": admin_port, "concurrency": self.envoy_concurrency},
             **bridge_listener_config(protocol, self.spec.routes, listen_port, self.backend_port),
         }
         config_path = self.workdir / f"inprocess-{protocol}-r{self.spec.routes}.yaml"

@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench import native
+from bench import native, wire
+from bench.processes import free_port
 from bench.scenarios import matrix
-from bench.stacks import DIRECT, METABRIDGE
+from bench.stacks import DIRECT, INPROCESS, METABRIDGE, TCP_PROXY, PathSpec, Stack
 from metabridge.config.bootstrap import validate_with_envoy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,3 +89,21 @@ def test_generic_proxy_bootstrap_routes_on_service_and_method():
     match = route["predicate"]["single_predicate"]["custom_match"]["typed_config"]
     assert match["host"] == {"exact": "org.metabridge.bench.EchoService"}
     assert match["method"] == {"exact": "echo"}
+
+
+@pytest.mark.parametrize("path", [TCP_PROXY, INPROCESS])
+def test_every_envoy_runs_with_the_concurrency_asked_for(tmp_path, path):
+    """``bench run --envoy-concurrency N`` reaches Envoy's command line on native and metabridge
+    paths alike (Envoy's /server_info reports the workers it runs)."""
+    stack = Stack(PathSpec(path, wire.AWESOMERPC), {wire.AWESOMERPC: free_port()}, tmp_path, envoy_concurrency=2)
+    try:
+        stack.start()
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.admin_port}/server_info", timeout=5) as r:
+            assert json.load(r)["command_line_options"]["concurrency"] == 2
+    finally:
+        stack.stop()
+
+
+def test_envoy_concurrency_below_one_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--envoy-concurrency", "0", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--envoy-concurrency >= 1" in proc.stderr
