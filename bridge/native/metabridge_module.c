@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <dlfcn.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -76,12 +77,24 @@ static bool g_ready;
 static __thread PyThreadState *t_state;
 static PyInterpreterState *g_interp;
 
+/* Held by a thread while it is in a hook (the outermost; Envoy may call one hook from inside
+ * another on the same thread), and by a config reload while it applies (hold_hooks), so that a
+ * connection sees the core's runtimes from one config, never halfway. Always taken before the
+ * GIL, never while holding it, so the two cannot deadlock; it costs no parallelism, as the GIL
+ * serializes the hooks anyway. */
+static pthread_mutex_t g_hooks = PTHREAD_MUTEX_INITIALIZER;
+static __thread int t_depth; /* hooks this thread is in */
+
 static void enter(void) {
   if (t_state == NULL) t_state = PyThreadState_New(g_interp);
+  if (t_depth++ == 0) pthread_mutex_lock(&g_hooks);
   PyEval_RestoreThread(t_state);
 }
 
-static void leave(void) { PyEval_SaveThread(); }
+static void leave(void) {
+  PyEval_SaveThread();
+  if (--t_depth == 0) pthread_mutex_unlock(&g_hooks);
+}
 
 /* A Python failure the module cannot hand to Python's own handling: print it (once per call). */
 static void report(const char *where) {
@@ -154,7 +167,27 @@ static PyObject *py_count_error(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
+/* A reload (a Python thread of its own, with the GIL): wait until no hook runs, then keep them
+ * out until release_hooks. The GIL is released while waiting, so the hook in progress can end. */
+static PyObject *py_hold_hooks(PyObject *self, PyObject *unused) {
+  if (t_depth > 0) {
+    PyErr_SetString(PyExc_RuntimeError, "hold_hooks() called from inside a hook: it would wait for itself");
+    return NULL;
+  }
+  Py_BEGIN_ALLOW_THREADS
+  pthread_mutex_lock(&g_hooks);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+static PyObject *py_release_hooks(PyObject *self, PyObject *unused) {
+  pthread_mutex_unlock(&g_hooks);
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef native_methods[] = {
+    {"hold_hooks", py_hold_hooks, METH_NOARGS, "hold_hooks(): wait until no hook runs on any Envoy thread, and keep them out until release_hooks()"},
+    {"release_hooks", py_release_hooks, METH_NOARGS, "release_hooks(): let the hooks run again"},
     {"count_error", py_count_error, METH_VARARGS, "count_error(handle): add one to Envoy's metabridge_inprocess_errors counter"},
     {"inject_read", py_inject_read, METH_VARARGS, "inject_read(handle, data, end=False): bytes to the filters after this one (HCM)"},
     {"inject_write", py_inject_write, METH_VARARGS, "inject_write(handle, data, end=False): bytes to the client"},

@@ -19,6 +19,7 @@ runner's ``apply`` on a control socket there applies each new one (``InprocessAd
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import json
@@ -46,6 +47,20 @@ except ImportError:  # imported elsewhere (tests of the pure parts, docs)
 log = logging.getLogger("metabridge.inprocess")
 
 _EMPTY = b""
+
+
+@contextlib.contextmanager
+def _between_hooks():
+    """Apply a config while no hook runs on any Envoy thread (the module's hold_hooks), so a
+    connection sees the runtimes of the old config or of the new one, never halfway, as a bridge
+    process's event loop gives. Traffic waits meanwhile, as it does in a bridge process."""
+    native.hold_hooks()
+    try:
+        yield
+    finally:
+        native.release_hooks()
+
+
 # Envoy's network_connection_event values
 REMOTE_CLOSE, LOCAL_CLOSE = 0, 1
 
@@ -340,7 +355,9 @@ class InprocessAdmin(LocalAdmin):
             except (ConfigError, CodecLoadError, OSError) as exc:
                 event(log, logging.ERROR, "reload_failed_keeping_old_routes", config=path, error=str(exc))
                 return False, str(exc)
-            if not apply_config(self._runtimes, config):
+            with _between_hooks():
+                applied = apply_config(self._runtimes, config)
+            if not applied:
                 return False, "the config's filters did not load (see the log); the old routes stay"
         return True, path
 
@@ -358,7 +375,8 @@ class InprocessAdmin(LocalAdmin):
             try:
                 with self._reloading:
                     # The runner checked this config (live.check) before it published it.
-                    version = live.apply_snapshot(self._live_dir, self._runtimes, live.INTERPRETER)
+                    with _between_hooks():
+                        version = live.apply_snapshot(self._live_dir, self._runtimes, live.INTERPRETER)
             except Exception as exc:  # noqa: BLE001 - the runner waits for the ack, and logs its absence
                 failure(log, "live_config_apply_failed", exc, directory=self._live_dir)
                 return {"error": f"{type(exc).__name__}: {exc}"}

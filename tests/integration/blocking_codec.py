@@ -1,7 +1,8 @@
 """An awesomerpc codec whose decode blocks (time.sleep) for cmd 55: what a codec stuck in a
-blocking call costs the connections beside it (tests/integration/test_inprocess.py). Before it
-blocks it writes BLOCKING_LINE to stderr (the bridge's log; in-process, Envoy's), so a test can
-wait until the frame has reached the codec."""
+blocking call costs the connections beside it (tests/integration/test_inprocess.py), and when a
+reload applies (test_inprocess_admin.py). Before it blocks it writes BLOCKING_LINE to stderr (the
+bridge's log; in-process, Envoy's), so a test can wait until the frame has reached the codec, and
+RESUMED_LINE when the block ends."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ AwesomeRpcCodec = load_codec_class("codecs/awesomerpc.py:AwesomeRpcCodec", _REPO
 BLOCKING_CMD = 55
 BLOCK_SECONDS = 1.0
 BLOCKING_LINE = "blocking_codec: decode blocks"
+RESUMED_LINE = "blocking_codec: decode resumes"
 _CMD = struct.Struct("!h")
 _CMD_OFFSET = 9
 
@@ -29,4 +31,6 @@ class BlockingAwesomeRpcCodec(AwesomeRpcCodec):
             sys.stderr.write(f"{BLOCKING_LINE} for {BLOCK_SECONDS}s\n")
             sys.stderr.flush()
             time.sleep(BLOCK_SECONDS)
+            sys.stderr.write(f"{RESUMED_LINE}\n")
+            sys.stderr.flush()
         return super().decode(buffer, metadata)

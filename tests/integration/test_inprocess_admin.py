@@ -15,9 +15,11 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
+from tests.integration.blocking_codec import BLOCKING_CMD, BLOCKING_LINE, RESUMED_LINE
 from tests.integration.both_modes import post
 from tests.integration.harness import InProcessStack, ReloadableCodec, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
 from tests.integration.test_inprocess import _stats
+from tests.integration.waits import until
 from tests.integration.test_metrics import ROUTE_NOT_FOUND, get, labels, scrape
 
 NO_ROUTE_CMD = 7
@@ -109,6 +111,39 @@ def test_post_reload_applies_to_new_connections_and_refuses_a_broken_config(stac
     assert "reload_failed_keeping_old_routes" in stack.log("envoy")
 
     assert post(stack.metrics_port, "/metrics")[0] == 404  # only /reload takes a POST
+
+
+def test_a_reload_waits_for_the_hook_in_progress_on_another_worker(tmp_path):
+    """POST /reload applies only while no hook runs on any Envoy worker, so a connection sees one
+    config whole: with a codec blocked inside a hook, the reload is applied after the hook returns
+    (the log shows the codec resuming before routes_reloaded), and the blocked request and the
+    connections after the reload are answered."""
+    ports = {"v1": free_port(), "v2": free_port()}
+    cfg = codec_config("awesomerpc", "tests/integration/blocking_codec.py:BlockingAwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1"), cmd_route(BLOCKING_CMD, "v1")])
+    cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
+    s = InProcessStack(tmp_path, cfg, ports)
+    s.concurrency = 2
+    s.start()
+    try:
+        metrics_port, listen_port = cfg["bridge"]["metrics_port"], cfg["listeners"][0]["port"]
+        wait_until(lambda: port_open(metrics_port), 10, "the in-process admin endpoint", s.procs["envoy"])
+        cfg["listeners"][0]["routes"] = [cmd_route(1, "v2"), cmd_route(BLOCKING_CMD, "v1")]
+        s.config_path.write_text(yaml.safe_dump(cfg))
+
+        async def main():
+            async with await AwesomeRpcClient.connect("127.0.0.1", listen_port) as client:
+                blocked = asyncio.ensure_future(client.call(BLOCKING_CMD, b"slow", timeout=10))
+                await until(lambda: BLOCKING_LINE in s.log("envoy"), 10, "the blocking frame at the codec")
+                reloaded = await asyncio.to_thread(post, metrics_port, "/reload")
+                return reloaded, s.log("envoy"), await blocked
+
+        (status, body), log, blocked = run_async(main(), 60)
+        assert status == 200 and body.startswith("reloaded"), body
+        assert log.index(RESUMED_LINE) < log.index("routes_reloaded"), "the reload applied while a hook was running"
+        assert blocked.rsp_code == 0 and blocked.body == b"v1|slow"
+        assert run_async(calls(listen_port, [1]))[0].body == b"v2|m"
+    finally:
+        s.stop()
 
 
 def test_sighup_to_metabridge_run_reloads_inside_envoy(tmp_path):

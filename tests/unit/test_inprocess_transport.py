@@ -38,6 +38,12 @@ class FakeNative:
         self.scheduled.set()
         return True
 
+    def hold_hooks(self):
+        self.calls.append(("hold_hooks",))
+
+    def release_hooks(self):
+        self.calls.append(("release_hooks",))
+
 
 @pytest.fixture
 def native(monkeypatch):
@@ -158,3 +164,36 @@ def test_admin_reload_refuses_a_broken_config_and_keeps_the_routes(tmp_path, nat
     assert admin.reload() == (True, str(path))
     assert [r.name for r in runtimes["awesomerpc"].config.routes] == ["cmd1", "cmd2"]
     assert admin.ready() == (True, "serving") and "metabridge_request_total" in admin.metrics().decode()
+
+
+
+def test_a_reload_applies_with_the_hooks_held_and_lets_them_go_whatever_happens(tmp_path, native, monkeypatch):
+    """The config is applied between native.hold_hooks and release_hooks (the module keeps every
+    Envoy thread's hooks out meanwhile: tests/integration/test_inprocess_admin.py), and the hooks
+    are let go when applying raises."""
+    import yaml
+
+    from metabridge.config.model import load
+    from metabridge.core.runtime import build_runtimes
+    from tests.integration.harness import awesomerpc_config, cmd_route
+
+    path = tmp_path / "c.yaml"
+    raw = awesomerpc_config(1, {"v1": 2, "v2": 3}, [cmd_route(1, "v1")])
+    path.write_text(yaml.safe_dump(raw))
+    config = load(path)
+    admin = inprocess.InprocessAdmin(config, build_runtimes(config))
+    real_apply = inprocess.apply_config
+
+    def apply(*args, **kwargs):
+        native.calls.append(("apply",))
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(inprocess, "apply_config", apply)
+    assert admin.reload() == (True, str(path))
+    assert native.calls == [("hold_hooks",), ("apply",), ("release_hooks",)]
+
+    native.calls.clear()
+    monkeypatch.setattr(inprocess, "apply_config", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        admin.reload()
+    assert native.calls == [("hold_hooks",), ("release_hooks",)]
