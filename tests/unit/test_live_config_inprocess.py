@@ -23,6 +23,7 @@ from metabridge.config import live
 from metabridge.config.model import load
 from metabridge.inprocess_runner import InsideEnvoy
 from metabridge.transport import inprocess
+from tests.unit.test_inprocess_transport import FakeNative
 from tests.unit.test_live_config import write_config
 
 MODULE_FILTER = "envoy.filters.network.dynamic_modules"
@@ -47,6 +48,12 @@ def live_dir():
             admin.control.server_close()
     inprocess._RUNTIMES.pop(str(directory), None)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def native(monkeypatch):
+    """The module's side, for the applies' hold_hooks/release_hooks (no connection here)."""
+    monkeypatch.setattr(inprocess, "native", FakeNative())
 
 
 @pytest.fixture(autouse=True)
