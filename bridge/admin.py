@@ -72,10 +72,13 @@ def redact(value: Any) -> Any:
 
 
 def config_dump(config, runtimes) -> dict:
-    """The effective config: the one loaded at start, with each listener as the last reload
-    left it (routes, filters, timeouts); codec options and filter config redacted."""
+    """The effective config: the one loaded at start, with each listener and the clusters as the
+    last reload left them (routes, filters, timeouts; clusters added, changed or removed by live
+    config); codec options and filter config redacted."""
     data = plain(config)
     data["listeners"] = [plain(runtime.config) for runtime in runtimes.values()]
+    if runtimes:  # every reload gives all the runtimes the same clusters
+        data["clusters"] = plain(next(iter(runtimes.values())).clusters)
     for codec in data["codecs"].values():
         codec["options"] = redact(codec["options"])
     for listener in data["listeners"]:

@@ -168,6 +168,21 @@ def test_config_dump_redacts_secret_looking_option_keys():
     assert dump["listeners"][0]["filters"][0]["config"]["auth_token"] == REDACTED and "s3cret" not in json.dumps(dump)
 
 
+def test_config_dump_shows_the_clusters_a_live_change_left_in_force(tmp_path):
+    from metabridge.core.runtime import apply_config
+    from tests.unit.test_live_config import write_config
+
+    path = tmp_path / "c.yaml"
+    write_config(path, {"v1": [2001], "v2": [2002]}, {1: "v1"})
+    config = load(path)
+    runtimes = build_runtimes(config)
+    write_config(path, {"v1": [2001, 2003], "v3": [2004]}, {1: "v3"})
+    assert apply_config(runtimes, load(path), envoy_follows=True)
+    dump = config_dump(config, runtimes)
+    assert sorted(dump["clusters"]) == ["v1", "v3"]
+    assert [e["port"] for e in dump["clusters"]["v1"]["endpoints"]] == [2001, 2003]
+
+
 class _Server:
     stopping = False
     stats = GrpcStats()
