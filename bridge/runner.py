@@ -27,7 +27,7 @@ from metabridge.admin import LocalAdmin, SupervisorAdmin, serve_admin, serve_wor
 from metabridge.config import live
 from metabridge.core.runtime import apply_config, build_runtimes, reload_routes
 from metabridge.filters import access_log
-from metabridge.filters.local_ratelimit import remove_shared_buckets
+from metabridge.filters.local_ratelimit import remove_shared_buckets, remove_stale_shared_buckets
 from metabridge.transport.ext_proc import serve
 
 log = logging.getLogger("metabridge.runner")
@@ -221,6 +221,9 @@ class WorkerSupervisor:
         event(log, logging.INFO, "worker_started", pid=proc.pid, address=address)
 
     def start(self) -> None:
+        stale = remove_stale_shared_buckets()
+        if stale:
+            event(log, logging.INFO, "stale_ratelimit_buckets_removed", directories=[str(p) for p in stale], reason="their bridge is no longer running")
         for address in self._addresses:
             self._start(address)
 

@@ -143,10 +143,39 @@ _SHARED = struct.Struct("<8sqd")
 _SHARED_MAGIC = b"mbbucket"
 
 
+_SHARED_PREFIX = "metabridge-buckets-"
+
+
+def _shared_base() -> Path:
+    return Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+
+
 def shared_dir_for(owner_pid: int) -> Path:
     """Where the buckets shared by the workers of the bridge whose supervisor is ``owner_pid`` live."""
-    base = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
-    return base / f"metabridge-buckets-{owner_pid}"
+    return _shared_base() / f"{_SHARED_PREFIX}{owner_pid}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_shared_buckets() -> list[Path]:
+    """Delete the bucket directories of supervisors no longer running (one killed with SIGKILL
+    cannot remove its own); returns those removed. Another user's are left alone."""
+    removed = []
+    for path in _shared_base().glob(f"{_SHARED_PREFIX}*"):
+        pid = path.name[len(_SHARED_PREFIX):]
+        if not pid.isdigit() or _running(int(pid)) or path.stat().st_uid != os.getuid():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def default_shared_dir() -> Path:

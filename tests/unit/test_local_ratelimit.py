@@ -346,3 +346,22 @@ async def test_the_governance_example_limits_cmd_2_to_its_condition_bucket():
     h.runtime.chain = runtime.chain
     h.read(frames(2, range(1, 13)))
     assert refused(h) == [11, 12], "cmd 2: 10 a second"
+
+
+def test_the_buckets_of_a_supervisor_killed_with_sigkill_are_removed_at_the_next_start():
+    import subprocess
+    import sys
+
+    from metabridge.filters import local_ratelimit as module
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale, running = module.shared_dir_for(int(gone.stdout)), module.shared_dir_for(os.getpid())
+    for directory in (stale, running):
+        directory.mkdir(exist_ok=True)
+        (directory / "bucket").write_bytes(b"x")
+    try:
+        assert stale in module.remove_stale_shared_buckets()
+        assert not stale.exists() and (running / "bucket").exists(), "a running supervisor's buckets stay"
+    finally:
+        module.remove_shared_buckets(os.getpid())
+        module.remove_shared_buckets(int(gone.stdout))
