@@ -80,17 +80,18 @@ async def until(check, timeout: float, what: str, beside: asyncio.Task) -> None:
         await asyncio.sleep(0.05)  # the poll loop's interval
 
 
-async def keep_calling(client: AwesomeRpcClient, stop: asyncio.Event) -> int:
-    """Calls one after another until ``stop``; every one must be answered by the backend."""
-    calls = 0
+async def keep_calling(client: AwesomeRpcClient, stop: asyncio.Event, answered: list[int] | None = None) -> int:
+    """Calls one after another until ``stop``; every one must be answered by the backend.
+    ``answered`` (a one-item list) counts them as they come, for a test waiting for calls."""
+    answered = answered if answered is not None else [0]
     deadline = time.monotonic() + DEADLINE
     while not stop.is_set():
         assert time.monotonic() < deadline, f"the flood outlasted {DEADLINE} s"
-        body = f"healthy-{calls}".encode()
+        body = f"healthy-{answered[0]}".encode()
         reply = await client.call(1, body, timeout=15)  # ConnectionClosed here is the failure
         assert (reply.rsp_code, reply.body) == (0, b"v1|" + body), reply
-        calls += 1
-    return calls
+        answered[0] += 1
+    return answered[0]
 
 
 async def read_frames(reader: asyncio.StreamReader, count: int) -> tuple[int, int, bool]:
@@ -170,8 +171,8 @@ def test_clients_holding_partial_frames_leave_other_connections_open(flood_stack
     async def main():
         async with await AwesomeRpcClient.connect("127.0.0.1", flood_stack.listen_port) as healthy:
             assert (await healthy.call(1, b"first")).body == b"v1|first"
-            stop = asyncio.Event()
-            calls = asyncio.create_task(keep_calling(healthy, stop))
+            stop, answered = asyncio.Event(), [0]
+            calls = asyncio.create_task(keep_calling(healthy, stop, answered))
             sent_before = 0 if in_process(flood_stack) else flood_stack.envoy_stat(BRIDGE_TX_BYTES)
             holders = [await asyncio.open_connection("127.0.0.1", flood_stack.listen_port) for _ in range(PARTIAL_HOLDERS)]
             try:
@@ -190,6 +191,9 @@ def test_clients_holding_partial_frames_leave_other_connections_open(flood_stack
                     "the partial frames to reach the bridge",
                     beside=calls,
                 )
+                # ... and the healthy client goes on being answered while they are held.
+                reached_at = answered[0]
+                await until(lambda: answered[0] >= reached_at + 5, DEADLINE, "five healthy calls beside the held partial frames", beside=calls)
                 stop.set()
                 during = await calls
                 still_open = sum(1 for reader, writer in holders if not reader.at_eof() and not writer.is_closing())
