@@ -72,11 +72,15 @@ def redact(value: Any) -> Any:
 
 
 def config_dump(config, runtimes) -> dict:
-    """The effective config: the one loaded at start, with each listener and the clusters as the
-    last reload left them (routes, filters, timeouts; clusters added, changed or removed by live
-    config); codec options and filter config redacted."""
+    """The effective config: the one loaded at start, with each listener, its codec and the
+    clusters as the last reload left them (routes, filters, timeouts; the codec a reload loaded,
+    not one it refused; clusters added, changed or removed by live config); codec options and
+    filter config redacted. The bridge section is the start's: its settings need a restart."""
     data = plain(config)
     data["listeners"] = [plain(runtime.config) for runtime in runtimes.values()]
+    for runtime in runtimes.values():
+        if runtime.codec_entry is not None:
+            data["codecs"][runtime.codec_entry.name] = plain(runtime.codec_entry)
     if runtimes:  # every reload gives all the runtimes the same clusters
         data["clusters"] = plain(next(iter(runtimes.values())).clusters)
     for codec in data["codecs"].values():

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from metabridge.config.model import ClusterConfig, Config, ConfigError, ListenerConfig, RouteConfig
+from metabridge.config.model import ClusterConfig, CodecConfig, Config, ConfigError, ListenerConfig, RouteConfig
 from metabridge.core.chain import FilterChain
 from metabridge.core.router import Router
 from metabridge.filters import build_filters
@@ -62,6 +62,8 @@ class ListenerRuntime:
     chain: FilterChain | None = None
     # The routes the listener's xDS server last pushed (and the bridge accepted); None: none yet.
     rds_routes: tuple[RouteConfig, ...] | None = None
+    # The codec entry in force (name, ref, options): what a reload last loaded for the listener.
+    codec_entry: CodecConfig | None = None
 
     def __post_init__(self) -> None:
         if self.chain is None:
@@ -129,6 +131,7 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
             config=listener,
             codec_cls=codecs[listener.codec],
             codec_options=config.codecs[listener.codec].options,
+            codec_entry=config.codecs[listener.codec],
             router=Router(listener.routes),
             clusters=config.clusters,
             budget=budget,
@@ -205,7 +208,7 @@ def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_
             if isinstance(cls, CodecLoadError):
                 raise cls
             stats = ListenerStats()
-            runtime = ListenerRuntime(config=listener, codec_cls=cls, codec_options=entry.options, router=Router(listener.routes), clusters=config.clusters, budget=budget, stats=stats, chain=FilterChain(chains[name], name, stats))
+            runtime = ListenerRuntime(config=listener, codec_cls=cls, codec_options=entry.options, codec_entry=entry, router=Router(listener.routes), clusters=config.clusters, budget=budget, stats=stats, chain=FilterChain(chains[name], name, stats))
             runtime.new_codec()  # options refused here
         except Exception as exc:  # noqa: BLE001 - whatever the codec raises refuses the listener
             event(log, logging.ERROR, "listener_add_failed", listener=name, codec=entry.name, ref=entry.ref, error=f"{type(exc).__name__}: {exc}", hint="fix the codec; its connections are closed until a reload loads it")
@@ -248,5 +251,6 @@ def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> Non
         return
     changed = cls is not runtime.codec_cls or entry.options != runtime.codec_options
     runtime.use_codec(cls, entry.options)
+    runtime.codec_entry = entry
     if changed:
         event(log, logging.INFO, "codec_reloaded", listener=runtime.name, codec=entry.name, ref=entry.ref, file=str(file) if file else None, module=cls.__module__)

@@ -109,6 +109,27 @@ def test_a_codec_that_does_not_load_is_refused_and_the_old_one_stays(setup, capl
     assert runtime.new_codec().version == 4
 
 
+def set_codec_options(path: Path, options: dict) -> None:
+    raw = yaml.safe_load(path.read_text())
+    raw["codecs"]["versioned"]["options"] = options
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_config_dump_shows_the_codec_a_reload_loaded_not_one_it_refused(setup):
+    from metabridge.admin import config_dump
+
+    path, codec, runtimes = setup
+    start = load(path)
+    codec.write_text(codec_text(2, "\n    def __init__(self, **kwargs):\n        super().__init__(**kwargs)\n        if self.options.get('mode') not in ('a', 'b'):\n            raise ValueError('mode must be a or b')\n"))
+    set_codec_options(path, {"mode": "b"})
+    reload_routes(runtimes, functools.partial(load, path), str(path))
+    assert config_dump(start, runtimes)["codecs"]["versioned"]["options"] == {"mode": "b"}
+    set_codec_options(path, {"mode": "z"})  # refused: mode b stays in force
+    reload_routes(runtimes, functools.partial(load, path), str(path))
+    assert runtimes["front"].codec_options == {"mode": "b"}
+    assert config_dump(start, runtimes)["codecs"]["versioned"] == {"name": "versioned", "ref": "versioned.py:Versioned", "options": {"mode": "b"}}
+
+
 def test_one_import_per_codec_however_many_listeners_use_it(setup):
     path, codec, _ = setup
     raw = yaml.safe_load(path.read_text())
