@@ -57,6 +57,7 @@ HELP = {
     "internal_error": "bridge bugs contained by closing the connection",
     "tunnel_opened": "upstream CONNECT tunnels opened",
     "tunnel_failed": "upstream CONNECT tunnels that failed",
+    "tunnel_stream_waited": "tunnels that waited for a stream (HCM's SETTINGS_MAX_CONCURRENT_STREAMS reached)",
     "request_active": "two-way requests and streams in flight",
     "downstream_cx_active": "client connections open",
     "response": "upstream responses passed to the client (stream frames included)",

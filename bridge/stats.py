@@ -47,6 +47,7 @@ COUNTERS = (
     "internal_error",
     "tunnel_opened",
     "tunnel_failed",
+    "tunnel_stream_waited",
 )
 
 GAUGES = ("request_active", "downstream_cx_active")

@@ -47,6 +47,8 @@ class UpstreamEvents:
     def on_link_opened(self, link: Link) -> None:
         """A tunnel queued behind a circuit breaker gets no signal from Envoy: time its setup."""
         self.stats.tunnel_opened += 1
+        if not link.tunnel.id:  # over HCM's stream limit: it waits for a stream
+            self.stats.tunnel_stream_waited += 1
         when = self.clock.now() + self.listener.config.tunnel_setup_timeout
         link.setup_timer = self.clock.call_at(when, lambda: self._event(self._on_setup_timeout, link))
 

@@ -28,6 +28,7 @@ async def test_a_tunnel_over_hcms_stream_limit_waits_for_a_stream():
     h = limited(1)
     h.read(encode_frame(2, 2, b"b"))  # c2: a second tunnel, over HCM's limit of 1
     assert list(h.hcm.requests) == [1] and h.session.upstream.queued == 1, "no CONNECT beyond the limit"
+    assert (h.stats.tunnel_opened, h.stats.tunnel_stream_waited) == (2, 1)
     assert h.hcm.reset == {} and h.client_frames() == []
     h.hcm.accept(1)
     h.hcm.send(1, encode_frame(1, 1, b"one"), end_stream=True)  # answered; c1's upstream closed
