@@ -47,6 +47,14 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def exit_cause(exit_code: int | None) -> dict:
+    """A child's exit for its log event: a negative code is the signal that ended it, named."""
+    if exit_code is not None and exit_code < 0:
+        with contextlib.suppress(ValueError):
+            return {"signal": signal.Signals(-exit_code).name}
+    return {}
+
+
 class _RestartBudget:
     """Allows a crashed child to be restarted, up to _MAX_RESTARTS per _RESTART_WINDOW."""
 
@@ -107,7 +115,8 @@ class EnvoySupervisor:
                 continue
             code = self._proc.returncode
             delay = self._budget.spend(code)
-            event(log, logging.ERROR, "envoy_exited_restarting", exit_code=code, restart_in_seconds=delay)
+            # In-process, a crash in a codec's or a C extension's code is Envoy's (SIGSEGV).
+            event(log, logging.ERROR, "envoy_exited_restarting", exit_code=code, restart_in_seconds=delay, **exit_cause(code))
             await asyncio.sleep(delay)
             self.start()
 
@@ -244,7 +253,7 @@ class WorkerSupervisor:
                 if proc.is_alive() or self._stopping:
                     continue
                 delay = self._budget.spend(proc.exitcode)
-                event(log, logging.ERROR, "worker_exited_restarting", address=address, exit_code=proc.exitcode, restart_in_seconds=delay)
+                event(log, logging.ERROR, "worker_exited_restarting", address=address, exit_code=proc.exitcode, restart_in_seconds=delay, **exit_cause(proc.exitcode))
                 await asyncio.sleep(delay)
                 self._start(address)
 

@@ -36,7 +36,7 @@ from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.config import bootstrap as envoy_config
 from metabridge.config.model import load
 from metabridge.native import build as native_build
-from tests.integration.blocking_codec import BLOCK_SECONDS, BLOCKING_CMD, BLOCKING_LINE
+from tests.integration.misbehaving_codecs import BLOCK_SECONDS, BLOCKING_CMD, BLOCKING_LINE, CRASHING_CMD, CRASHING_LINE
 from tests.integration.harness import MODES, REPO, InProcessStack, Stack, awesomerpc_config, cmd_route, free_port, port_open, run_async, stack_class, wait_until
 from tests.integration.waits import until
 
@@ -78,7 +78,7 @@ async def connect(s: Stack) -> AwesomeRpcClient:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_blocking_codec_stalls_its_worker_but_loses_nothing(make, mode):
-    s = make(mode, codec_ref=f"{REPO / 'tests' / 'integration' / 'blocking_codec.py'}:BlockingAwesomeRpcCodec")
+    s = make(mode, codec_ref=f"{REPO / 'tests' / 'integration' / 'misbehaving_codecs.py'}:BlockingAwesomeRpcCodec")
 
     async def main():
         async with await connect(s) as a, await connect(s) as b:
@@ -192,6 +192,53 @@ def test_metabridge_run_with_envoy_in_process(tmp_path):
         assert not port_open(cfg["listeners"][0]["port"])
         alone = subprocess.run([sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path)], cwd=REPO, capture_output=True, text=True, timeout=60)
         assert alone.returncode == 2 and "--with-envoy" in alone.stderr  # nothing to run without Envoy
+    finally:
+        s.stop()
+
+
+def test_a_crash_in_codec_code_ends_envoy_and_run_restarts_it(tmp_path):
+    """A crash no Python code can catch (SIGSEGV in a C call made by the codec) takes the whole
+    Envoy down in-process, with every connection it held; `metabridge run --with-envoy` logs the
+    signal and restarts Envoy, which serves new connections. (In the ext_proc mode the same crash
+    ends only a bridge process: test_awesomerpc_proxy's killed-bridge test.)"""
+    import json
+    import sys
+
+    backend_port, listen_port = free_port(), free_port()
+    cfg = awesomerpc_config(listen_port, {"v1": backend_port}, [cmd_route(1, "v1"), cmd_route(CRASHING_CMD, "v1")])
+    cfg["codecs"]["awesomerpc"]["ref"] = f"{REPO / 'tests' / 'integration' / 'misbehaving_codecs.py'}:CrashingAwesomeRpcCodec"
+    s = Stack(tmp_path, cfg, {"v1": backend_port})
+    cfg["bridge"]["mode"] = "inprocess"
+    s.config_path.write_text(yaml.safe_dump(cfg))
+    s.start_backend("v1", backend_port)
+
+    def events(name):
+        return [e for e in (json.loads(line) for line in s.log("run").splitlines() if line.startswith("{")) if e.get("event") == name]
+
+    try:
+        run_proc = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy", "--no-watch"])
+        wait_until(lambda: port_open(listen_port), 30, "listener", run_proc)
+
+        async def crash():
+            async with await AwesomeRpcClient.connect("127.0.0.1", listen_port) as healthy, await AwesomeRpcClient.connect("127.0.0.1", listen_port) as crashing:
+                assert (await healthy.call(1, b"before")).body == b"v1|before"
+                with pytest.raises(ConnectionError):
+                    await crashing.call(CRASHING_CMD, b"boom", timeout=20)
+                with pytest.raises(ConnectionError):
+                    await healthy.call(1, b"during", timeout=20)  # its Envoy is gone too
+
+        run(crash())
+        [exited] = wait_until(lambda: events("envoy_exited_restarting"), 20, "the crash logged", run_proc)
+        assert exited["signal"] == "SIGSEGV" and exited["exit_code"] == -11, exited
+        assert CRASHING_LINE in s.log("run")
+        wait_until(lambda: len(events("envoy_started")) == 2, 20, "Envoy restarted", run_proc)
+
+        async def after():
+            async with await AwesomeRpcClient.connect("127.0.0.1", listen_port) as c:
+                return await c.call(1, b"after")
+
+        assert wait_until(lambda: run(after()).body == b"v1|after", 30, "the restarted Envoy serving", run_proc)
+        assert run_proc.poll() is None
     finally:
         s.stop()
 

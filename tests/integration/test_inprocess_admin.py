@@ -15,7 +15,7 @@ import yaml
 
 from examples.awesomerpc.client import AwesomeRpcClient
 from metabridge.native import build as native_build
-from tests.integration.blocking_codec import BLOCKING_CMD, BLOCKING_LINE, RESUMED_LINE
+from tests.integration.misbehaving_codecs import BLOCKING_CMD, BLOCKING_LINE, RESUMED_LINE
 from tests.integration.both_modes import post
 from tests.integration.harness import InProcessStack, ReloadableCodec, awesomerpc_config, cmd_route, codec_config, free_port, port_open, run_async, wait_until
 from tests.integration.test_inprocess import _stats
@@ -119,7 +119,7 @@ def test_a_reload_waits_for_the_hook_in_progress_on_another_worker(tmp_path):
     (the log shows the codec resuming before routes_reloaded), and the blocked request and the
     connections after the reload are answered."""
     ports = {"v1": free_port(), "v2": free_port()}
-    cfg = codec_config("awesomerpc", "tests/integration/blocking_codec.py:BlockingAwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1"), cmd_route(BLOCKING_CMD, "v1")])
+    cfg = codec_config("awesomerpc", "tests/integration/misbehaving_codecs.py:BlockingAwesomeRpcCodec", free_port(), ports, [cmd_route(1, "v1"), cmd_route(BLOCKING_CMD, "v1")])
     cfg["bridge"] = {"mode": "inprocess", "metrics_port": free_port()}
     s = InProcessStack(tmp_path, cfg, ports)
     s.concurrency = 2
