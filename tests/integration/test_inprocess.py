@@ -202,6 +202,7 @@ def test_a_crash_in_codec_code_ends_envoy_and_run_restarts_it(tmp_path):
     signal and restarts Envoy, which serves new connections. (In the ext_proc mode the same crash
     ends only a bridge process: test_awesomerpc_proxy's killed-bridge test.)"""
     import json
+    import resource
     import sys
 
     backend_port, listen_port = free_port(), free_port()
@@ -216,7 +217,12 @@ def test_a_crash_in_codec_code_ends_envoy_and_run_restarts_it(tmp_path):
         return [e for e in (json.loads(line) for line in s.log("run").splitlines() if line.startswith("{")) if e.get("event") == name]
 
     try:
-        run_proc = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy", "--no-watch"])
+        core = resource.getrlimit(resource.RLIMIT_CORE)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, core[1]))  # the crash leaves no core file in the checkout
+        try:
+            run_proc = s._spawn("run", [sys.executable, "-m", "metabridge.cli", "run", "-c", str(s.config_path), "--with-envoy", "--no-watch"])
+        finally:
+            resource.setrlimit(resource.RLIMIT_CORE, core)
         wait_until(lambda: port_open(listen_port), 30, "listener", run_proc)
 
         async def crash():
