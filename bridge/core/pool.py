@@ -200,8 +200,14 @@ class UpstreamPool:
         now = self._connection.clock.now()
         n = len(members)
         if slots.policy == "LEAST_REQUEST":
-            order = sorted(range(n), key=lambda i: (members[i].link.active if members[i].link else 0, (i - slots.next) % n))
+            # Ties go round among the tied slots only: rotating over all of them would give a
+            # busy slot's turns to the slot after it (two fast hosts beside a slow one got 2:1).
+            loads = [m.link.active if m.link else 0 for m in members]
+            least = min(loads)
+            tied = [i for i in range(n) if loads[i] == least]
+            first = tied[slots.next % len(tied)]
             slots.next += 1
+            order = [first, *sorted((i for i in range(n) if i != first), key=lambda i: (loads[i], (i - first) % n))]
         else:
             start = random.randrange(n) if slots.policy == "RANDOM" else slots.next
             slots.next = start + 1

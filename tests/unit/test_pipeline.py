@@ -65,6 +65,8 @@ async def test_least_request_avoids_the_host_that_is_slow_to_answer():
         h.hcm.send(sid, encode_frame(flow, 1, b"ok"))
         h.write()
     assert flows_per_stream(h)[slow] == [3], "the slow host, still busy, got nothing more"
+    fast = [len(flows) for sid, flows in flows_per_stream(h).items() if sid != slow]
+    assert fast == [6, 6], f"the two fast hosts, tied every time, take turns: {fast}"
 
 
 @in_loop
