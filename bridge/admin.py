@@ -79,8 +79,7 @@ def config_dump(config, runtimes) -> dict:
     data = plain(config)
     data["listeners"] = [plain(runtime.config) for runtime in runtimes.values()]
     for runtime in runtimes.values():
-        if runtime.codec_entry is not None:
-            data["codecs"][runtime.codec_entry.name] = plain(runtime.codec_entry)
+        data["codecs"][runtime.codec_entry.name] = plain(runtime.codec_entry)
     if runtimes:  # every reload gives all the runtimes the same clusters
         data["clusters"] = plain(next(iter(runtimes.values())).clusters)
     for codec in data["codecs"].values():

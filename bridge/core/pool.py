@@ -207,7 +207,7 @@ class UpstreamPool:
             tied = [i for i in range(n) if loads[i] == least]
             first = tied[slots.next % len(tied)]
             slots.next += 1
-            order = [first, *sorted((i for i in range(n) if i != first), key=lambda i: (loads[i], (i - first) % n))]
+            order = sorted(range(n), key=lambda i: (loads[i], (i - first) % n))  # first sorts first
         else:
             start = random.randrange(n) if slots.policy == "RANDOM" else slots.next
             slots.next = start + 1

@@ -54,7 +54,7 @@ class CodecFactory:
 class ListenerRuntime:
     config: ListenerConfig
     codec_cls: type[Codec]
-    codec_options: dict
+    codec_entry: CodecConfig  # the codec in force (name, ref, options): the last one that loaded
     router: Router
     clusters: dict[str, ClusterConfig] = field(default_factory=dict)
     budget: ByteBudget = field(default_factory=lambda: ByteBudget(1 << 62))
@@ -62,8 +62,6 @@ class ListenerRuntime:
     chain: FilterChain | None = None
     # The routes the listener's xDS server last pushed (and the bridge accepted); None: none yet.
     rds_routes: tuple[RouteConfig, ...] | None = None
-    # The codec entry in force (name, ref, options): what a reload last loaded for the listener.
-    codec_entry: CodecConfig | None = None
 
     def __post_init__(self) -> None:
         if self.chain is None:
@@ -71,17 +69,21 @@ class ListenerRuntime:
         # cluster -> its plan (cluster_plan); a reload empties it, and a connection's pool,
         # which reads it on every request, then asks for the new plan.
         self.plans: dict[str, tuple[tuple[str, ...], str]] = {}
-        self.use_codec(self.codec_cls, self.codec_options)
+        self.use_codec(self.codec_cls, self.codec_entry)
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def use_codec(self, cls: type[Codec], options: dict) -> None:
-        """Connections opened from now on make their codecs from ``cls`` with ``options``;
-        open ones keep the factory they started with."""
-        self.codec_cls, self.codec_options = cls, options
-        self.codecs = CodecFactory(cls, options, self.config.max_frame_size)
+    @property
+    def codec_options(self) -> dict:
+        return self.codec_entry.options
+
+    def use_codec(self, cls: type[Codec], entry: CodecConfig) -> None:
+        """Connections opened from now on make their codecs from ``cls`` with ``entry``'s
+        options; open ones keep the factory they started with."""
+        self.codec_cls, self.codec_entry = cls, entry
+        self.codecs = CodecFactory(cls, entry.options, self.config.max_frame_size)
 
     def replace_routes(self, routes: tuple[RouteConfig, ...]) -> None:
         """Route every request from now on, on every connection, by ``routes`` (from RDS): the
@@ -130,7 +132,6 @@ def build_runtimes(config: Config) -> dict[str, ListenerRuntime]:
         runtime = ListenerRuntime(
             config=listener,
             codec_cls=codecs[listener.codec],
-            codec_options=config.codecs[listener.codec].options,
             codec_entry=config.codecs[listener.codec],
             router=Router(listener.routes),
             clusters=config.clusters,
@@ -208,7 +209,7 @@ def apply_config(runtimes: dict[str, ListenerRuntime], config: Config, *, envoy_
             if isinstance(cls, CodecLoadError):
                 raise cls
             stats = ListenerStats()
-            runtime = ListenerRuntime(config=listener, codec_cls=cls, codec_options=entry.options, codec_entry=entry, router=Router(listener.routes), clusters=config.clusters, budget=budget, stats=stats, chain=FilterChain(chains[name], name, stats))
+            runtime = ListenerRuntime(config=listener, codec_cls=cls, codec_entry=entry, router=Router(listener.routes), clusters=config.clusters, budget=budget, stats=stats, chain=FilterChain(chains[name], name, stats))
             runtime.new_codec()  # options refused here
         except Exception as exc:  # noqa: BLE001 - whatever the codec raises refuses the listener
             event(log, logging.ERROR, "listener_add_failed", listener=name, codec=entry.name, ref=entry.ref, error=f"{type(exc).__name__}: {exc}", hint="fix the codec; its connections are closed until a reload loads it")
@@ -247,10 +248,9 @@ def _reload_codec(runtime: ListenerRuntime, config: Config, loaded: dict) -> Non
             error = f"codecs.{entry.name}.options: {type(exc).__name__}: {exc}"
     if error is not None:
         event(log, logging.ERROR, "codec_reload_failed_keeping_old_codec", listener=runtime.name, codec=entry.name, ref=entry.ref, file=str(file) if file else None, error=error)
-        runtime.use_codec(runtime.codec_cls, runtime.codec_options)
+        runtime.use_codec(runtime.codec_cls, runtime.codec_entry)
         return
     changed = cls is not runtime.codec_cls or entry.options != runtime.codec_options
-    runtime.use_codec(cls, entry.options)
-    runtime.codec_entry = entry
+    runtime.use_codec(cls, entry)
     if changed:
         event(log, logging.INFO, "codec_reloaded", listener=runtime.name, codec=entry.name, ref=entry.ref, file=str(file) if file else None, module=cls.__module__)

@@ -21,7 +21,7 @@ from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset
 
 from metabridge import wire
 from metabridge._proto.network_ext_proc_pb2 import ProcessingRequest, ProcessingResponse
-from metabridge.config.model import HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
+from metabridge.config.model import CodecConfig, HeaderMatch, ListenerConfig, RouteConfig, WeightedCluster
 from metabridge.core.router import Router
 from metabridge.core.runtime import ListenerRuntime
 from metabridge.registry import load_codec_class
@@ -155,7 +155,7 @@ class Harness:
         self._accepted: set[int] = set()  # answer_all: tunnels accepted, requests answered
         self._answered: set[int] = set()
         config = ListenerConfig(name="test", address="127.0.0.1", port=0, codec="awesomerpc", routes=tuple(routes), **listener_options)
-        self.runtime = ListenerRuntime(config=config, codec_cls=codec_cls, codec_options={}, router=Router(config.routes), clusters=clusters or {})
+        self.runtime = ListenerRuntime(config=config, codec_cls=codec_cls, codec_entry=CodecConfig(codec_cls.__name__, codec_cls.__name__), router=Router(config.routes), clusters=clusters or {})
         self.emitted: list[ProcessingResponse] = []
         self._answers: list[ProcessingResponse] | None = None
         stream = FakeStream()

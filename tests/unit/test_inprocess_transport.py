@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from metabridge.config.model import ListenerConfig
+from metabridge.config.model import CodecConfig, ListenerConfig
 from metabridge.core.router import Router
 from metabridge.core.runtime import ListenerRuntime
 from metabridge.transport import inprocess
@@ -57,7 +57,7 @@ def native(monkeypatch):
 
 def factory(**options) -> inprocess.FilterFactory:
     config = ListenerConfig(name="arpc", address="127.0.0.1", port=1, codec="awesomerpc", routes=(route("r1", "1", "v1"),), **options)
-    return inprocess.FilterFactory(ListenerRuntime(config=config, codec_cls=AwesomeRpcCodec, codec_options={}, router=Router(config.routes)))
+    return inprocess.FilterFactory(ListenerRuntime(config=config, codec_cls=AwesomeRpcCodec, codec_entry=CodecConfig("awesomerpc", "awesomerpc"), router=Router(config.routes)))
 
 
 def test_a_request_becomes_hcm_bytes_and_a_no_route_a_local_reply(native):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from metabridge.config.model import load
+from metabridge.config.model import CodecConfig, load
 from metabridge.core.runtime import build_runtimes, reload_routes
 from tests.unit.connection_harness import AwesomeRpcCodec, Harness, encode_frame, in_loop, route
 
@@ -164,7 +164,7 @@ async def test_an_open_connection_opens_its_later_tunnels_with_the_codec_it_star
 
     h = Harness(routes=(route("cmd-1", "1", "c1"), route("cmd-2", "2", "c2")), codec_cls=V1)
     h.read(encode_frame(1, 1, b"a"))  # a tunnel to c1
-    h.runtime.use_codec(V2, {})  # what a reload does
+    h.runtime.use_codec(V2, CodecConfig("v2", "v2"))  # what a reload does
     h.read(encode_frame(2, 2, b"b"))  # a tunnel to c2, opened after the reload
     assert type(h.session.codec) is V1
     assert sorted(link.tunnel.cluster for link in h.session.pool.links()) == ["c1", "c2"]

@@ -19,7 +19,7 @@ from envoy_data_plane.envoy.type.matcher import v3 as matcher
 from envoy_data_plane.google.protobuf import Any
 
 from metabridge.codecs.awesomerpc import AwesomeRpcCodec
-from metabridge.config.model import ConfigError, HeaderMatch, MirrorPolicy, RetryPolicy, WeightedCluster, load, parse
+from metabridge.config.model import CodecConfig, ConfigError, HeaderMatch, MirrorPolicy, RetryPolicy, WeightedCluster, load, parse
 from metabridge.core.router import Router
 from metabridge.core.runtime import ListenerRuntime, reload_routes
 from metabridge.xds import client as xds_client
@@ -201,7 +201,7 @@ def _rds_config(**rds):
 
 def _runtime(config) -> ListenerRuntime:
     listener = config.listeners[0]
-    return ListenerRuntime(config=listener, codec_cls=AwesomeRpcCodec, codec_options={}, router=Router(listener.routes), clusters=config.clusters)
+    return ListenerRuntime(config=listener, codec_cls=AwesomeRpcCodec, codec_entry=CodecConfig("awesomerpc", "awesomerpc"), router=Router(listener.routes), clusters=config.clusters)
 
 
 def _response(version: str, nonce: str, *configs, type_url: str = TYPE_URL) -> DiscoveryResponse:
